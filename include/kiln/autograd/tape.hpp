@@ -1,0 +1,112 @@
+// kiln/autograd/tape.hpp — the reverse-mode tape.
+//
+// Spec: while a step runs, each differentiable op that has an input requiring a
+// gradient appends one node: a closure holding what its backward needs. Nodes are
+// coarse (a fused op is one node) and are placement-constructed in a per-step
+// monotonic arena, so recording a step costs no heap allocation once the arena has
+// grown to the step's size. backward() replays the nodes in reverse; a node whose
+// output received no gradient is skipped. Afterwards the nodes are destroyed and the
+// arena is rewound (its memory is kept for the next step). One tape per thread.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <memory>
+#include <new>
+#include <utility>
+#include <vector>
+
+namespace kiln::autograd {
+
+// A bump allocator over a list of chunks; reset() rewinds without freeing, so a
+// steady-state step allocates nothing.
+class arena {
+ public:
+  void* allocate(std::size_t bytes, std::size_t align) {
+    for (;;) {
+      if (current_ < chunks_.size()) {
+        auto& c = chunks_[current_];
+        const std::size_t start = (used_ + align - 1) & ~(align - 1);
+        if (start + bytes <= c.size) {
+          used_ = start + bytes;
+          return c.data.get() + start;
+        }
+        ++current_;
+        used_ = 0;
+        continue;
+      }
+      const std::size_t size = std::max(bytes + align, chunks_.empty() ? first_chunk : chunks_.back().size * 2);
+      chunks_.push_back({std::make_unique<std::byte[]>(size), size});
+    }
+  }
+  void reset() {
+    current_ = 0;
+    used_ = 0;
+  }
+  std::size_t reserved_bytes() const {
+    std::size_t n = 0;
+    for (auto& c : chunks_) n += c.size;
+    return n;
+  }
+
+ private:
+  static constexpr std::size_t first_chunk = 64 * 1024;
+  struct chunk {
+    std::unique_ptr<std::byte[]> data;
+    std::size_t size;
+  };
+  std::vector<chunk> chunks_;
+  std::size_t current_ = 0, used_ = 0;
+};
+
+class tape {
+ public:
+  tape() = default;
+  ~tape() { clear(); }
+  tape(const tape&) = delete;
+  tape& operator=(const tape&) = delete;
+
+  static tape& current() {
+    thread_local tape t;
+    return t;
+  }
+
+  // Appends a node; `f()` is called once during backward.
+  template <class F>
+  void record(F&& f) {
+    using Fn = std::decay_t<F>;
+    void* mem = arena_.allocate(sizeof(Fn), alignof(Fn));
+    auto* obj = ::new (mem) Fn(std::forward<F>(f));
+    nodes_.push_back({[](void* s) { (*static_cast<Fn*>(s))(); }, [](void* s) { static_cast<Fn*>(s)->~Fn(); }, obj});
+  }
+
+  // Runs every node from the last to the first, then clears the tape.
+  void backward() {
+    struct clear_on_exit {
+      tape* t;
+      ~clear_on_exit() { t->clear(); }
+    } guard{this};
+    for (auto it = nodes_.rbegin(); it != nodes_.rend(); ++it) it->run(it->self);
+  }
+
+  // Drops all nodes (and the tensors they keep alive) without running them.
+  void clear() {
+    for (auto it = nodes_.rbegin(); it != nodes_.rend(); ++it) it->destroy(it->self);
+    nodes_.clear();
+    arena_.reset();
+  }
+
+  std::size_t size() const { return nodes_.size(); }
+  std::size_t arena_bytes() const { return arena_.reserved_bytes(); }
+
+ private:
+  struct node {
+    void (*run)(void*);
+    void (*destroy)(void*);
+    void* self;
+  };
+  kiln::autograd::arena arena_;
+  std::vector<node> nodes_;
+};
+
+}  // namespace kiln::autograd

@@ -1,0 +1,38 @@
+// kiln/nn/linear.hpp — y = x · Wᵀ + b with PyTorch's layout and default initialisation.
+#pragma once
+
+#include <cmath>
+#include <optional>
+
+#include "kiln/nn/init.hpp"
+#include "kiln/ops/matmul.hpp"
+
+namespace kiln::nn {
+
+template <floating_element T = f32>
+struct linear {
+  var<T> weight;               // [out_features, in_features]
+  std::optional<var<T>> bias;  // [out_features]
+
+  linear() = default;
+  // Weight and bias ~ U(-1/sqrt(in), 1/sqrt(in)), as torch.nn.Linear.
+  linear(std::int64_t in_features, std::int64_t out_features, bool with_bias = true) {
+    KILN_CHECK(in_features > 0 && out_features > 0, "nn::linear: features must be positive, got in=", in_features,
+               " out=", out_features);
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
+    weight = var<T>(init::uniform<T>(shape{out_features, in_features}, bound), true);
+    if (with_bias) bias = var<T>(init::uniform<T>(shape{out_features}, bound), true);
+  }
+  std::int64_t in_features() const { return weight.size(1); }
+  std::int64_t out_features() const { return weight.size(0); }
+
+  var<T> operator()(const var<T>& x) const { return ops::linear(x, weight, bias); }
+
+  template <class F>
+  void for_each_child(F&& f) {
+    f("weight", weight);
+    if (bias) f("bias", *bias);
+  }
+};
+
+}  // namespace kiln::nn

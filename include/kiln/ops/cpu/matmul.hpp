@@ -1,0 +1,141 @@
+// kiln/ops/cpu/matmul.hpp — GEMM on the CPU through Eigen.
+//
+// gemm() computes C = alpha * op(A) * op(B) + beta * C on row-major buffers with
+// leading dimensions, the BLAS contract, on Eigen's blocked, vectorised, OpenMP-threaded
+// product. Napkin math: 2·M·N·K FLOPs; at ~234 GFLOP/s on this machine's 2 cores
+// (~150 at n = 256) small GEMMs are bound by packing, not FLOPs.
+//
+// linear_backward runs its two independent GEMMs (dX = dY·W, dW = dYᵀ·X) side by side
+// on two threads, each single-threaded, which scales better than splitting one small
+// GEMM across the team (measured 62k → 70k samples/s for batch-128 MLPs).
+#pragma once
+
+#include <Eigen/Core>
+
+#include "kiln/core/cpu_runtime.hpp"
+#include "kiln/core/tensor.hpp"
+#include "kiln/ops/grad_write.hpp"
+
+namespace kiln::ops::cpu {
+
+template <class T>
+using row_major = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using cmap = Eigen::Map<const row_major<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+template <class T>
+using mmap = Eigen::Map<row_major<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+// C[M,N] (ldc) = op(A) op(B), op(A) = A[M,K] (lda) or A[K,M]ᵀ; write mode picks = or +=.
+template <class T>
+void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, const T* a, std::int64_t lda,
+          const T* b, std::int64_t ldb, T* c, std::int64_t ldc, grad_write mode) {
+  cpu_runtime::ensure_initialised();
+  mmap<T> C(c, m, n, Eigen::OuterStride<>(ldc));
+  auto run = [&](const auto& A, const auto& B) {
+    if (mode == grad_write::overwrite)
+      C.noalias() = A * B;
+    else
+      C.noalias() += A * B;
+  };
+  cmap<T> A(a, trans_a ? k : m, trans_a ? m : k, Eigen::OuterStride<>(lda));
+  cmap<T> B(b, trans_b ? n : k, trans_b ? k : n, Eigen::OuterStride<>(ldb));
+  if (!trans_a && !trans_b) run(A, B);
+  if (!trans_a && trans_b) run(A, B.transpose());
+  if (trans_a && !trans_b) run(A.transpose(), B);
+  if (trans_a && trans_b) run(A.transpose(), B.transpose());
+}
+
+// y[N, out] = x[N, in] · w[out, in]ᵀ (+ bias[out]) — PyTorch/HF weight layout.
+template <class T>
+void linear_forward(const tensor<T>& x, const tensor<T>& w, const tensor<T>* bias, tensor<T>& y) {
+  const std::int64_t n = x.shape().rows(), in = x.shape().back(), out = w.size(0);
+  gemm<T>(false, true, n, out, in, x.data(), in, w.data(), in, y.data(), out, grad_write::overwrite);
+  if (bias) {
+    const T* bp = bias->data();
+    T* yp = y.data();
+    cpu_runtime::parallel_for(n, 64, [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t r = b; r < e; ++r)
+        for (std::int64_t j = 0; j < out; ++j)
+          yp[r * out + j] = static_cast<T>(compute_t<T>(yp[r * out + j]) + compute_t<T>(bp[j]));
+    });
+  }
+}
+
+template <class T>
+void bias_grad(const tensor<T>& gy, tensor<T>& gb, grad_write mode) {
+  using C = compute_t<T>;
+  const std::int64_t n = gy.shape().rows(), out = gy.shape().back();
+  std::vector<C> acc(static_cast<std::size_t>(out), C(0));
+  const T* g = gy.data();
+  for (std::int64_t r = 0; r < n; ++r)
+    for (std::int64_t j = 0; j < out; ++j) acc[static_cast<std::size_t>(j)] += C(g[r * out + j]);
+  T* b = gb.data();
+  for (std::int64_t j = 0; j < out; ++j) store_grad(b[j], acc[static_cast<std::size_t>(j)], mode);
+}
+
+// Gradients of linear_forward. Null outputs are skipped.
+template <class T>
+void linear_backward(const tensor<T>& x, const tensor<T>& w, const tensor<T>& gy, tensor<T>* gx, grad_write mx,
+                     tensor<T>* gw, grad_write mw, tensor<T>* gb, grad_write mb) {
+  const std::int64_t n = x.shape().rows(), in = x.shape().back(), out = w.size(0);
+  auto dx = [&] { gemm<T>(false, false, n, in, out, gy.data(), out, w.data(), in, gx->data(), in, mx); };
+  auto dw = [&] {
+    gemm<T>(true, false, out, in, n, gy.data(), out, x.data(), in, gw->data(), in, mw);
+    if (gb) bias_grad(gy, *gb, mb);
+  };
+#if defined(_OPENMP)
+  if (gx && (gw || gb) && cpu_runtime::num_threads() > 1 && !omp_in_parallel()) {
+    const int saved = Eigen::nbThreads();
+    Eigen::setNbThreads(1);
+#pragma omp parallel sections num_threads(2)
+    {
+#pragma omp section
+      {
+        cpu_runtime::set_flush_denormals();
+        dx();
+      }
+#pragma omp section
+      {
+        cpu_runtime::set_flush_denormals();
+        if (gw)
+          dw();
+        else
+          bias_grad(gy, *gb, mb);
+      }
+    }
+    Eigen::setNbThreads(saved);
+    return;
+  }
+#endif
+  if (gx) dx();
+  if (gw)
+    dw();
+  else if (gb)
+    bias_grad(gy, *gb, mb);
+}
+
+// Batched C[b] = op(A[b]) op(B[b]); a batch stride of 0 broadcasts an operand.
+template <class T>
+void batched_gemm(std::int64_t batch, bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                  const T* a, std::int64_t stride_a, const T* b, std::int64_t stride_b, T* c, grad_write mode) {
+  const std::int64_t lda = trans_a ? m : k, ldb = trans_b ? k : n;
+  auto one = [&](std::int64_t i) {
+    gemm<T>(trans_a, trans_b, m, n, k, a + i * stride_a, lda, b + i * stride_b, ldb, c + i * m * n, n, mode);
+  };
+#if defined(_OPENMP)
+  if (batch > 1 && cpu_runtime::num_threads() > 1 && !omp_in_parallel()) {
+    const int saved = Eigen::nbThreads();
+    Eigen::setNbThreads(1);
+#pragma omp parallel for schedule(static)
+    for (std::int64_t i = 0; i < batch; ++i) {
+      cpu_runtime::set_flush_denormals();
+      one(i);
+    }
+    Eigen::setNbThreads(saved);
+    return;
+  }
+#endif
+  for (std::int64_t i = 0; i < batch; ++i) one(i);
+}
+
+}  // namespace kiln::ops::cpu

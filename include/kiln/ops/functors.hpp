@@ -1,0 +1,110 @@
+// kiln/ops/functors.hpp — scalar math, written once.
+//
+// Every activation, its derivative, and every per-element optimizer update lives here
+// as a constexpr KILN_HOST_DEVICE functor on a compute type C (float or double). The CPU
+// kernels in ops/cpu/ and the CUDA kernels in kernels/ both call these, so the two
+// backends cannot drift apart (llm.c wrote GELU three times; we write it once).
+// Derivative functors take (x, dy) and return dx; `y` forms take the forward output
+// where that is cheaper.
+#pragma once
+
+#include <cmath>
+
+#include "kiln/core/config.hpp"
+
+namespace kiln::ops::fn {
+
+template <class C>
+KILN_HOST_DEVICE inline C sigmoid(C x) {
+  return C(1) / (C(1) + std::exp(-x));
+}
+
+struct relu {
+  template <class C>
+  KILN_HOST_DEVICE C operator()(C x) const {
+    return x > C(0) ? x : C(0);
+  }
+  template <class C>
+  KILN_HOST_DEVICE C grad(C x, C dy) const {
+    return x > C(0) ? dy : C(0);
+  }
+};
+
+// GELU with the exact erf form: x * Phi(x).
+struct gelu_exact {
+  template <class C>
+  KILN_HOST_DEVICE C operator()(C x) const {
+    return C(0.5) * x * (C(1) + std::erf(x * C(0.70710678118654752440)));
+  }
+  template <class C>
+  KILN_HOST_DEVICE C grad(C x, C dy) const {
+    const C cdf = C(0.5) * (C(1) + std::erf(x * C(0.70710678118654752440)));
+    const C pdf = std::exp(C(-0.5) * x * x) * C(0.39894228040143267794);
+    return dy * (cdf + x * pdf);
+  }
+};
+
+// GELU with the tanh approximation (GPT-2's "gelu_new").
+struct gelu_tanh {
+  static constexpr double k = 0.79788456080286535588;  // sqrt(2/pi)
+  static constexpr double a = 0.044715;
+  template <class C>
+  KILN_HOST_DEVICE C operator()(C x) const {
+    const C t = std::tanh(C(k) * (x + C(a) * x * x * x));
+    return C(0.5) * x * (C(1) + t);
+  }
+  template <class C>
+  KILN_HOST_DEVICE C grad(C x, C dy) const {
+    const C t = std::tanh(C(k) * (x + C(a) * x * x * x));
+    const C dinner = C(k) * (C(1) + C(3 * a) * x * x);
+    return dy * (C(0.5) * (C(1) + t) + C(0.5) * x * (C(1) - t * t) * dinner);
+  }
+};
+
+// SiLU / swish: x * sigmoid(x).
+struct silu {
+  template <class C>
+  KILN_HOST_DEVICE C operator()(C x) const {
+    return x * sigmoid(x);
+  }
+  template <class C>
+  KILN_HOST_DEVICE C grad(C x, C dy) const {
+    const C s = sigmoid(x);
+    return dy * s * (C(1) + x * (C(1) - s));
+  }
+};
+
+// AdamW (Loshchilov & Hutter; torch.optim.AdamW semantics): decoupled weight decay
+// p -= lr*wd*p, then the Adam step with bias-corrected moments. One call updates one
+// element's parameter and both moments in registers: the "fused" in fused AdamW.
+struct adamw_update {
+  float lr, beta1, beta2, eps, weight_decay;
+  float bias_correction1;       // 1 - beta1^t
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  template <class C>
+  KILN_HOST_DEVICE void operator()(C& p, C g, C& m, C& v) const {
+    p = p * (C(1) - C(lr) * C(weight_decay));
+    m = C(beta1) * m + (C(1) - C(beta1)) * g;
+    v = C(beta2) * v + (C(1) - C(beta2)) * g * g;
+    const C denom = std::sqrt(v) / C(bias_correction2_sqrt) + C(eps);
+    p = p - (C(lr) / C(bias_correction1)) * m / denom;
+  }
+};
+
+// SGD with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD semantics).
+struct sgd_update {
+  float lr, momentum, dampening, weight_decay;
+  bool nesterov;
+  bool first_step;  // the momentum buffer starts as the first gradient
+  template <class C>
+  KILN_HOST_DEVICE void operator()(C& p, C g, C& buf) const {
+    if (weight_decay != 0.0f) g = g + C(weight_decay) * p;
+    if (momentum != 0.0f) {
+      buf = first_step ? g : C(momentum) * buf + (C(1) - C(dampening)) * g;
+      g = nesterov ? g + C(momentum) * buf : buf;
+    }
+    p = p - C(lr) * g;
+  }
+};
+
+}  // namespace kiln::ops::fn

@@ -1,0 +1,95 @@
+// kiln/ops/matmul.hpp — differentiable matmul, batched matmul and linear.
+#pragma once
+
+#include <optional>
+
+#include "kiln/autograd/var.hpp"
+#include "kiln/ops/cpu/matmul.hpp"
+
+namespace kiln::ops {
+
+// [M, K] · [K, N] → [M, N]
+template <floating_element T, device Dev>
+var<T, Dev> matmul(const var<T, Dev>& a, const var<T, Dev>& b) {
+  KILN_CHECK(a.rank() == 2 && b.rank() == 2, "matmul: expects 2-D operands, got ", a.shape().str(), " and ",
+             b.shape().str(), " (use bmm for batches)");
+  KILN_CHECK(a.size(1) == b.size(0), "matmul: inner dimensions differ, ", a.shape().str(), " · ", b.shape().str());
+  auto av = a.value().contiguous(), bv = b.value().contiguous();
+  const std::int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  tensor<T, Dev> y(shape{m, n});
+  cpu::gemm<T>(false, false, m, n, k, av.data(), k, bv.data(), n, y.data(), n, grad_write::overwrite);
+  return autograd::record(
+      std::move(y),
+      [a, b, av, bv, m, n, k](const tensor<T, Dev>& gy) mutable {
+        if (a.requires_grad()) {  // dA = dY · Bᵀ
+          const grad_write md = a.begin_grad_write();
+          cpu::gemm<T>(false, true, m, k, n, gy.data(), n, bv.data(), n, a.grad().data(), k, md);
+        }
+        if (b.requires_grad()) {  // dB = Aᵀ · dY
+          const grad_write md = b.begin_grad_write();
+          cpu::gemm<T>(true, false, k, n, m, av.data(), k, gy.data(), n, b.grad().data(), n, md);
+        }
+      },
+      a, b);
+}
+
+// [B, M, K] · [B, K, N] → [B, M, N]; b may also be [K, N], shared by every batch.
+template <floating_element T, device Dev>
+var<T, Dev> bmm(const var<T, Dev>& a, const var<T, Dev>& b) {
+  KILN_CHECK(a.rank() == 3 && (b.rank() == 3 || b.rank() == 2), "bmm: expects [B, M, K] and [B, K, N] or [K, N], got ",
+             a.shape().str(), " and ", b.shape().str());
+  const bool shared = b.rank() == 2;
+  const std::int64_t bt = a.size(0), m = a.size(1), k = a.size(2), n = b.size(-1);
+  KILN_CHECK(b.size(-2) == k && (shared || b.size(0) == bt), "bmm: shapes ", a.shape().str(), " and ", b.shape().str(),
+             " do not multiply");
+  auto av = a.value().contiguous(), bv = b.value().contiguous();
+  tensor<T, Dev> y(shape{bt, m, n});
+  cpu::batched_gemm<T>(bt, false, false, m, n, k, av.data(), m * k, bv.data(), shared ? 0 : k * n, y.data(),
+                       grad_write::overwrite);
+  return autograd::record(
+      std::move(y),
+      [a, b, av, bv, bt, m, n, k, shared](const tensor<T, Dev>& gy) mutable {
+        if (a.requires_grad()) {  // dA[i] = dY[i] · B[i]ᵀ
+          const grad_write md = a.begin_grad_write();
+          cpu::batched_gemm<T>(bt, false, true, m, k, n, gy.data(), m * n, bv.data(), shared ? 0 : k * n,
+                               a.grad().data(), md);
+        }
+        if (b.requires_grad()) {
+          const grad_write md = b.begin_grad_write();
+          if (shared)  // dB = Σ_i A[i]ᵀ dY[i] = A_flatᵀ · dY_flat, one GEMM over B·M rows
+            cpu::gemm<T>(true, false, k, n, bt * m, av.data(), k, gy.data(), n, b.grad().data(), n, md);
+          else
+            cpu::batched_gemm<T>(bt, true, false, k, n, m, av.data(), m * k, gy.data(), m * n, b.grad().data(), md);
+        }
+      },
+      a, b);
+}
+
+// y = x · wᵀ + bias, x [..., in], w [out, in] (PyTorch / Hugging Face layout), one node.
+template <floating_element T, device Dev>
+var<T, Dev> linear(const var<T, Dev>& x, const var<T, Dev>& w, const std::optional<var<T, Dev>>& bias = std::nullopt) {
+  KILN_CHECK(w.rank() == 2 && x.rank() >= 1 && x.shape().back() == w.size(1), "linear: input ", x.shape().str(),
+             " does not match weight ", w.shape().str(), " (expected input [..., ", w.rank() == 2 ? w.size(1) : -1,
+             "])");
+  KILN_CHECK(!bias || (bias->rank() == 1 && bias->size(0) == w.size(0)), "linear: bias ",
+             bias ? bias->shape().str() : "", " does not match weight ", w.shape().str());
+  auto xv = x.value().contiguous();
+  const auto& wv = w.value();
+  KILN_CHECK(wv.is_contiguous(), "linear: weight must be contiguous");
+  shape ys = xv.shape();
+  ys[ys.rank() - 1] = w.size(0);
+  tensor<T, Dev> y(ys);
+  cpu::linear_forward(xv, wv, bias ? &bias->value() : nullptr, y);
+  auto backward = [x, w, bias, xv](const tensor<T, Dev>& gy) mutable {
+    const bool bx = x.requires_grad(), bw = w.requires_grad(), bb = bias && bias->requires_grad();
+    const grad_write mx = bx ? x.begin_grad_write() : grad_write::overwrite;
+    const grad_write mw = bw ? w.begin_grad_write() : grad_write::overwrite;
+    const grad_write mb = bb ? bias->begin_grad_write() : grad_write::overwrite;
+    cpu::linear_backward(xv, w.value(), gy, bx ? &x.grad() : nullptr, mx, bw ? &w.grad() : nullptr, mw,
+                         bb ? &bias->grad() : nullptr, mb);
+  };
+  if (bias) return autograd::record(std::move(y), std::move(backward), x, w, *bias);
+  return autograd::record(std::move(y), std::move(backward), x, w);
+}
+
+}  // namespace kiln::ops

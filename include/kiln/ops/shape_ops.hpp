@@ -1,0 +1,100 @@
+// kiln/ops/shape_ops.hpp — differentiable reshape, transpose, slice and concat.
+//
+// reshape, transpose and slice return views of the input's storage where the layout
+// allows (no copy); consumers that need contiguous data copy on use. Their backward
+// writes the incoming gradient through the same view into the input's gradient.
+#pragma once
+
+#include <vector>
+
+#include "kiln/autograd/var.hpp"
+#include "kiln/ops/cpu/reduce.hpp"
+
+namespace kiln::ops {
+
+template <floating_element T, device Dev>
+var<T, Dev> reshape(const var<T, Dev>& x, shape s) {
+  tensor<T, Dev> y = x.value().reshape(s);
+  return autograd::record(
+      std::move(y),
+      [x](const tensor<T, Dev>& gy) mutable {
+        const grad_write m = x.begin_grad_write();
+        auto g = x.grad().reshape(gy.shape());  // grad buffers are contiguous: a view
+        cpu::strided_store(g, gy.contiguous(), m);
+      },
+      x);
+}
+
+template <floating_element T, device Dev>
+var<T, Dev> transpose(const var<T, Dev>& x, int d0, int d1) {
+  tensor<T, Dev> y = x.value().transpose(d0, d1);
+  return autograd::record(
+      std::move(y),
+      [x, d0, d1](const tensor<T, Dev>& gy) mutable {
+        const grad_write m = x.begin_grad_write();
+        auto g = x.grad().transpose(d0, d1);
+        cpu::strided_store(g, gy.contiguous(), m);
+      },
+      x);
+}
+
+// Elements [start, end) of `dim` with step (a view).
+template <floating_element T, device Dev>
+var<T, Dev> slice(const var<T, Dev>& x, int dim, std::int64_t start, std::int64_t end, std::int64_t step = 1) {
+  tensor<T, Dev> y = x.value().slice(dim, start, end, step);
+  return autograd::record(
+      std::move(y),
+      [x, dim, start, end, step](const tensor<T, Dev>& gy) mutable {
+        const grad_write m = x.begin_grad_write();
+        if (m == grad_write::overwrite) x.grad().fill(T(0));
+        auto g = x.grad().slice(dim, start, end, step);
+        cpu::strided_store(g, gy.contiguous(), grad_write::accumulate);
+      },
+      x);
+}
+
+// Joins tensors along `dim`; all other dimensions must agree.
+template <floating_element T, device Dev>
+var<T, Dev> concat(const std::vector<var<T, Dev>>& xs, int dim) {
+  KILN_CHECK(!xs.empty(), "concat: no inputs");
+  const shape& s0 = xs[0].shape();
+  if (dim < 0) dim += s0.rank();
+  KILN_CHECK(0 <= dim && dim < s0.rank(), "concat: dimension ", dim, " out of range for ", s0.str());
+  shape out = s0;
+  out[dim] = 0;
+  bool needs_grad = false;
+  for (const auto& x : xs) {
+    KILN_CHECK(x.rank() == s0.rank(), "concat: ranks differ, ", s0.str(), " vs ", x.shape().str());
+    for (int i = 0; i < s0.rank(); ++i)
+      KILN_CHECK(i == dim || x.size(i) == s0[i], "concat: shapes ", s0.str(), " and ", x.shape().str(),
+                 " differ outside dimension ", dim);
+    out[dim] += x.size(dim);
+    needs_grad = needs_grad || x.requires_grad();
+  }
+  tensor<T, Dev> y(out);
+  std::vector<std::int64_t> starts;
+  std::int64_t at = 0;
+  for (const auto& x : xs) {
+    starts.push_back(at);
+    auto dst = y.slice(dim, at, at + x.size(dim));
+    dst.copy_from(x.value());
+    at += x.size(dim);
+  }
+  if (!autograd::grad_enabled() || !needs_grad) return var<T, Dev>(std::move(y));
+  var<T, Dev> result = var<T, Dev>::make_result(std::move(y));
+  autograd::tape::current().record([st = result.state_ptr(), xs, starts, dim]() mutable {
+    if (!st->grad_valid) return;
+    for (std::size_t i = 0; i < xs.size(); ++i) {
+      auto& x = xs[i];
+      if (!x.requires_grad()) continue;
+      const grad_write m = x.begin_grad_write();
+      auto part = st->grad.slice(dim, starts[i], starts[i] + x.size(dim));
+      cpu::strided_store(x.grad(), part.contiguous(), m);
+    }
+    st->grad = {};
+    st->grad_valid = false;
+  });
+  return result;
+}
+
+}  // namespace kiln::ops

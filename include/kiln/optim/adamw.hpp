@@ -1,0 +1,156 @@
+// kiln/optim/adamw.hpp — AdamW, fused and multi-tensor.
+//
+// One step makes a single pass over every element of every parameter: the
+// fn::adamw_update functor reads p, g, m, v once and writes p, m, v once, in registers
+// (16 B read + 12 B written per f32 element: bandwidth bound). All parameters of all
+// groups are cut into chunks of at most `chunk_elements` and the chunk list is spread
+// over the thread team in one parallel region — the multi-tensor apply, which keeps
+// many small tensors (biases, norms) from each paying a thread wake-up.
+// Semantics follow torch.optim.AdamW (decoupled weight decay, bias correction, a
+// per-group step count). Parameters without a gradient are skipped and do not advance.
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kiln/core/cpu_runtime.hpp"
+#include "kiln/ops/functors.hpp"
+#include "kiln/optim/optimizer.hpp"
+
+namespace kiln::optim {
+
+struct adamw_options {
+  double lr = 1e-3;
+  double beta1 = 0.9, beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+};
+
+template <floating_element T = f32, device Dev = cpu>
+class adamw {
+ public:
+  static constexpr std::int64_t chunk_elements = 1 << 16;
+
+  adamw(std::vector<param_group<T, Dev>> groups, adamw_options defaults = {}) : defaults_(defaults) {
+    KILN_CHECK(defaults.lr >= 0 && defaults.eps >= 0 && defaults.beta1 >= 0 && defaults.beta1 < 1 &&
+                   defaults.beta2 >= 0 && defaults.beta2 < 1,
+               "adamw: invalid options (lr ", defaults.lr, ", betas ", defaults.beta1, "/", defaults.beta2, ", eps ",
+               defaults.eps, ")");
+    for (auto& g : groups) {
+      group st;
+      st.lr = g.lr.value_or(defaults.lr);
+      st.weight_decay = g.weight_decay.value_or(defaults.weight_decay);
+      for (auto& np : g.params) {
+        st.params.push_back(np);
+        st.exp_avg.push_back(tensor<T, Dev>::zeros(np.param.shape()));
+        st.exp_avg_sq.push_back(tensor<T, Dev>::zeros(np.param.shape()));
+      }
+      groups_.push_back(std::move(st));
+    }
+  }
+  template <class M>
+  requires nn::module<M> adamw(M& module, adamw_options defaults = {})
+      : adamw(decay_groups<T, Dev>(module, defaults.weight_decay), defaults) {}
+
+  void step() {
+    cpu_runtime::ensure_initialised();
+    struct chunk {
+      T *p, *m, *v;
+      const T* g;
+      std::int64_t n;
+      std::size_t group;
+    };
+    std::vector<chunk> chunks;
+    std::vector<ops::fn::adamw_update> upd;
+    for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+      auto& g = groups_[gi];
+      bool any = false;
+      for (std::size_t i = 0; i < g.params.size(); ++i) {
+        auto& p = g.params[i].param;
+        if (!p.has_grad()) continue;
+        any = true;
+        const std::int64_t n = p.numel();
+        for (std::int64_t off = 0; off < n; off += chunk_elements)
+          chunks.push_back({p.value().data() + off, g.exp_avg[i].data() + off, g.exp_avg_sq[i].data() + off,
+                            p.grad().data() + off, std::min(chunk_elements, n - off), gi});
+      }
+      if (any) ++g.step;
+      const double bc1 = 1.0 - std::pow(defaults_.beta1, static_cast<double>(g.step));
+      const double bc2 = 1.0 - std::pow(defaults_.beta2, static_cast<double>(g.step));
+      upd.push_back({static_cast<float>(g.lr), static_cast<float>(defaults_.beta1), static_cast<float>(defaults_.beta2),
+                     static_cast<float>(defaults_.eps), static_cast<float>(g.weight_decay), static_cast<float>(bc1),
+                     static_cast<float>(std::sqrt(bc2))});
+    }
+    using C = compute_t<T>;
+    cpu_runtime::parallel_for(static_cast<std::int64_t>(chunks.size()), 1, [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t c = b; c < e; ++c) {
+        const chunk& ch = chunks[static_cast<std::size_t>(c)];
+        const auto& u = upd[ch.group];
+        for (std::int64_t i = 0; i < ch.n; ++i) {
+          C p = C(ch.p[i]), m = C(ch.m[i]), v = C(ch.v[i]);
+          u(p, C(ch.g[i]), m, v);
+          ch.p[i] = T(p);
+          ch.m[i] = T(m);
+          ch.v[i] = T(v);
+        }
+      }
+    });
+  }
+
+  void zero_grad() {
+    for (auto& g : groups_)
+      for (auto& np : g.params) np.param.zero_grad();
+  }
+
+  std::size_t num_groups() const { return groups_.size(); }
+  double lr(std::size_t group) const { return groups_.at(group).lr; }
+  void set_lr(std::size_t group, double lr) { groups_.at(group).lr = lr; }
+  std::int64_t step_count(std::size_t group = 0) const { return groups_.at(group).step; }
+  const adamw_options& defaults() const { return defaults_; }
+
+  optimizer_state<T, Dev> state() const {
+    optimizer_state<T, Dev> st;
+    for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+      auto& g = groups_[gi];
+      st.counters["group" + std::to_string(gi) + ".step"] = g.step;
+      for (std::size_t i = 0; i < g.params.size(); ++i) {
+        st.tensors.emplace_back(g.params[i].name + ".exp_avg", g.exp_avg[i]);
+        st.tensors.emplace_back(g.params[i].name + ".exp_avg_sq", g.exp_avg_sq[i]);
+      }
+    }
+    return st;
+  }
+  void load_state(const optimizer_state<T, Dev>& st) {
+    std::vector<std::pair<std::string, shape>> expected;
+    for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+      const std::string key = "group" + std::to_string(gi) + ".step";
+      KILN_CHECK(st.counters.count(key), "adamw load_state: missing counter '", key, "'");
+      for (auto& np : groups_[gi].params) {
+        expected.emplace_back(np.name + ".exp_avg", np.param.shape());
+        expected.emplace_back(np.name + ".exp_avg_sq", np.param.shape());
+      }
+    }
+    detail::check_state(st, expected, "adamw");
+    for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+      auto& g = groups_[gi];
+      g.step = st.counters.at("group" + std::to_string(gi) + ".step");
+      for (std::size_t i = 0; i < g.params.size(); ++i) {
+        g.exp_avg[i].copy_from(*st.find(g.params[i].name + ".exp_avg"));
+        g.exp_avg_sq[i].copy_from(*st.find(g.params[i].name + ".exp_avg_sq"));
+      }
+    }
+  }
+
+ private:
+  struct group {
+    std::vector<nn::named_parameter<T, Dev>> params;
+    std::vector<tensor<T, Dev>> exp_avg, exp_avg_sq;
+    double lr = 0, weight_decay = 0;
+    std::int64_t step = 0;
+  };
+  adamw_options defaults_;
+  std::vector<group> groups_;
+};
+
+}  // namespace kiln::optim

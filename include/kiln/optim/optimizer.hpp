@@ -1,0 +1,95 @@
+// kiln/optim/optimizer.hpp — the optimizer concept, parameter groups and named state.
+//
+// Spec: an optimizer owns parameter groups (each a list of named parameters plus the
+// hyperparameters that differ per group) and per-parameter state tensors. It
+//   requires: step() updates every parameter that has a gradient; zero_grad() closes
+//             every parameter's gradient window; state() / load_state() expose all
+//             mutable state as named tensors and counters;
+//   ensures:  state names are "<param name>.<slot>" (e.g. "net.0.weight.exp_avg"), so a
+//             checkpoint or a ZeRO shard can address each slot, and load_state()
+//             rejects a missing key or a shape mismatch naming the tensor, before it
+//             changes anything.
+#pragma once
+
+#include <concepts>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kiln/autograd/var.hpp"
+#include "kiln/nn/module.hpp"
+
+namespace kiln::optim {
+
+template <floating_element T, device Dev = cpu>
+struct optimizer_state {
+  std::vector<std::pair<std::string, tensor<T, Dev>>> tensors;
+  std::map<std::string, std::int64_t> counters;
+
+  const tensor<T, Dev>* find(const std::string& name) const {
+    for (auto& [n, t] : tensors)
+      if (n == name) return &t;
+    return nullptr;
+  }
+};
+
+template <class O>
+concept optimizer = requires(O& o, const O& co) {
+  o.step();
+  o.zero_grad();
+  {co.state()};
+  o.load_state(co.state());
+  { co.num_groups() } -> std::convertible_to<std::size_t>;
+  { co.lr(std::size_t{}) } -> std::convertible_to<double>;
+  o.set_lr(std::size_t{}, 0.0);
+};
+
+// A group: parameters and the hyperparameter overrides they share. Fields left unset
+// take the optimizer's defaults.
+template <floating_element T, device Dev = cpu>
+struct param_group {
+  std::vector<nn::named_parameter<T, Dev>> params;
+  std::optional<double> lr;
+  std::optional<double> weight_decay;
+};
+
+// The usual split: weight decay on matrices (rank >= 2), none on biases and norm
+// weights (rank 1), as GPT-2, LLaMA and BERT recipes do.
+template <floating_element T = f32, device Dev = cpu, class M>
+std::vector<param_group<T, Dev>> decay_groups(M& module, double weight_decay) {
+  param_group<T, Dev> decay, no_decay;
+  decay.weight_decay = weight_decay;
+  no_decay.weight_decay = 0.0;
+  for (auto& np : nn::named_parameters<T, Dev>(module)) {
+    if (!np.param.requires_grad()) continue;
+    (np.param.rank() >= 2 ? decay : no_decay).params.push_back(np);
+  }
+  return {decay, no_decay};
+}
+
+// All trainable parameters of a module in one group.
+template <floating_element T = f32, device Dev = cpu, class M>
+std::vector<param_group<T, Dev>> single_group(M& module) {
+  param_group<T, Dev> g;
+  for (auto& np : nn::named_parameters<T, Dev>(module))
+    if (np.param.requires_grad()) g.params.push_back(np);
+  return {g};
+}
+
+namespace detail {
+// Checks that `st` holds every expected slot with the right shape; throws naming the
+// first problem. Called before any state is modified.
+template <floating_element T, device Dev>
+void check_state(const optimizer_state<T, Dev>& st, const std::vector<std::pair<std::string, shape>>& expected,
+                 const char* opt_name) {
+  for (auto& [name, s] : expected) {
+    const auto* t = st.find(name);
+    KILN_CHECK(t != nullptr, opt_name, " load_state: missing state tensor '", name, "'");
+    KILN_CHECK(t->shape() == s, opt_name, " load_state: state tensor '", name, "' has shape ", t->shape().str(),
+               ", expected ", s.str());
+  }
+}
+}  // namespace detail
+
+}  // namespace kiln::optim

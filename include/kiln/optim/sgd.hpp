@@ -1,0 +1,117 @@
+// kiln/optim/sgd.hpp — SGD with momentum, dampening, Nesterov and weight decay
+// (torch.optim.SGD semantics: L2 decay added to the gradient; the momentum buffer
+// starts as the first gradient). One fused pass per tensor via fn::sgd_update.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kiln/core/cpu_runtime.hpp"
+#include "kiln/ops/functors.hpp"
+#include "kiln/optim/optimizer.hpp"
+
+namespace kiln::optim {
+
+struct sgd_options {
+  double lr = 1e-2;
+  double momentum = 0.0;
+  double dampening = 0.0;
+  double weight_decay = 0.0;
+  bool nesterov = false;
+};
+
+template <floating_element T = f32, device Dev = cpu>
+class sgd {
+ public:
+  sgd(std::vector<param_group<T, Dev>> groups, sgd_options defaults = {}) : defaults_(defaults) {
+    KILN_CHECK(!defaults.nesterov || (defaults.momentum > 0 && defaults.dampening == 0),
+               "sgd: nesterov requires momentum > 0 and dampening == 0");
+    KILN_CHECK(defaults.lr >= 0 && defaults.momentum >= 0, "sgd: lr and momentum must be non-negative");
+    for (auto& g : groups) {
+      group st;
+      st.lr = g.lr.value_or(defaults.lr);
+      st.weight_decay = g.weight_decay.value_or(defaults.weight_decay);
+      for (auto& np : g.params) {
+        st.params.push_back(np);
+        st.momentum_buffer.push_back(defaults.momentum != 0 ? tensor<T, Dev>::zeros(np.param.shape())
+                                                            : tensor<T, Dev>{});
+        st.has_buffer.push_back(false);
+      }
+      groups_.push_back(std::move(st));
+    }
+  }
+  template <class M>
+  requires nn::module<M> sgd(M& module, sgd_options defaults = {}) : sgd(single_group<T, Dev>(module), defaults) {}
+
+  void step() {
+    cpu_runtime::ensure_initialised();
+    using C = compute_t<T>;
+    for (auto& g : groups_) {
+      for (std::size_t i = 0; i < g.params.size(); ++i) {
+        auto& p = g.params[i].param;
+        if (!p.has_grad()) continue;
+        const ops::fn::sgd_update u{static_cast<float>(g.lr),
+                                    static_cast<float>(defaults_.momentum),
+                                    static_cast<float>(defaults_.dampening),
+                                    static_cast<float>(g.weight_decay),
+                                    defaults_.nesterov,
+                                    !g.has_buffer[i]};
+        T* pp = p.value().data();
+        const T* gp = p.grad().data();
+        T* bp = g.momentum_buffer[i].data();
+        cpu_runtime::parallel_for(p.numel(), 1 << 15, [&](std::int64_t b, std::int64_t e) {
+          for (std::int64_t j = b; j < e; ++j) {
+            C pv = C(pp[j]), buf = bp ? C(bp[j]) : C(0);
+            u(pv, C(gp[j]), buf);
+            pp[j] = T(pv);
+            if (bp) bp[j] = T(buf);
+          }
+        });
+        if (bp) g.has_buffer[i] = true;
+      }
+    }
+  }
+
+  void zero_grad() {
+    for (auto& g : groups_)
+      for (auto& np : g.params) np.param.zero_grad();
+  }
+  std::size_t num_groups() const { return groups_.size(); }
+  double lr(std::size_t group) const { return groups_.at(group).lr; }
+  void set_lr(std::size_t group, double lr) { groups_.at(group).lr = lr; }
+
+  optimizer_state<T, Dev> state() const {
+    optimizer_state<T, Dev> st;
+    for (auto& g : groups_)
+      for (std::size_t i = 0; i < g.params.size(); ++i)
+        if (g.has_buffer[i]) st.tensors.emplace_back(g.params[i].name + ".momentum_buffer", g.momentum_buffer[i]);
+    return st;
+  }
+  // Momentum buffers absent from `st` are reset (the next step starts them afresh),
+  // as torch does for parameters that had not yet been stepped.
+  void load_state(const optimizer_state<T, Dev>& st) {
+    for (auto& g : groups_)
+      for (std::size_t i = 0; i < g.params.size(); ++i)
+        if (const auto* t = st.find(g.params[i].name + ".momentum_buffer"))
+          KILN_CHECK(t->shape() == g.params[i].param.shape(), "sgd load_state: state tensor '", g.params[i].name,
+                     ".momentum_buffer' has shape ", t->shape().str(), ", expected ", g.params[i].param.shape().str());
+    for (auto& g : groups_)
+      for (std::size_t i = 0; i < g.params.size(); ++i) {
+        const auto* t = st.find(g.params[i].name + ".momentum_buffer");
+        g.has_buffer[i] = t != nullptr && g.momentum_buffer[i].defined();
+        if (g.has_buffer[i]) g.momentum_buffer[i].copy_from(*t);
+      }
+  }
+
+ private:
+  struct group {
+    std::vector<nn::named_parameter<T, Dev>> params;
+    std::vector<tensor<T, Dev>> momentum_buffer;
+    std::vector<bool> has_buffer;
+    double lr = 0, weight_decay = 0;
+  };
+  sgd_options defaults_;
+  std::vector<group> groups_;
+};
+
+}  // namespace kiln::optim

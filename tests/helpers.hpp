@@ -1,0 +1,39 @@
+// Shared helpers for the doctest suites.
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <cstdio>
+
+#include "kiln/kiln.hpp"
+
+namespace kiln::test {
+
+// A random f64 input in [-1, 1) (or shifted), seeded and reproducible.
+inline var<f64> rand_var(const shape& s, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
+  tensor<f64> t(s);
+  const philox_stream st{seed, 0};
+  for (std::int64_t i = 0; i < t.numel(); ++i)
+    t.data()[i] = lo + (hi - lo) * st.uniform_f64(static_cast<std::uint64_t>(i));
+  return var<f64>(t, true);
+}
+
+template <class T>
+inline tensor<T> rand_tensor(const shape& s, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
+  tensor<T> t(s);
+  const philox_stream st{seed, 0};
+  for (std::int64_t i = 0; i < t.numel(); ++i)
+    t.data()[i] = static_cast<T>(lo + (hi - lo) * st.uniform_f64(static_cast<std::uint64_t>(i)));
+  return t;
+}
+
+// Runs the checker and reports the worst element on failure.
+#define KILN_CHECK_GRADIENTS(...)                                     \
+  do {                                                                \
+    const auto kiln_gc_result = ::kiln::check_gradients(__VA_ARGS__); \
+    INFO(kiln_gc_result.report);                                      \
+    CHECK(kiln_gc_result.ok);                                         \
+    CHECK(kiln_gc_result.elements_checked > 0);                       \
+  } while (0)
+
+}  // namespace kiln::test

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# kiln developer entry point.
+#   tools/dev.sh run    install what is missing, build, train the main example
+#   tools/dev.sh test   install what is missing, build, run every test suite, then the
+#                       sanitizer build (cpu suite under ASan+UBSan) and the format check
+#   tools/dev.sh build  install and build only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BUILD=${KILN_BUILD_DIR:-build}
+
+DEB_PACKAGES=(meson ninja-build g++ pkg-config cmake libeigen3-dev libboost-dev zlib1g-dev doctest-dev
+              libopenmpi-dev openmpi-bin clang-format dataset-fashion-mnist fortunes)
+
+install_deps() {
+  local missing=()
+  for p in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    echo "kiln: installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+build() {
+  install_deps
+  if [ ! -f "$BUILD/build.ninja" ]; then
+    meson setup "$BUILD" --buildtype=release >/dev/null
+  fi
+  meson compile -C "$BUILD"
+}
+
+# Prints "kiln: N passed, N failed, N skipped" from a meson test log.
+summarise() {
+  python3 - "$1" <<'PY'
+import json, sys
+p = f = s = 0
+for line in open(sys.argv[1]):
+    r = json.loads(line)["result"]
+    if r in ("OK", "EXPECTEDFAIL"): p += 1
+    elif r == "SKIP": s += 1
+    else: f += 1
+print(f"kiln: {p} passed, {f} failed, {s} skipped")
+sys.exit(1 if f else 0)
+PY
+}
+
+format_check() {
+  local files
+  files=$(git ls-files '*.hpp' '*.cpp' '*.cu' '*.cuh' 2>/dev/null || find include tests examples bench kernels -name '*.[ch]pp')
+  # shellcheck disable=SC2086
+  clang-format --dry-run -Werror $files
+  echo "kiln: format check passed ($(echo "$files" | wc -w) files)"
+}
+
+cmd=${1:-help}
+case "$cmd" in
+  build) build ;;
+  run)
+    build
+    "$BUILD/examples/00_mlp_fashion_mnist" --out "$ROOT/runs/00_mlp_fashion_mnist" "${@:2}"
+    ;;
+  test)
+    build
+    status=0
+    meson test -C "$BUILD" --print-errorlogs --num-processes 2 || status=1
+    cp "$BUILD/meson-logs/testlog.json" /tmp/kiln-testlog-main.json
+    if [ "${KILN_SKIP_SANITIZERS:-0}" != 1 ]; then
+      echo "kiln: sanitizer build (AddressSanitizer + UndefinedBehaviorSanitizer), cpu suite"
+      if [ ! -f build-asan/build.ninja ]; then
+        meson setup build-asan --buildtype=debugoptimized -Db_sanitize=address,undefined -Db_lundef=false \
+          -Dexamples=false -Dcuda=disabled >/dev/null
+      fi
+      meson compile -C build-asan
+      UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 \
+        meson test -C build-asan --suite cpu --print-errorlogs --num-processes 2 || status=1
+      cat build-asan/meson-logs/testlog.json >> /tmp/kiln-testlog-main.json
+    fi
+    format_check || status=1
+    summarise /tmp/kiln-testlog-main.json || status=1
+    exit $status
+    ;;
+  *)
+    sed -n '2,7p' "$0"
+    exit 2
+    ;;
+esac
