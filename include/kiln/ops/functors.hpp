@@ -21,11 +21,11 @@ KILN_HOST_DEVICE inline C sigmoid(C x) {
 
 struct relu {
   template <class C>
-  KILN_HOST_DEVICE C operator()(C x) const {
+  KILN_HOST_DEVICE constexpr C operator()(C x) const {
     return x > C(0) ? x : C(0);
   }
   template <class C>
-  KILN_HOST_DEVICE C grad(C x, C dy) const {
+  KILN_HOST_DEVICE constexpr C grad(C x, C dy) const {
     return x > C(0) ? dy : C(0);
   }
 };
@@ -78,9 +78,10 @@ struct silu {
 // p -= lr*wd*p, then the Adam step with bias-corrected moments. One call updates one
 // element's parameter and both moments in registers: the "fused" in fused AdamW.
 struct adamw_update {
-  float lr, beta1, beta2, eps, weight_decay;
-  float bias_correction1;       // 1 - beta1^t
-  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  // Knobs are double so an f64 run is exact; kernels convert them once to C.
+  double lr, beta1, beta2, eps, weight_decay;
+  double bias_correction1;       // 1 - beta1^t
+  double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
   template <class C>
   KILN_HOST_DEVICE void operator()(C& p, C g, C& m, C& v) const {
     p = p * (C(1) - C(lr) * C(weight_decay));
@@ -93,13 +94,13 @@ struct adamw_update {
 
 // SGD with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD semantics).
 struct sgd_update {
-  float lr, momentum, dampening, weight_decay;
+  double lr, momentum, dampening, weight_decay;
   bool nesterov;
   bool first_step;  // the momentum buffer starts as the first gradient
   template <class C>
   KILN_HOST_DEVICE void operator()(C& p, C g, C& buf) const {
-    if (weight_decay != 0.0f) g = g + C(weight_decay) * p;
-    if (momentum != 0.0f) {
+    if (weight_decay != 0.0) g = g + C(weight_decay) * p;
+    if (momentum != 0.0) {
       buf = first_step ? g : C(momentum) * buf + (C(1) - C(dampening)) * g;
       g = nesterov ? g + C(momentum) * buf : buf;
     }

@@ -78,9 +78,7 @@ class adamw {
       if (any) ++g.step;
       const double bc1 = 1.0 - std::pow(defaults_.beta1, static_cast<double>(g.step));
       const double bc2 = 1.0 - std::pow(defaults_.beta2, static_cast<double>(g.step));
-      upd.push_back({static_cast<float>(g.lr), static_cast<float>(defaults_.beta1), static_cast<float>(defaults_.beta2),
-                     static_cast<float>(defaults_.eps), static_cast<float>(g.weight_decay), static_cast<float>(bc1),
-                     static_cast<float>(std::sqrt(bc2))});
+      upd.push_back({g.lr, defaults_.beta1, defaults_.beta2, defaults_.eps, g.weight_decay, bc1, std::sqrt(bc2)});
     }
     using C = compute_t<T>;
     cpu_runtime::parallel_for(static_cast<std::int64_t>(chunks.size()), 1, [&](std::int64_t b, std::int64_t e) {

@@ -50,12 +50,8 @@ class sgd {
       for (std::size_t i = 0; i < g.params.size(); ++i) {
         auto& p = g.params[i].param;
         if (!p.has_grad()) continue;
-        const ops::fn::sgd_update u{static_cast<float>(g.lr),
-                                    static_cast<float>(defaults_.momentum),
-                                    static_cast<float>(defaults_.dampening),
-                                    static_cast<float>(g.weight_decay),
-                                    defaults_.nesterov,
-                                    !g.has_buffer[i]};
+        const ops::fn::sgd_update u{g.lr,           defaults_.momentum, defaults_.dampening,
+                                    g.weight_decay, defaults_.nesterov, !g.has_buffer[i]};
         T* pp = p.value().data();
         const T* gp = p.grad().data();
         T* bp = g.momentum_buffer[i].data();
