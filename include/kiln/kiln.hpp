@@ -15,6 +15,7 @@
 #include "kiln/core/tensor.hpp"
 #include "kiln/data/idx.hpp"
 #include "kiln/nn/activation.hpp"
+#include "kiln/nn/check_gradients.hpp"
 #include "kiln/nn/dropout.hpp"
 #include "kiln/nn/embedding.hpp"
 #include "kiln/nn/linear.hpp"

@@ -63,3 +63,18 @@ TEST_CASE("branches not on the loss path are skipped; shared inputs accumulate")
   CHECK(x.grad().to_vector() == std::vector<f64>{5, -1});
   CHECK_FALSE(unused.has_grad());
 }
+
+TEST_CASE("backward consumes its own graph and leaves a neighbouring graph intact") {
+  var<f64> a(tensor<f64>::from({2}, {1, 2}), true), b(tensor<f64>::from({2}, {3, 4}), true);
+  auto ya = mul(a, a);  // graph 1 (still referenced by ya)
+  auto yb = mul(b, b);  // graph 2, differentiated later
+  sum(ya).backward();
+  CHECK(a.grad().to_vector() == std::vector<f64>{2, 4});
+  CHECK_FALSE(b.has_grad());
+  sum(yb).backward();
+  CHECK(b.grad().to_vector() == std::vector<f64>{6, 8});
+  // Unreferenced leftovers are dropped; the tape empties once nothing refers to them.
+  { auto dangling = relu(a); }
+  sum(mul(a, b)).backward();
+  CHECK(autograd::tape::current().size() == 0);
+}

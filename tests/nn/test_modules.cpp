@@ -121,4 +121,12 @@ TEST_CASE("module gradients pass check_gradients through the module API") {
   INFO(r.report);
   CHECK(r.ok);
   CHECK(r.elements_checked == 3 * 4 + 4 + 4 * 2 + 2 + 15);
+  // The module form: parameters are found by the visitor and named in reports.
+  nn::layer_norm<f64> ln(3);
+  ln.weight->value() = test::rand_tensor<f64>({3}, 17, 0.5, 1.5);
+  const auto rm = check_gradients(
+      net, [&](auto& m, auto& in) { return cross_entropy(m(ln(in)), target); }, x);
+  INFO(rm.report);
+  CHECK(rm.ok);
+  CHECK(rm.elements_checked == 3 * 4 + 4 + 4 * 2 + 2 + 15);  // the module's parameters and x
 }

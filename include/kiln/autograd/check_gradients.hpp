@@ -40,7 +40,6 @@ struct gradient_check_result {
 // f: nullary callable returning var<f64>; wrt: the values to differentiate by.
 inline gradient_check_result check_gradients_of(const std::function<var<f64>()>& f, std::vector<var<f64>> wrt,
                                                 const gradient_check_options& opt = {}) {
-  autograd::tape::current().clear();
   std::vector<bool> had(wrt.size());
   for (std::size_t i = 0; i < wrt.size(); ++i) {
     had[i] = wrt[i].requires_grad();

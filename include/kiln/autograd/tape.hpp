@@ -5,7 +5,7 @@
 // coarse (a fused op is one node) and are placement-constructed in a per-step
 // monotonic arena, so recording a step costs no heap allocation once the arena has
 // grown to the step's size. backward() replays the nodes in reverse; a node whose
-// output received no gradient is skipped. Afterwards the nodes are destroyed and the
+// output received no gradient is skipped. Nodes that ran are destroyed, and the
 // arena is rewound (its memory is kept for the next step). One tape per thread.
 #pragma once
 
@@ -71,22 +71,45 @@ class tape {
     return t;
   }
 
-  // Appends a node; `f()` is called once during backward.
+  // Appends a node. F provides `bool operator()()` — run the backward, returning false
+  // when the node's output received no gradient (nothing to do) — and
+  // `bool referenced() const` — whether the output is still held outside the tape.
   template <class F>
   void record(F&& f) {
     using Fn = std::decay_t<F>;
     void* mem = arena_.allocate(sizeof(Fn), alignof(Fn));
     auto* obj = ::new (mem) Fn(std::forward<F>(f));
-    nodes_.push_back({[](void* s) { (*static_cast<Fn*>(s))(); }, [](void* s) { static_cast<Fn*>(s)->~Fn(); }, obj});
+    nodes_.push_back({[](void* s) { return (*static_cast<Fn*>(s))(); }, [](void* s) { static_cast<Fn*>(s)->~Fn(); },
+                      [](const void* s) { return static_cast<const Fn*>(s)->referenced(); }, obj});
   }
 
-  // Runs every node from the last to the first, then clears the tape.
+  // Runs the nodes from the last to the first. A node that ran is dropped. A node that
+  // had nothing to do is dropped too unless its output is still referenced outside the
+  // tape (a second graph recorded in the same scope, to be differentiated later):
+  // backward consumes the graph it differentiates, not its neighbours. When no node
+  // survives, the arena is rewound.
   void backward() {
-    struct clear_on_exit {
-      tape* t;
-      ~clear_on_exit() { t->clear(); }
-    } guard{this};
-    for (auto it = nodes_.rbegin(); it != nodes_.rend(); ++it) it->run(it->self);
+    std::vector<node> kept;
+    std::size_t remaining = nodes_.size();
+    try {
+      while (remaining > 0) {
+        node& n = nodes_[remaining - 1];
+        const bool ran = n.run(n.self);
+        --remaining;
+        if (ran || !n.referenced(n.self))
+          n.destroy(n.self);
+        else
+          kept.push_back(n);
+      }
+    } catch (...) {
+      for (std::size_t i = 0; i < remaining; ++i) nodes_[i].destroy(nodes_[i].self);
+      for (auto& n : kept) n.destroy(n.self);
+      nodes_.clear();
+      arena_.reset();
+      throw;
+    }
+    nodes_.assign(kept.rbegin(), kept.rend());
+    if (nodes_.empty()) arena_.reset();
   }
 
   // Drops all nodes (and the tensors they keep alive) without running them.
@@ -101,8 +124,9 @@ class tape {
 
  private:
   struct node {
-    void (*run)(void*);
+    bool (*run)(void*);
     void (*destroy)(void*);
+    bool (*referenced)(const void*);
     void* self;
   };
   kiln::autograd::arena arena_;

@@ -125,21 +125,34 @@ bool any_requires_grad(const V&... v) {
   return grad_enabled() && (v.requires_grad() || ...);
 }
 
-// Wraps an op's forward result. When any input requires a gradient, records
-// `backward(const tensor& grad_out)` on the tape; the node is skipped if the result got
-// no gradient, and a non-leaf result's gradient is released once the node has run.
+// Records the node that produces `out`: `backward(const tensor& grad_out)` runs if
+// `out` received a gradient; a non-leaf's gradient is released once its node has run.
+template <floating_element T, device Dev, class Backward>
+void record_node(const var<T, Dev>& out, Backward backward) {
+  struct node_fn {
+    std::shared_ptr<typename var<T, Dev>::state> st;
+    Backward bw;
+    bool operator()() {
+      if (!st->grad_valid) return false;
+      bw(static_cast<const tensor<T, Dev>&>(st->grad));
+      if (!st->is_leaf) {
+        st->grad = {};
+        st->grad_valid = false;
+      }
+      return true;
+    }
+    bool referenced() const { return st.use_count() > 1; }
+  };
+  tape::current().record(node_fn{out.state_ptr(), std::move(backward)});
+}
+
+// Wraps an op's forward result: when any input requires a gradient, the result does
+// too and `backward` is recorded for it.
 template <floating_element T, device Dev, class Backward, class... Inputs>
 var<T, Dev> record(tensor<T, Dev> value, Backward backward, const Inputs&... inputs) {
   if (!any_requires_grad(inputs...)) return var<T, Dev>(std::move(value));
   var<T, Dev> out = var<T, Dev>::make_result(std::move(value));
-  tape::current().record([st = out.state_ptr(), bw = std::move(backward)]() mutable {
-    if (!st->grad_valid) return;
-    bw(static_cast<const tensor<T, Dev>&>(st->grad));
-    if (!st->is_leaf) {
-      st->grad = {};
-      st->grad_valid = false;
-    }
-  });
+  record_node(out, std::move(backward));
   return out;
 }
 

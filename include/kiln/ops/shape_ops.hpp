@@ -82,17 +82,14 @@ var<T, Dev> concat(const std::vector<var<T, Dev>>& xs, int dim) {
   }
   if (!autograd::grad_enabled() || !needs_grad) return var<T, Dev>(std::move(y));
   var<T, Dev> result = var<T, Dev>::make_result(std::move(y));
-  autograd::tape::current().record([st = result.state_ptr(), xs, starts, dim]() mutable {
-    if (!st->grad_valid) return;
+  autograd::record_node(result, [xs, starts, dim](const tensor<T, Dev>& gy) mutable {
     for (std::size_t i = 0; i < xs.size(); ++i) {
       auto& x = xs[i];
       if (!x.requires_grad()) continue;
       const grad_write m = x.begin_grad_write();
-      auto part = st->grad.slice(dim, starts[i], starts[i] + x.size(dim));
+      auto part = gy.slice(dim, starts[i], starts[i] + x.size(dim));
       cpu::strided_store(x.grad(), part.contiguous(), m);
     }
-    st->grad = {};
-    st->grad_valid = false;
   });
   return result;
 }

@@ -1,0 +1,18 @@
+#!/bin/sh
+# usage: check.sh BUILD_DIR SOURCE_DIR CXX
+# Installs kiln into a scratch DESTDIR, then compiles and runs a consumer using only
+# `pkg-config --cflags --libs kiln`, as another Meson or CMake project would.
+set -eu
+build="$1"; src="$2"; cxx="$3"
+dest=$(mktemp -d)
+trap 'rm -rf "$dest"' EXIT
+meson install -C "$build" --destdir "$dest" --no-rebuild --quiet >/dev/null
+pc=$(find "$dest" -name kiln.pc | head -1)
+[ -n "$pc" ] || { echo "FAIL: kiln.pc was not installed"; exit 1; }
+prefix=$(pkg-config --variable=prefix "$pc")
+flags=$(PKG_CONFIG_PATH=$(dirname "$pc") pkg-config --define-variable=prefix="$dest$prefix" --cflags --libs kiln)
+echo "pkg-config kiln: $flags"
+# shellcheck disable=SC2086
+"$cxx" $flags "$src/main.cpp" -o "$dest/consumer" $flags
+"$dest/consumer"
+echo "ok: consumer built against the installed kiln and ran"
