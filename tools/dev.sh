@@ -72,7 +72,7 @@ case "$cmd" in
     if [ "${KILN_SKIP_SANITIZERS:-0}" != 1 ]; then
       echo "kiln: sanitizer build (AddressSanitizer + UndefinedBehaviorSanitizer), cpu suite"
       if [ ! -f build-asan/build.ninja ]; then
-        meson setup build-asan --buildtype=debugoptimized -Db_sanitize=address,undefined -Db_lundef=false \
+        meson setup build-asan --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false \
           -Dexamples=false -Dcuda=disabled >/dev/null
       fi
       meson compile -C build-asan

@@ -9,8 +9,11 @@ trap 'rm -rf "$dest"' EXIT
 meson install -C "$build" --destdir "$dest" --no-rebuild --quiet >/dev/null
 pc=$(find "$dest" -name kiln.pc | head -1)
 [ -n "$pc" ] || { echo "FAIL: kiln.pc was not installed"; exit 1; }
+# Relocate only kiln.pc to the scratch prefix (--define-variable would also move eigen3's).
 prefix=$(pkg-config --variable=prefix "$pc")
-flags=$(PKG_CONFIG_PATH=$(dirname "$pc") pkg-config --define-variable=prefix="$dest$prefix" --cflags --libs kiln)
+mkdir -p "$dest/pc"
+sed "s|^prefix=.*|prefix=$dest$prefix|" "$pc" > "$dest/pc/kiln.pc"
+flags=$(PKG_CONFIG_PATH="$dest/pc" pkg-config --cflags --libs kiln)
 echo "pkg-config kiln: $flags"
 # shellcheck disable=SC2086
 "$cxx" $flags "$src/main.cpp" -o "$dest/consumer" $flags
