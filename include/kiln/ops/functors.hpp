@@ -77,11 +77,18 @@ struct silu {
 // AdamW (Loshchilov & Hutter; torch.optim.AdamW semantics): decoupled weight decay
 // p -= lr*wd*p, then the Adam step with bias-corrected moments. One call updates one
 // element's parameter and both moments in registers: the "fused" in fused AdamW.
-struct adamw_update {
-  // Knobs are double so an f64 run is exact; kernels convert them once to C.
-  double lr, beta1, beta2, eps, weight_decay;
-  double bias_correction1;       // 1 - beta1^t
-  double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+template <class K = double>
+struct basic_adamw_update {
+  // Knobs in K: double when built on the host (an f64 run is exact); kernels convert
+  // once to their compute type with as<C>() so the per-element math stays in C.
+  K lr, beta1, beta2, eps, weight_decay;
+  K bias_correction1;       // 1 - beta1^t
+  K bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+
+  template <class K2>
+  KILN_HOST_DEVICE constexpr basic_adamw_update<K2> as() const {
+    return {K2(lr), K2(beta1), K2(beta2), K2(eps), K2(weight_decay), K2(bias_correction1), K2(bias_correction2_sqrt)};
+  }
   template <class C>
   KILN_HOST_DEVICE void operator()(C& p, C g, C& m, C& v) const {
     p = p * (C(1) - C(lr) * C(weight_decay));
@@ -91,6 +98,7 @@ struct adamw_update {
     p = p - (C(lr) / C(bias_correction1)) * m / denom;
   }
 };
+using adamw_update = basic_adamw_update<double>;
 
 // SGD with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD semantics).
 struct sgd_update {

@@ -56,6 +56,7 @@ class sgd {
         const T* gp = p.grad().data();
         T* bp = g.momentum_buffer[i].data();
         cpu_runtime::parallel_for(p.numel(), 1 << 15, [&](std::int64_t b, std::int64_t e) {
+#pragma omp simd
           for (std::int64_t j = b; j < e; ++j) {
             C pv = C(pp[j]), buf = bp ? C(bp[j]) : C(0);
             u(pv, C(gp[j]), buf);
