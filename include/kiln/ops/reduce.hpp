@@ -66,15 +66,12 @@ var<T, Dev> mean(const var<T, Dev>& x, int dim, bool keepdim = false) {
   return detail::sum_scaled(x, dim, keepdim, true, false);
 }
 
-// Maximum over one dimension; the gradient flows to the first maximal element.
+namespace detail {
+// max over geometry g of a contiguous value; one node routing the gradient to the argmax.
 template <floating_element T, device Dev>
-var<T, Dev> max(const var<T, Dev>& x, int dim, bool keepdim = false) {
-  auto xv = x.value().contiguous();
-  dim = xv.norm_dim(dim, "max");
-  KILN_CHECK(xv.size(dim) > 0, "max: dimension ", dim, " of ", xv.shape().str(), " is empty");
-  const auto g = cpu::geometry_of(xv.shape(), dim);
+var<T, Dev> max_over(const var<T, Dev>& x, const tensor<T, Dev>& xv, cpu::reduce_geometry g, const shape& out_shape) {
   auto arg = std::make_shared<std::vector<std::int64_t>>(static_cast<std::size_t>(g.outer * g.inner));
-  tensor<T, Dev> y(detail::reduced_shape(xv.shape(), dim, keepdim));
+  tensor<T, Dev> y(out_shape);
   cpu::max_dim(xv, g, y, arg->data());
   return autograd::record(
       std::move(y),
@@ -84,23 +81,22 @@ var<T, Dev> max(const var<T, Dev>& x, int dim, bool keepdim = false) {
       },
       x);
 }
+}  // namespace detail
+
+// Maximum over one dimension; the gradient flows to the first maximal element.
+template <floating_element T, device Dev>
+var<T, Dev> max(const var<T, Dev>& x, int dim, bool keepdim = false) {
+  auto xv = x.value().contiguous();
+  dim = xv.norm_dim(dim, "max");
+  KILN_CHECK(xv.size(dim) > 0, "max: dimension ", dim, " of ", xv.shape().str(), " is empty");
+  return detail::max_over(x, xv, cpu::geometry_of(xv.shape(), dim), detail::reduced_shape(xv.shape(), dim, keepdim));
+}
 // Maximum of all elements.
 template <floating_element T, device Dev>
 var<T, Dev> max(const var<T, Dev>& x) {
   KILN_CHECK(x.numel() > 0, "max: empty tensor");
-  var<T, Dev> flat = x;
   auto xv = x.value().contiguous();
-  const cpu::reduce_geometry g{1, xv.numel(), 1};
-  auto arg = std::make_shared<std::vector<std::int64_t>>(1);
-  tensor<T, Dev> y{shape{}};
-  cpu::max_dim(xv, g, y, arg->data());
-  return autograd::record(
-      std::move(y),
-      [x, g, arg](const tensor<T, Dev>& gy) mutable {
-        const grad_write m = x.begin_grad_write();
-        cpu::max_dim_backward(gy, g, arg->data(), x.grad(), m);
-      },
-      x);
+  return detail::max_over(x, xv, cpu::reduce_geometry{1, xv.numel(), 1}, shape{});
 }
 
 // Mean squared error: mean((a - b)²), one node.

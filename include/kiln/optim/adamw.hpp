@@ -27,9 +27,27 @@ struct adamw_options {
   double weight_decay = 0.01;
 };
 
+namespace detail {
+template <floating_element T, device Dev>
+struct adamw_group {
+  std::vector<nn::named_parameter<T, Dev>> params;
+  std::vector<tensor<T, Dev>> exp_avg, exp_avg_sq;
+  double lr = 0, weight_decay = 0;
+  std::int64_t step = 0;
+};
+}  // namespace detail
+
 template <floating_element T = f32, device Dev = cpu>
-class adamw {
+class adamw : public group_owner<detail::adamw_group<T, Dev>> {
+  using group = detail::adamw_group<T, Dev>;
+  using group_owner<group>::groups_;
+
  public:
+  using group_owner<group>::zero_grad;
+  using group_owner<group>::num_groups;
+  using group_owner<group>::lr;
+  using group_owner<group>::set_lr;
+
   static constexpr std::int64_t chunk_elements = 1 << 16;
 
   adamw(std::vector<param_group<T, Dev>> groups, adamw_options defaults = {}) : defaults_(defaults) {
@@ -103,14 +121,6 @@ class adamw {
     });
   }
 
-  void zero_grad() {
-    for (auto& g : groups_)
-      for (auto& np : g.params) np.param.zero_grad();
-  }
-
-  std::size_t num_groups() const { return groups_.size(); }
-  double lr(std::size_t group) const { return groups_.at(group).lr; }
-  void set_lr(std::size_t group, double lr) { groups_.at(group).lr = lr; }
   std::int64_t step_count(std::size_t group = 0) const { return groups_.at(group).step; }
   const adamw_options& defaults() const { return defaults_; }
 
@@ -148,14 +158,7 @@ class adamw {
   }
 
  private:
-  struct group {
-    std::vector<nn::named_parameter<T, Dev>> params;
-    std::vector<tensor<T, Dev>> exp_avg, exp_avg_sq;
-    double lr = 0, weight_decay = 0;
-    std::int64_t step = 0;
-  };
   adamw_options defaults_;
-  std::vector<group> groups_;
 };
 
 }  // namespace kiln::optim

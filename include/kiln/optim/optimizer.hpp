@@ -77,6 +77,24 @@ std::vector<param_group<T, Dev>> single_group(M& module) {
   return {g};
 }
 
+// The group bookkeeping every optimizer shares. Group must have `params` (named
+// parameters) and `lr`.
+template <class Group>
+class group_owner {
+ public:
+  // Closes every parameter's gradient window (the next backward overwrites).
+  void zero_grad() {
+    for (auto& g : groups_)
+      for (auto& np : g.params) np.param.zero_grad();
+  }
+  std::size_t num_groups() const { return groups_.size(); }
+  double lr(std::size_t group) const { return groups_.at(group).lr; }
+  void set_lr(std::size_t group, double lr) { groups_.at(group).lr = lr; }
+
+ protected:
+  std::vector<Group> groups_;
+};
+
 namespace detail {
 // Checks that `st` holds every expected slot with the right shape; throws naming the
 // first problem. Called before any state is modified.

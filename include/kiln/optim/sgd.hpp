@@ -20,9 +20,27 @@ struct sgd_options {
   bool nesterov = false;
 };
 
+namespace detail {
+template <floating_element T, device Dev>
+struct sgd_group {
+  std::vector<nn::named_parameter<T, Dev>> params;
+  std::vector<tensor<T, Dev>> momentum_buffer;
+  std::vector<bool> has_buffer;
+  double lr = 0, weight_decay = 0;
+};
+}  // namespace detail
+
 template <floating_element T = f32, device Dev = cpu>
-class sgd {
+class sgd : public group_owner<detail::sgd_group<T, Dev>> {
+  using group = detail::sgd_group<T, Dev>;
+  using group_owner<group>::groups_;
+
  public:
+  using group_owner<group>::zero_grad;
+  using group_owner<group>::num_groups;
+  using group_owner<group>::lr;
+  using group_owner<group>::set_lr;
+
   sgd(std::vector<param_group<T, Dev>> groups, sgd_options defaults = {}) : defaults_(defaults) {
     KILN_CHECK(!defaults.nesterov || (defaults.momentum > 0 && defaults.dampening == 0),
                "sgd: nesterov requires momentum > 0 and dampening == 0");
@@ -69,14 +87,6 @@ class sgd {
     }
   }
 
-  void zero_grad() {
-    for (auto& g : groups_)
-      for (auto& np : g.params) np.param.zero_grad();
-  }
-  std::size_t num_groups() const { return groups_.size(); }
-  double lr(std::size_t group) const { return groups_.at(group).lr; }
-  void set_lr(std::size_t group, double lr) { groups_.at(group).lr = lr; }
-
   optimizer_state<T, Dev> state() const {
     optimizer_state<T, Dev> st;
     for (auto& g : groups_)
@@ -101,14 +111,7 @@ class sgd {
   }
 
  private:
-  struct group {
-    std::vector<nn::named_parameter<T, Dev>> params;
-    std::vector<tensor<T, Dev>> momentum_buffer;
-    std::vector<bool> has_buffer;
-    double lr = 0, weight_decay = 0;
-  };
   sgd_options defaults_;
-  std::vector<group> groups_;
 };
 
 }  // namespace kiln::optim
