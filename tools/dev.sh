@@ -10,7 +10,7 @@ ROOT=$PWD
 BUILD=${KILN_BUILD_DIR:-build}
 
 DEB_PACKAGES=(meson ninja-build g++ pkg-config cmake libeigen3-dev libboost-dev zlib1g-dev doctest-dev
-              libopenmpi-dev openmpi-bin clang-format dataset-fashion-mnist fortunes)
+              libopenmpi-dev openmpi-bin clang-format clang libclang-rt-14-dev dataset-fashion-mnist fortunes)
 
 install_deps() {
   local missing=()

@@ -82,3 +82,11 @@ TEST_CASE("idx: the installed Fashion-MNIST files parse to their documented shap
   CHECK(labels.shape() == shape{10000});
   for (std::int64_t i = 0; i < labels.numel(); ++i) REQUIRE(labels.data()[i] < 10);
 }
+
+TEST_CASE("idx: a zero extent cannot hide an overflowing shape (found by fuzz_idx)") {
+  // rank 4: 0 x 0x08040000 x 0x2e0000 x 0x02000000 — the product of the non-zero extents
+  // overflows int64; the reader must refuse it rather than build a shape from it.
+  const std::vector<unsigned char> bytes = {0, 0, 8, 4, 0, 0, 0, 0, 8, 4, 0, 0, 0, 0x2e, 0, 0, 2, 0, 0, 0};
+  CHECK_THROWS_WITH_AS(data::detail::parse_idx(bytes.data(), bytes.size(), "crafted"),
+                       doctest::Contains("crafted: IDX extents multiply to more than 16 GiB"), kiln::error);
+}

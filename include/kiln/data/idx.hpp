@@ -9,6 +9,7 @@
 
 #include <zlib.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -31,13 +32,15 @@ inline tensor<u8> parse_idx(const unsigned char* p, std::size_t n, const std::st
   KILN_CHECK(n >= 4 + 4 * static_cast<std::size_t>(rank), origin, ": truncated IDX header (", n, " bytes, need ",
              4 + 4 * rank, ")");
   shape s;
-  std::uint64_t count = 1;
+  std::uint64_t count = 1, bound = 1;  // bound: product of max(extent, 1), so a zero extent cannot hide overflow
   for (int i = 0; i < rank; ++i) {
     const unsigned char* d = p + 4 + 4 * i;
     const std::uint32_t e =
         (std::uint32_t{d[0]} << 24) | (std::uint32_t{d[1]} << 16) | (std::uint32_t{d[2]} << 8) | d[3];
+    constexpr std::uint64_t limit = std::uint64_t{1} << 34;
+    KILN_CHECK(std::max<std::uint64_t>(e, 1) <= limit / bound, origin, ": IDX extents multiply to more than 16 GiB");
+    bound *= std::max<std::uint64_t>(e, 1);
     count *= e;
-    KILN_CHECK(count <= (std::uint64_t{1} << 34), origin, ": IDX extents multiply to more than 16 GiB");
     s.push_back(static_cast<std::int64_t>(e));
   }
   const std::size_t header = 4 + 4 * static_cast<std::size_t>(rank);
