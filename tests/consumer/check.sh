@@ -18,4 +18,10 @@ echo "pkg-config kiln: $flags"
 # shellcheck disable=SC2086
 "$cxx" $flags "$src/main.cpp" -o "$dest/consumer" $flags
 "$dest/consumer"
-echo "ok: consumer built against the installed kiln and ran"
+echo "ok: consumer built with pkg-config flags against the installed kiln and ran"
+if command -v cmake >/dev/null 2>&1; then
+  PKG_CONFIG_PATH="$dest/pc" cmake -S "$src" -B "$dest/cmake-build" -DCMAKE_CXX_COMPILER="$cxx" >/dev/null
+  cmake --build "$dest/cmake-build" >/dev/null
+  "$dest/cmake-build/consumer"
+  echo "ok: CMake project (pkg_check_modules) built against the installed kiln and ran"
+fi
