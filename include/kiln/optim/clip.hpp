@@ -1,0 +1,68 @@
+// kiln/optim/clip.hpp — gradient norms, clipping and scaling over a module's parameters.
+//
+// Spec (torch.nn.utils semantics): clip_grad_norm computes the global L2 norm of every
+// gradient present (accumulated in double), and when it exceeds max_norm multiplies all
+// of them by max_norm / (norm + 1e-6); it returns the norm before clipping.
+// clip_grad_value clamps each gradient element to [-v, v]. scale_gradients multiplies
+// every present gradient by a factor (the trainer uses it to normalise accumulated
+// gradients by the real item count). Parameters without a gradient are skipped.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "kiln/core/cpu_runtime.hpp"
+#include "kiln/nn/module.hpp"
+
+namespace kiln::optim {
+
+template <class M>
+double grad_norm(M& module) {
+  double sq = 0;
+  nn::visit_parameters(module, [&](const std::string&, auto& p) {
+    if (!p.has_grad()) return;
+    const auto& g = p.grad();
+    const auto* d = g.data();
+    double s = 0;
+    for (std::int64_t i = 0, n = g.numel(); i < n; ++i) s += double(d[i]) * double(d[i]);
+    sq += s;
+  });
+  return std::sqrt(sq);
+}
+
+template <class M>
+void scale_gradients(M& module, double factor) {
+  nn::visit_parameters(module, [&](const std::string&, auto& p) {
+    if (!p.has_grad()) return;
+    using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+    auto& g = p.grad();
+    T* d = g.data();
+    const T f = static_cast<T>(factor);
+    const std::int64_t n = g.numel();
+#pragma omp simd
+    for (std::int64_t i = 0; i < n; ++i) d[i] *= f;
+  });
+}
+
+template <class M>
+double clip_grad_norm(M& module, double max_norm) {
+  KILN_CHECK(max_norm > 0, "clip_grad_norm: max_norm = ", max_norm, ", expected > 0");
+  const double norm = grad_norm(module);
+  if (norm > max_norm) scale_gradients(module, max_norm / (norm + 1e-6));
+  return norm;
+}
+
+template <class M>
+void clip_grad_value(M& module, double clip_value) {
+  KILN_CHECK(clip_value > 0, "clip_grad_value: clip_value = ", clip_value, ", expected > 0");
+  nn::visit_parameters(module, [&](const std::string&, auto& p) {
+    if (!p.has_grad()) return;
+    using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+    auto& g = p.grad();
+    T* d = g.data();
+    const T hi = static_cast<T>(clip_value), lo = -hi;
+    for (std::int64_t i = 0, n = g.numel(); i < n; ++i) d[i] = std::clamp(d[i], lo, hi);
+  });
+}
+
+}  // namespace kiln::optim

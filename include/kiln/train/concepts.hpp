@@ -1,0 +1,98 @@
+// kiln/train/concepts.hpp — what the trainer asks of a module, a loader and a datamodule.
+//
+// Spec:
+//   training module (concept train::trainable<M, Ctx, Batch>): has
+//       training_step(ctx, const Batch&) returning the batch's *mean* loss as a scalar
+//       var<float>, or a step_output {loss, items}; with automatic optimisation the
+//       trainer runs backward and the optimizer step. Optional, detected at compile time:
+//       validation_step, test_step, predict_step (same arguments), configure_optimizers()
+//       and every lifecycle hook in kiln::hook. A module opts into manual optimisation
+//       with `static constexpr bool automatic_optimization = false;` and then steps its own
+//       optimizers through ctx (ctx.optimizer<I>(), ctx.manual_backward(loss),
+//       ctx.optimizer_step<I>()).
+//   loader (concept train::loader<L>): l.size() batches per epoch and l.epoch(e, first)
+//       an input range of batches — kiln::data::data_loader satisfies it.
+//   datamodule (concept train::datamodule<D>): at least train_loader(); optional
+//       val_loader(), test_loader(), predict_loader(), setup(stage), teardown(stage).
+// Items: gradient accumulation and epoch means weigh each micro-batch by its number of
+// items — step_output::items when given, else batch.size(), else 1.
+#pragma once
+
+#include <concepts>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#include "kiln/autograd/var.hpp"
+#include "kiln/train/hooks.hpp"
+
+namespace kiln::train {
+
+// What a training_step may return instead of a bare loss: the mean loss and the number
+// of items it averages over (tokens that count, samples), so accumulation is exact.
+template <class T = float>
+struct step_output {
+  var<T> loss;
+  double items = 1;
+};
+
+template <class L>
+concept loader = requires(L& l, std::int64_t e) {
+  { l.size() } -> std::convertible_to<std::int64_t>;
+  l.epoch(e, e).begin();
+  l.epoch(e, e).end();
+};
+
+template <loader L>
+using batch_of = std::remove_cvref_t<decltype(*std::declval<L&>().epoch(0, 0).begin())>;
+
+template <class D>
+concept datamodule = requires(D& d) {
+  { d.train_loader() } -> loader;
+};
+template <class D>
+concept has_val_loader = requires(D& d) {
+  { d.val_loader() } -> loader;
+};
+template <class D>
+concept has_test_loader = requires(D& d) {
+  { d.test_loader() } -> loader;
+};
+template <class D>
+concept has_predict_loader = requires(D& d) {
+  { d.predict_loader() } -> loader;
+};
+
+// The number of items in a batch: batch.size() when it has one, else 1.
+template <class B>
+double batch_items(const B& b) {
+  if constexpr (requires { b.size(); })
+    return static_cast<double>(b.size());
+  else
+    return 1.0;
+}
+
+template <class M>
+constexpr bool automatic_optimization_of() {
+  if constexpr (requires { M::automatic_optimization; })
+    return M::automatic_optimization;
+  else
+    return true;
+}
+
+template <class M>
+concept has_configure_optimizers = requires(M& m) {
+  m.configure_optimizers();
+};
+
+template <class R>
+struct is_step_output : std::false_type {};
+template <class T>
+struct is_step_output<step_output<T>> : std::true_type {};
+
+template <class R>
+struct is_loss_var : std::false_type {};
+template <class T, class D>
+struct is_loss_var<var<T, D>> : std::true_type {};
+
+}  // namespace kiln::train
