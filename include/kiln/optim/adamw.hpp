@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kiln/core/cpu_runtime.hpp"
@@ -47,6 +48,8 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
   using group_owner<group>::num_groups;
   using group_owner<group>::lr;
   using group_owner<group>::set_lr;
+
+  static constexpr std::string_view kind = "adamw";  // names it in logs
 
   static constexpr std::int64_t chunk_elements = 1 << 16;
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kiln/core/cpu_runtime.hpp"
@@ -40,6 +41,8 @@ class sgd : public group_owner<detail::sgd_group<T, Dev>> {
   using group_owner<group>::num_groups;
   using group_owner<group>::lr;
   using group_owner<group>::set_lr;
+
+  static constexpr std::string_view kind = "sgd";  // names it in logs
 
   sgd(std::vector<param_group<T, Dev>> groups, sgd_options defaults = {}) : defaults_(defaults) {
     KILN_CHECK(!defaults.nesterov || (defaults.momentum > 0 && defaults.dampening == 0),

@@ -1,0 +1,62 @@
+// kiln/callbacks/nan_detector.hpp — fail fast, and by name, on the first non-finite value.
+//
+// Spec: checks the training loss after every training_step (on_before_backward), every
+// gradient before each optimizer step (on_before_optimizer_step — after accumulation
+// normalisation and unscaling, before clipping) and, with check_parameters, every
+// parameter after the step (on_train_batch_end). The first NaN or infinity found throws
+// a kiln::error naming the tensor ("gradient of net.2.weight"), the element's flat index
+// and value, the epoch and the global step, instead of letting the run continue to
+// produce a NaN model.
+#pragma once
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "kiln/core/error.hpp"
+#include "kiln/nn/module.hpp"
+#include "kiln/train/hooks.hpp"
+
+namespace kiln::callbacks {
+
+struct nan_detector {
+  using hooks = hook_list<hook::on_before_backward, hook::on_before_optimizer_step, hook::on_train_batch_end>;
+  bool check_parameters = true;
+
+  void on_before_backward(auto& ctx, const auto& loss) {
+    const double v = static_cast<double>(loss.value().flat(0));
+    if (!std::isfinite(v)) fail(ctx, "training loss", 0, v);
+  }
+  void on_before_optimizer_step(auto& ctx) {
+    nn::visit_parameters(ctx.model(), [&](const std::string& name, auto& p) {
+      if (p.has_grad()) scan(ctx, "gradient of " + name, p.grad());
+    });
+  }
+  void on_train_batch_end(auto& ctx, const auto&) {
+    if (!check_parameters) return;
+    nn::visit_parameters(ctx.model(),
+                         [&](const std::string& name, auto& p) { scan(ctx, "parameter " + name, p.value()); });
+  }
+
+ private:
+  template <class Ctx, class Tensor>
+  static void scan(Ctx& ctx, const std::string& what, const Tensor& t) {
+    const auto* d = t.data();
+    const std::int64_t n = t.numel();
+    // x * 0 is 0 for finite x and NaN otherwise, so one vectorisable pass finds out.
+    double s = 0;
+    for (std::int64_t i = 0; i < n; ++i) s += static_cast<double>(d[i]) * 0.0;
+    if (std::isfinite(s)) return;
+    for (std::int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(static_cast<double>(d[i]))) fail(ctx, what, i, static_cast<double>(d[i]));
+  }
+  template <class Ctx>
+  [[noreturn]] static void fail(Ctx& ctx, const std::string& what, std::int64_t index, double v) {
+    std::ostringstream os;
+    os << "nan_detector: " << what << " is not finite (element " << index << " = " << v << ") at epoch " << ctx.epoch()
+       << ", global step " << ctx.global_step() << ", batch " << ctx.batch_idx();
+    throw error(os.str());
+  }
+};
+
+}  // namespace kiln::callbacks
