@@ -1,6 +1,7 @@
 // kiln/ops.hpp — every differentiable op, also reachable as kiln::<op>.
 #pragma once
 
+#include "kiln/ops/accuracy.hpp"
 #include "kiln/ops/activation.hpp"
 #include "kiln/ops/arithmetic.hpp"
 #include "kiln/ops/cast.hpp"
@@ -21,5 +22,6 @@ using ops::relu, ops::gelu, ops::silu, ops::swiglu, ops::dropout, ops::gelu_appr
 using ops::reshape, ops::transpose, ops::slice, ops::concat;
 using ops::softmax, ops::log_softmax, ops::cross_entropy, ops::cross_entropy_options;
 using ops::sum, ops::mean, ops::max, ops::mse;
+using ops::accuracy;
 using ops::operator+, ops::operator-, ops::operator*, ops::operator/;
 }  // namespace kiln

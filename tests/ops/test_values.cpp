@@ -93,3 +93,13 @@ TEST_CASE("matmul and bmm agree with a naive triple loop; f32 within tolerance o
     for (std::size_t i = 0; i < want.size(); ++i) CHECK(got[i] == doctest::Approx(want[i]).epsilon(1e-12));
   }
 }
+
+TEST_CASE("accuracy: arg-max, ties take the first class, top-k, bad targets") {
+  auto logits = tensor<float>::from({3, 3}, {0.1f, 0.7f, 0.2f, 0.5f, 0.5f, 0.0f, 0.3f, 0.2f, 0.1f});
+  auto y = tensor<i64>::from({3}, {1, 1, 2});
+  CHECK(accuracy(logits, y) == doctest::Approx(1.0 / 3.0));  // row 1 ties 0 and 1: arg-max is 0
+  CHECK(accuracy(logits, y, 2) == doctest::Approx(2.0 / 3.0));
+  CHECK(accuracy(logits, y, 3) == doctest::Approx(1.0));
+  auto bad = tensor<i64>::from({3}, {1, 3, 0});
+  CHECK_THROWS_WITH_AS(accuracy(logits, bad), doctest::Contains("target[1] = 3 is outside [0, 3)"), error);
+}
