@@ -218,8 +218,11 @@ TEST_CASE("csv and jsonl loggers write metrics and hyperparameters into the run 
   CHECK(jl.find("{\"step\": 2, \"epoch\": 0, \"train/loss\": ") == 0);
   CHECK(std::count(jl.begin(), jl.end(), '\n') == 6);
   CHECK(fs::exists(dir / "hparams.json"));
-  // A second fit picks the next version directory.
-  tr.fit(m, tl, vl);
+  // The same trainer keeps its run directory across stages; a second trainer takes the next one.
+  tr.test(m, vl);
+  CHECK_FALSE(fs::exists(root / "version_1"));
+  cb_trainer<regressor, loggers::csv> tr2({.max_epochs = 1, .default_root_dir = root.string(), .enable_progress_bar = false});
+  tr2.fit(m, tl);
   CHECK(fs::exists(root / "version_1" / "metrics.csv"));
   fs::remove_all(root);
 }

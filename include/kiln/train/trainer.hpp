@@ -285,7 +285,8 @@ class trainer {
     state_.current_stage = s;
     state_.accumulate_grad_batches = options_.accumulate_grad_batches;
     state_.loggers_enabled = options_.fast_dev_run == 0;
-    state_.log_dir = next_version_dir();
+    if (log_dir_.empty()) log_dir_ = next_version_dir();  // one run directory per trainer, all stages
+    state_.log_dir = log_dir_;
     board_.clear();
     train_metrics_.reset_entries();
     eval_metrics_.reset_entries();
@@ -755,6 +756,7 @@ class trainer {
   train::metric_store train_metrics_{board_};
   train::metric_store eval_metrics_{board_};
   std::vector<std::pair<std::string, double>> last_eval_;
+  std::string log_dir_;
   std::optional<optimizers_type> optimizers_;
   Module* model_ = nullptr;
   std::int64_t accum_count_ = 0;

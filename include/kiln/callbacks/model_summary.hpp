@@ -1,0 +1,104 @@
+// kiln/callbacks/model_summary.hpp — what the model is made of, before the first step.
+//
+// Spec: at on_fit_start (when trainer_options::enable_model_summary) prints a table like
+// Lightning's ModelSummary: one row per submodule down to max_depth (its dotted name,
+// type, parameter shapes, parameter count), then trainable, frozen and total parameter
+// counts and the parameters' size in MB. summarize(module, max_depth) returns the same
+// table as a string, for tests, docs and logs.
+#pragma once
+
+#include <cxxabi.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <typeinfo>
+#include <vector>
+
+#include "kiln/nn/module.hpp"
+#include "kiln/train/hooks.hpp"
+
+namespace kiln::callbacks {
+
+namespace detail {
+inline std::string short_type_name(const char* mangled) {
+  int status = 0;
+  std::unique_ptr<char, void (*)(void*)> d(abi::__cxa_demangle(mangled, nullptr, nullptr, &status), std::free);
+  std::string s = status == 0 && d ? d.get() : mangled;
+  for (const char* ns : {"kiln::nn::", "kiln::", "(anonymous namespace)::"})
+    for (std::size_t p; (p = s.find(ns)) != std::string::npos;) s.erase(p, std::string(ns).size());
+  if (s.size() > 40) s = s.substr(0, 37) + "...";
+  return s;
+}
+inline std::string with_commas(std::int64_t v) {
+  std::string s = std::to_string(v);
+  for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3) s.insert(static_cast<std::size_t>(i), ",");
+  return s;
+}
+}  // namespace detail
+
+template <class M>
+std::string summarize(M& model, int max_depth = 1) {
+  struct row {
+    std::string name, type, shapes;
+    std::int64_t params = 0;
+  };
+  std::vector<row> rows;
+  nn::visit_modules(model, [&](const std::string& name, auto& sub) {
+    if (name.empty()) return;
+    const int depth = 1 + static_cast<int>(std::count(name.begin(), name.end(), '.'));
+    if (depth > max_depth) return;
+    row r{name, detail::short_type_name(typeid(sub).name()), "", 0};
+    nn::visit_parameters(sub, [&](const std::string&, auto& p) {
+      r.params += p.numel();
+      if (!r.shapes.empty()) r.shapes += ", ";
+      r.shapes += p.shape().str();
+    });
+    if (r.shapes.size() > 36) r.shapes = r.shapes.substr(0, 33) + "...";
+    rows.push_back(std::move(r));
+  });
+  std::int64_t trainable = 0, frozen = 0, bytes = 0;
+  nn::visit_parameters(model, [&](const std::string&, auto& p) {
+    (p.requires_grad() ? trainable : frozen) += p.numel();
+    bytes += p.numel() * static_cast<std::int64_t>(sizeof(typename std::remove_cvref_t<decltype(p)>::value_type));
+  });
+  std::size_t wn = 4, wt = 4, ws = 6;
+  for (auto& r : rows) {
+    wn = std::max(wn, r.name.size());
+    wt = std::max(wt, r.type.size());
+    ws = std::max(ws, r.shapes.size());
+  }
+  std::ostringstream os;
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "  | %-*s | %-*s | %-*s | %12s\n", int(wn), "Name", int(wt), "Type", int(ws), "Shapes",
+                "Params");
+  os << buf << std::string(std::string(buf).size() - 1, '-') << '\n';
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    std::snprintf(buf, sizeof buf, "%zu | %-*s | %-*s | %-*s | %12s\n", i, int(wn), rows[i].name.c_str(), int(wt),
+                  rows[i].type.c_str(), int(ws), rows[i].shapes.c_str(), detail::with_commas(rows[i].params).c_str());
+    os << buf;
+  }
+  os << detail::with_commas(trainable) << "  trainable params\n"
+     << detail::with_commas(frozen) << "  non-trainable params\n"
+     << detail::with_commas(trainable + frozen) << "  total params\n";
+  std::snprintf(buf, sizeof buf, "%.3f  total estimated model params size (MB)\n", double(bytes) / 1e6);
+  os << buf;
+  return os.str();
+}
+
+struct model_summary {
+  using hooks = hook_list<hook::on_fit_start>;
+  int max_depth = 1;
+  std::FILE* stream = nullptr;  // nullptr: stdout
+
+  void on_fit_start(auto& ctx) {
+    if (!ctx.options().enable_model_summary) return;
+    const std::string s = summarize(ctx.model(), max_depth);
+    std::fputs(s.c_str(), stream ? stream : stdout);
+    std::fflush(stream ? stream : stdout);
+  }
+};
+
+}  // namespace kiln::callbacks
