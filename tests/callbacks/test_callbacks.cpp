@@ -221,7 +221,8 @@ TEST_CASE("csv and jsonl loggers write metrics and hyperparameters into the run 
   // The same trainer keeps its run directory across stages; a second trainer takes the next one.
   tr.test(m, vl);
   CHECK_FALSE(fs::exists(root / "version_1"));
-  cb_trainer<regressor, loggers::csv> tr2({.max_epochs = 1, .default_root_dir = root.string(), .enable_progress_bar = false});
+  cb_trainer<regressor, loggers::csv> tr2(
+      {.max_epochs = 1, .log_every_n_steps = 1, .default_root_dir = root.string(), .enable_progress_bar = false});
   tr2.fit(m, tl);
   CHECK(fs::exists(root / "version_1" / "metrics.csv"));
   fs::remove_all(root);
