@@ -62,11 +62,20 @@ case "$cmd" in
   build) build ;;
   run)
     build
-    "$BUILD/examples/00_mlp_fashion_mnist" --out "$ROOT/runs/00_mlp_fashion_mnist" "${@:2}"
+    "$BUILD/examples/01_fashion_mnist" --out "$ROOT/runs/01_fashion_mnist" "${@:2}"
     ;;
   test)
     build
     status=0
+    # The interop check reads our TensorBoard files with the tensorboard package: give it
+    # a small venv (PyPI) unless a Python with the package is already at hand.
+    if [ -z "${KILN_PYTHON:-}" ] && ! python3 -c "import tensorboard" 2>/dev/null; then
+      if [ ! -x "$BUILD/pyvenv/bin/python" ] || ! "$BUILD/pyvenv/bin/python" -c "import tensorboard" 2>/dev/null; then
+        python3 -m venv "$BUILD/pyvenv" && "$BUILD/pyvenv/bin/pip" install -q tensorboard ||
+          echo "kiln: could not install tensorboard from PyPI; its interop test will be skipped"
+      fi
+      export KILN_PYTHON="$BUILD/pyvenv/bin/python"
+    fi
     meson test -C "$BUILD" --print-errorlogs --num-processes 2 || status=1
     cp "$BUILD/meson-logs/testlog.json" /tmp/kiln-testlog-main.json
     if [ "${KILN_SKIP_SANITIZERS:-0}" != 1 ]; then
