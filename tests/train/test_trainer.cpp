@@ -396,3 +396,71 @@ TEST_CASE("trainer_options: contradictory settings are rejected naming the field
   CHECK(msg({.max_epochs = 2, .min_epochs = 3}).find("min_epochs") != std::string::npos);
   CHECK(msg({}).empty());
 }
+
+namespace {
+struct plateau_regressor : regressor {
+  double val = 1.0;
+  void validation_step(auto& ctx, const reg_batch&) { ctx.log("val/metric", val); }  // never improves
+  auto configure_optimizers() {
+    return optim::with_schedule(optim::sgd<f64>(*this, {.lr = 0.8}),
+                                optim::reduce_on_plateau{.factor_on_plateau = 0.5, .patience = 1},
+                                {.every = optim::interval::epoch, .monitor = "val/metric"});
+  }
+};
+}  // namespace
+
+TEST_CASE("trainer: reduce_on_plateau is fed its monitored metric once per epoch") {
+  plateau_regressor m;
+  auto tl = make_loader({2, 2});
+  auto vl = make_loader({2}, 9);
+  trainer<plateau_regressor> tr({.max_epochs = 5, .num_sanity_val_steps = 0, .enable_progress_bar = false});
+  tr.fit(m, tl, vl);
+  // Epoch 1 sets the best; epochs 2-3 are two bad checks (> patience 1): cut to 0.4;
+  // epochs 4-5 two more: 0.2.
+  CHECK(std::get<0>(tr.optimizers()).optimizer.lr(0) == doctest::Approx(0.2));
+  plateau_regressor unmonitored;
+  auto no_val = make_loader({2});
+  trainer<plateau_regressor> tr2({.max_epochs = 1, .enable_progress_bar = false});
+  CHECK_THROWS_WITH_AS(tr2.fit(unmonitored, no_val),
+                       doctest::Contains("monitored metric 'val/metric' was not logged (logged metrics: train/loss)"),
+                       error);
+}
+
+TEST_CASE("trainer: a seeded run is reproducible bit for bit") {
+  auto run = [] {
+    auto tl = make_loader({3, 3, 3});
+    reg_trainer<> tr({.max_epochs = 3, .deterministic = true, .seed = 1234, .enable_progress_bar = false});
+    manual_seed(1234);
+    regressor fresh;
+    tr.fit(fresh, tl);
+    return std::pair{fresh.losses, fresh.lin.weight.value().to_vector()};
+  };
+  const auto a = run(), b = run();
+  CHECK(a.first == b.first);
+  CHECK(a.second == b.second);
+}
+
+// Archetypes: minimal types that satisfy the concepts (they document what is required).
+namespace {
+struct archetype_loader {
+  struct range {
+    const int* begin() const { return nullptr; }
+    const int* end() const { return nullptr; }
+  };
+  std::int64_t size() const { return 0; }
+  range epoch(std::int64_t, std::int64_t) const { return {}; }
+};
+struct archetype_datamodule {
+  archetype_loader l;
+  archetype_loader& train_loader() { return l; }
+};
+struct archetype_callback {
+  using hooks = hook_list<>;
+};
+}  // namespace
+static_assert(train::loader<archetype_loader>);
+static_assert(train::datamodule<archetype_datamodule>);
+static_assert(!train::has_val_loader<archetype_datamodule>);
+static_assert(callback<archetype_callback>);
+static_assert(!callback<int>);
+static_assert(train::loader<data::data_loader<data::tensor_dataset>>);
