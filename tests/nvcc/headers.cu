@@ -1,6 +1,7 @@
 // Compiled by nvcc in CI: every public header must be usable from a CUDA translation
 // unit, and the shared scalar functors must be callable from device code.
 #include "kiln/kiln.hpp"
+#include "kiln/train.hpp"
 
 __global__ void apply_gelu(float* x, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -17,4 +18,27 @@ int host_side() {
   auto l = kiln::sum(kiln::matmul(a, a));
   l.backward();
   return static_cast<int>(a.grad().data()[0]);
+}
+
+// The trainer, with a callback and a logger, instantiated in a CUDA translation unit.
+struct nvcc_module {
+  kiln::nn::linear<float> lin{4, 1};
+  template <class F>
+  void for_each_child(F&& f) {
+    f("lin", lin);
+  }
+  kiln::var<float> training_step(auto& ctx, const kiln::data::labelled_batch& b) {
+    auto loss = kiln::cross_entropy(lin(kiln::var<float>(b.x)), b.y);
+    ctx.log("train/loss", loss);
+    return loss;
+  }
+  auto configure_optimizers() { return kiln::optim::adamw<float>(*this); }
+};
+
+double trainer_side(kiln::data::data_loader<kiln::data::tensor_dataset>& loader) {
+  nvcc_module m;
+  kiln::trainer<nvcc_module, kiln::strategy::single_device<kiln::cpu>, kiln::precision::fp32,
+                kiln::callbacks::early_stopping, kiln::loggers::csv>
+      t({.max_epochs = 1});
+  return static_cast<double>(t.fit(m, loader).global_step);
 }
