@@ -74,7 +74,8 @@ case "$cmd" in
         python3 -m venv "$BUILD/pyvenv" && "$BUILD/pyvenv/bin/pip" install -q tensorboard ||
           echo "kiln: could not install tensorboard from PyPI; its interop test will be skipped"
       fi
-      export KILN_PYTHON="$BUILD/pyvenv/bin/python"
+      KILN_PYTHON="$(cd "$BUILD" && pwd)/pyvenv/bin/python"  # absolute: meson runs tests elsewhere
+      export KILN_PYTHON
     fi
     meson test -C "$BUILD" --print-errorlogs --num-processes 2 || status=1
     cp "$BUILD/meson-logs/testlog.json" /tmp/kiln-testlog-main.json
