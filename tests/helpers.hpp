@@ -3,7 +3,11 @@
 
 #include <doctest/doctest.h>
 
+#include <unistd.h>
+
 #include <cstdio>
+#include <filesystem>
+#include <string>
 
 #include "kiln/kiln.hpp"
 
@@ -25,6 +29,14 @@ inline tensor<T> rand_tensor(const shape& s, std::uint64_t seed, double lo = -1.
   for (std::int64_t i = 0; i < t.numel(); ++i)
     t.data()[i] = static_cast<T>(lo + (hi - lo) * st.uniform_f64(static_cast<std::uint64_t>(i)));
   return t;
+}
+
+// A fresh, empty directory under the system's temp dir, unique to this process.
+inline std::filesystem::path temp_dir(const std::string& tag, const std::string& name) {
+  auto p = std::filesystem::temp_directory_path() / ("kiln_" + tag + "_" + std::to_string(::getpid()) + "_" + name);
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p;
 }
 
 // Runs the checker and reports the worst element on failure.

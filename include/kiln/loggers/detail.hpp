@@ -2,8 +2,6 @@
 // file replacement, JSON string escaping.
 #pragma once
 
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -11,6 +9,7 @@
 #include <string_view>
 
 #include "kiln/core/error.hpp"
+#include "kiln/io/atomic_file.hpp"
 
 namespace kiln::loggers::detail {
 
@@ -23,22 +22,9 @@ inline std::filesystem::path run_dir(const std::string& own, const std::string& 
   return p;
 }
 
-// Writes `text` to `path` atomically: a temporary file in the same directory, fsync,
-// rename. Readers see the old or the new file, never a torn one.
+// Writes `text` to `path` atomically (see kiln/io/atomic_file.hpp).
 inline void write_atomically(const std::filesystem::path& path, std::string_view text) {
-  const std::filesystem::path tmp = path.string() + ".tmp" + std::to_string(::getpid());
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  KILN_CHECK(f != nullptr, "logger: cannot write ", tmp.string());
-  const bool ok =
-      std::fwrite(text.data(), 1, text.size(), f) == text.size() && std::fflush(f) == 0 && ::fsync(::fileno(f)) == 0;
-  std::fclose(f);
-  if (!ok) {
-    std::filesystem::remove(tmp);
-    throw error("logger: failed writing " + tmp.string());
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  KILN_CHECK(!ec, "logger: cannot rename ", tmp.string(), " to ", path.string(), ": ", ec.message());
+  io::write_atomically(path, text);
 }
 
 inline std::string json_string(std::string_view s) {

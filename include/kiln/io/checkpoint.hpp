@@ -1,0 +1,250 @@
+// kiln/io/checkpoint.hpp — the checkpoint file, and module weights in safetensors.
+//
+// Spec: a kiln checkpoint is one safetensors file (any safetensors reader opens it):
+//   tensors   named "<section>/<name>": "model/net.0.weight", "optimizer.0/net.0.weight.exp_avg",
+//             "callbacks/<callback>/<name>", "grad/<param>" (an open accumulation window);
+//   metadata  "format": "kiln.checkpoint", "kiln.version": the format version,
+//             "kiln.state": a JSON document with everything that is not a tensor
+//             (counters, RNG streams, loop position, schedules, callback and module state,
+//             hyperparameters), "kiln.crc32c": a JSON object tensor name → CRC-32C of its
+//             bytes, so a flipped bit anywhere in the data is caught on load.
+// checkpoint_writer::write(path) is atomic (kiln/io/atomic_file.hpp). checkpoint_reader::open
+// validates the safetensors header, the format and version, and every checksum before
+// it returns; errors name the file and the tensor.
+// Module weights: add_module() puts a module's parameters under a prefix; check_module()
+// compares a file against a module — missing and unexpected keys (errors when strict),
+// shape and dtype mismatches (always errors) — without changing anything; copy_module()
+// then copies, and cannot fail. load_weights() is check then copy, so a failed load leaves
+// the module as it was. save_weights()/export_weights() write plain HF-style
+// `model.safetensors` (metadata {"format": "pt"}), plus `config.json` when the module has
+// an HF architecture (a member `hf_config()` returning io::json).
+#pragma once
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "kiln/core/crc32c.hpp"
+#include "kiln/io/atomic_file.hpp"
+#include "kiln/io/json.hpp"
+#include "kiln/io/safetensors.hpp"
+#include "kiln/nn/module.hpp"
+
+namespace kiln::io {
+
+inline constexpr std::string_view checkpoint_format = "kiln.checkpoint";
+inline constexpr std::int64_t checkpoint_version = 1;
+
+class checkpoint_writer {
+ public:
+  checkpoint_writer() : state_(json::object()) {}
+
+  json& state() { return state_; }
+  template <element T, device Dev>
+  void add(const std::string& name, const tensor<T, Dev>& t) {
+    tensor<T, Dev> c = t.contiguous();
+    crc_.set(name, json(static_cast<std::int64_t>(crc32c(c.data(), c.nbytes()))));
+    st_.add(name, c);
+  }
+  std::size_t num_tensors() const { return st_.size(); }
+
+  void write(const std::filesystem::path& path) {
+    st_.set_metadata("format", std::string(checkpoint_format));
+    st_.set_metadata("kiln.version", std::to_string(checkpoint_version));
+    st_.set_metadata("kiln.state", state_.dump());
+    st_.set_metadata("kiln.crc32c", crc_.dump());
+    st_.write(path);
+  }
+
+ private:
+  safetensors_writer st_;
+  json state_;
+  json crc_ = json::object();
+};
+
+class checkpoint_reader {
+ public:
+  // Opens, validates (header, format, version) and verifies every tensor's checksum.
+  static checkpoint_reader open(const std::filesystem::path& path, bool verify_checksums = true) {
+    KILN_CHECK(std::filesystem::exists(path), "checkpoint ", path.string(), " does not exist");
+    checkpoint_reader r;
+    r.file_ = safetensors_file::open(path);
+    const std::string name = path.string();
+    const auto fmt = r.file_.metadata("format");
+    KILN_CHECK(fmt && *fmt == checkpoint_format, name, ": not a kiln checkpoint (metadata format is ",
+               fmt ? "'" + *fmt + "'" : std::string("absent"),
+               ", expected 'kiln.checkpoint'); plain weights load with kiln::io::load_weights");
+    const auto ver = r.file_.metadata("kiln.version");
+    KILN_CHECK(ver.has_value(), name, ": checkpoint metadata has no kiln.version");
+    std::int64_t v = -1;
+    try {
+      v = json::parse(*ver, name + " (kiln.version)").as_int("kiln.version");
+    } catch (const error&) {
+      detail::fail(name, ": kiln.version '", *ver, "' is not an integer");
+    }
+    KILN_CHECK(v == checkpoint_version, name, ": checkpoint format version ", v, " is not supported (this kiln reads ",
+               "version ", checkpoint_version, ")");
+    const auto st = r.file_.metadata("kiln.state");
+    KILN_CHECK(st.has_value(), name, ": checkpoint metadata has no kiln.state");
+    r.state_ = json::parse(*st, name + " (kiln.state)");
+    KILN_CHECK(r.state_.is_object(), name, ": kiln.state is not a JSON object");
+    if (verify_checksums) {
+      const auto crc = r.file_.metadata("kiln.crc32c");
+      KILN_CHECK(crc.has_value(), name, ": checkpoint metadata has no kiln.crc32c");
+      const json sums = json::parse(*crc, name + " (kiln.crc32c)");
+      for (auto& e : r.file_.tensors()) {
+        const json* want = sums.find(e.name);
+        KILN_CHECK(want != nullptr, name, ": tensor '", e.name, "' has no checksum in kiln.crc32c");
+        auto b = r.file_.bytes(e);
+        const auto got = static_cast<std::int64_t>(crc32c(b.data(), b.size()));
+        KILN_CHECK(got == want->as_int(e.name + " checksum"), name, ": tensor '", e.name,
+                   "' is corrupt: its bytes' CRC-32C does not match the one recorded when it was written");
+      }
+    }
+    return r;
+  }
+
+  const json& state() const { return state_; }
+  const safetensors_file& file() const { return file_; }
+  const std::string& name() const { return file_.name(); }
+  // Names of tensors under "<section>/", without the prefix.
+  std::vector<std::string> names_in(std::string_view section) const {
+    std::vector<std::string> out;
+    const std::string p = std::string(section) + "/";
+    for (auto& e : file_.tensors())
+      if (e.name.starts_with(p)) out.push_back(e.name.substr(p.size()));
+    return out;
+  }
+
+ private:
+  safetensors_file file_;
+  json state_;
+};
+
+// ---- module weights ----
+
+template <class M>
+void add_module(checkpoint_writer& w, const std::string& prefix, M& module) {
+  nn::visit_parameters(module, [&](const std::string& name, auto& p) { w.add(prefix + name, p.value()); });
+}
+template <class M>
+void add_module(safetensors_writer& w, const std::string& prefix, M& module) {
+  nn::visit_parameters(module, [&](const std::string& name, auto& p) { w.add(prefix + name, p.value()); });
+}
+
+struct load_report {
+  std::vector<std::string> missing;     // parameters of the module absent from the file
+  std::vector<std::string> unexpected;  // tensors in the file (under the prefix) the module lacks
+  std::size_t loaded = 0;
+  bool clean() const { return missing.empty() && unexpected.empty(); }
+  std::string str() const {
+    auto list = [](const std::vector<std::string>& v) {
+      std::string s;
+      for (std::size_t i = 0; i < v.size() && i < 8; ++i) s += (i ? ", " : "") + v[i];
+      if (v.size() > 8) s += ", ... (" + std::to_string(v.size()) + " in all)";
+      return s;
+    };
+    std::string s = std::to_string(loaded) + " tensors loaded";
+    if (!missing.empty()) s += "; missing: " + list(missing);
+    if (!unexpected.empty()) s += "; unexpected: " + list(unexpected);
+    return s;
+  }
+};
+
+// Compares `file` (tensors under `prefix`) with the module's parameters; throws on a
+// shape or dtype mismatch, and on missing/unexpected keys when strict. Changes nothing.
+template <class M>
+load_report check_module(const safetensors_view& file, const std::string& prefix, M& module, bool strict) {
+  load_report r;
+  std::vector<std::string> names;
+  nn::visit_parameters(module, [&](const std::string& name, auto& p) {
+    using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+    names.push_back(prefix + name);
+    const tensor_entry* e = file.find(prefix + name);
+    if (!e) {
+      r.missing.push_back(prefix + name);
+      return;
+    }
+    KILN_CHECK(e->dtype == dtype_name(dtype_of<T>), file.name(), ": tensor '", e->name, "' has dtype ", e->dtype,
+               " but the model's parameter '", name, "' is ", dtype_name(dtype_of<T>));
+    const kiln::shape s = safetensors_view::shape_of(*e);
+    KILN_CHECK(s == p.shape(), file.name(), ": tensor '", e->name, "' has shape ", s.str(),
+               " but the model's parameter '", name, "' has shape ", p.shape().str());
+    ++r.loaded;
+  });
+  for (auto& e : file.tensors()) {
+    if (!e.name.starts_with(prefix)) continue;
+    bool known = false;
+    for (auto& n : names) known = known || n == e.name;
+    if (!known) r.unexpected.push_back(e.name);
+  }
+  if (strict && !r.clean())
+    detail::fail(file.name(), ": the weights do not match the model (strict load): ", r.str(),
+                 "; pass strict = false to load the matching tensors only");
+  return r;
+}
+
+// Copies every parameter present in `file` (after check_module passed).
+template <class M>
+void copy_module(const safetensors_view& file, const std::string& prefix, M& module) {
+  nn::visit_parameters(module, [&](const std::string& name, auto& p) {
+    const tensor_entry* e = file.find(prefix + name);
+    if (!e) return;
+    auto b = file.bytes(*e);
+    auto& v = p.value();
+    KILN_CHECK(v.is_contiguous(), "load: parameter '", name, "' is not contiguous");
+    if (!b.empty()) std::memcpy(static_cast<void*>(v.data()), b.data(), b.size());
+  });
+}
+
+struct load_options {
+  bool strict = true;
+  std::string prefix;  // tensors' name prefix in the file ("" for plain weights, "model/" in checkpoints)
+};
+
+// Loads weights from a safetensors file or a kiln checkpoint (its "model/" section).
+template <class M>
+load_report load_weights(M& module, const std::filesystem::path& path, load_options o = {}) {
+  KILN_CHECK(std::filesystem::exists(path), "load_weights: ", path.string(), " does not exist");
+  auto f = safetensors_file::open(path);
+  const auto fmt = f.metadata("format");
+  if (fmt && *fmt == checkpoint_format && o.prefix.empty()) {
+    checkpoint_reader r = checkpoint_reader::open(path);  // verifies checksums
+    auto rep = check_module(r.file(), "model/", module, o.strict);
+    copy_module(r.file(), "model/", module);
+    return rep;
+  }
+  auto rep = check_module(f, o.prefix, module, o.strict);
+  copy_module(f, o.prefix, module);
+  return rep;
+}
+
+// Writes a module's parameters as plain safetensors (HF's "format": "pt" metadata).
+template <class M>
+void save_weights(M& module, const std::filesystem::path& path,
+                  const std::vector<std::pair<std::string, std::string>>& metadata = {}) {
+  safetensors_writer w;
+  add_module(w, "", module);
+  w.set_metadata("format", "pt");
+  for (auto& [k, v] : metadata) w.set_metadata(k, v);
+  w.write(path);
+}
+
+// Writes `dir`/model.safetensors (+ `dir`/config.json for modules with an HF architecture).
+// Returns the paths written.
+template <class M>
+std::vector<std::filesystem::path> export_weights(M& module, const std::filesystem::path& dir) {
+  std::vector<std::filesystem::path> out{dir / "model.safetensors"};
+  save_weights(module, out[0]);
+  if constexpr (requires(M & m) {
+                  { m.hf_config() } -> std::convertible_to<json>;
+                }) {
+    out.push_back(dir / "config.json");
+    write_atomically(out[1], json(module.hf_config()).dump() + "\n");
+  }
+  return out;
+}
+
+}  // namespace kiln::io
