@@ -6,6 +6,7 @@
 #include "kiln/callbacks/gradient_accumulation_scheduler.hpp"
 #include "kiln/callbacks/lambda_callback.hpp"
 #include "kiln/callbacks/learning_rate_monitor.hpp"
+#include "kiln/callbacks/model_checkpoint.hpp"
 #include "kiln/callbacks/model_summary.hpp"
 #include "kiln/callbacks/nan_detector.hpp"
 #include "kiln/callbacks/progress_bar.hpp"

@@ -7,8 +7,6 @@
 // table as a string, for tests, docs and logs.
 #pragma once
 
-#include <cxxabi.h>
-
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -17,21 +15,14 @@
 #include <typeinfo>
 #include <vector>
 
+#include "kiln/core/type_name.hpp"
 #include "kiln/nn/module.hpp"
 #include "kiln/train/hooks.hpp"
 
 namespace kiln::callbacks {
 
 namespace detail {
-inline std::string short_type_name(const char* mangled) {
-  int status = 0;
-  std::unique_ptr<char, void (*)(void*)> d(abi::__cxa_demangle(mangled, nullptr, nullptr, &status), std::free);
-  std::string s = status == 0 && d ? d.get() : mangled;
-  for (const char* ns : {"kiln::nn::", "kiln::", "(anonymous namespace)::"})
-    for (std::size_t p; (p = s.find(ns)) != std::string::npos;) s.erase(p, std::string(ns).size());
-  if (s.size() > 40) s = s.substr(0, 37) + "...";
-  return s;
-}
+using kiln::short_type_name;
 inline std::string with_commas(std::int64_t v) {
   std::string s = std::to_string(v);
   for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3) s.insert(static_cast<std::size_t>(i), ",");

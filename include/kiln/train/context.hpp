@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <filesystem>
 #include <limits>
 #include <map>
 #include <string>
@@ -103,6 +104,12 @@ class context {
   template <class C>
   C& callback() const {
     return std::get<C>(t_->callbacks_);
+  }
+
+  // --- checkpoints ---
+  // Saves a checkpoint at the next quiet point of the loop (see trainer::save_checkpoint).
+  void save_checkpoint(const std::filesystem::path& path, bool weights_only = false) const {
+    t_->save_checkpoint(path, weights_only);
   }
 
   // --- stopping ---

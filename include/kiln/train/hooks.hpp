@@ -154,6 +154,8 @@ KILN_HOOK(on_predict_batch_end, "void on_predict_batch_end(auto& ctx, const auto
 // Loggers are callbacks that receive flushed metrics and the run's hyperparameters.
 KILN_HOOK(on_log, "void on_log(auto& ctx, const kiln::train::log_record& record)")
 KILN_HOOK(on_log_hyperparams, "void on_log_hyperparams(auto& ctx, const kiln::train::hparams& hp)")
+KILN_HOOK(on_save_checkpoint, "void on_save_checkpoint(auto& ctx, const kiln::train::checkpoint_out& ckpt)")
+KILN_HOOK(on_load_checkpoint, "void on_load_checkpoint(auto& ctx, const kiln::train::checkpoint_in& ckpt)")
 KILN_HOOK(on_exception, "void on_exception(auto& ctx, const std::exception& e)")
 
 #undef KILN_HOOK

@@ -176,6 +176,11 @@ class metric_store {
     return out;
   }
 
+  // Every accumulator, for checkpoints; restore() puts them back (a resumed epoch's means
+  // include the batches before the checkpoint).
+  const std::vector<entry>& entries() const { return entries_; }
+  void restore(std::vector<entry> entries) { entries_ = std::move(entries); }
+
   // Removes every accumulator (entries are re-created by the next log()).
   void reset_entries() { entries_.clear(); }
 

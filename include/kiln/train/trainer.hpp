@@ -17,6 +17,12 @@
 // Gradient accumulation weighs each micro-batch by its item count and normalises by
 // the window's total, so accumulating k batches equals one k-times larger batch.
 // Evaluation runs under no_grad with the model in eval mode.
+// Checkpoints (train/checkpointing.hpp): save_checkpoint() called while fit runs captures
+// the state at the next quiet point — the end of the current batch (after its validation)
+// or of the epoch (after the epoch's schedules) — so a resume continues with exactly
+// the next batch and replays nothing. fit(..., ckpt_path) restores it: the model and the
+// callbacks at configure_model time, optimizers, schedules and the loop after
+// on_fit_start; the sanity check is skipped on resume.
 // Ensures: no virtual dispatch on the loop's path; hooks a type does not implement are
 // not called; options are validated before anything is allocated.
 #pragma once
@@ -37,6 +43,7 @@
 #include "kiln/optim/schedule.hpp"
 #include "kiln/precision/fp32.hpp"
 #include "kiln/strategy/single_device.hpp"
+#include "kiln/train/checkpointing.hpp"
 #include "kiln/train/context.hpp"
 
 namespace kiln {
@@ -50,9 +57,8 @@ struct fit_result {
   std::string stop_reason;  // why the loop ended
   std::map<std::string, double> metrics;
   double seconds = 0;
+  std::string resumed_from;  // the checkpoint fit() resumed from, if any
 };
-
-struct no_schedule {};
 
 namespace detail {
 template <class R>
@@ -99,7 +105,8 @@ constexpr bool is_monitoring() {
 template <class B>
 struct fixed_batches {
   const std::vector<B>* v;
-  auto begin() const { return v->begin(); }
+  std::int64_t first = 0;
+  auto begin() const { return v->begin() + first; }
   auto end() const { return v->end(); }
 };
 }  // namespace detail
@@ -136,27 +143,67 @@ class trainer {
 
   // ---- entry points ----
 
+  // ckpt_path resumes: "last" (the newest last checkpoint: model_checkpoint's dirpath, then
+  // <default_root_dir>/version_*/checkpoints; none found: a fresh start, with a notice),
+  // "best" (model_checkpoint's best_model_path) or a checkpoint file.
   template <train::datamodule DM>
-  train::fit_result fit(Module& model, DM& dm) {
+  train::fit_result fit(Module& model, DM& dm, std::string_view ckpt_path = {}) {
     if constexpr (requires { dm.setup(train::stage::fit); }) dm.setup(train::stage::fit);
     decltype(auto) tl = dm.train_loader();
     train::fit_result r;
     if constexpr (train::has_val_loader<DM>) {
       decltype(auto) vl = dm.val_loader();
-      r = run_fit(model, tl, &vl);
+      r = run_fit(model, tl, &vl, ckpt_path);
     } else {
-      r = run_fit(model, tl, static_cast<std::nullptr_t>(nullptr));
+      r = run_fit(model, tl, static_cast<std::nullptr_t>(nullptr), ckpt_path);
     }
     if constexpr (requires { dm.teardown(train::stage::fit); }) dm.teardown(train::stage::fit);
     return r;
   }
   template <train::loader TL>
-  train::fit_result fit(Module& model, TL& train_loader) {
-    return run_fit(model, train_loader, static_cast<std::nullptr_t>(nullptr));
+  train::fit_result fit(Module& model, TL& train_loader, std::string_view ckpt_path = {}) {
+    return run_fit(model, train_loader, static_cast<std::nullptr_t>(nullptr), ckpt_path);
   }
   template <train::loader TL, train::loader VL>
-  train::fit_result fit(Module& model, TL& train_loader, VL& val_loader) {
-    return run_fit(model, train_loader, &val_loader);
+  train::fit_result fit(Module& model, TL& train_loader, VL& val_loader, std::string_view ckpt_path = {}) {
+    return run_fit(model, train_loader, &val_loader, ckpt_path);
+  }
+
+  // Writes a checkpoint of the training state (or, weights_only, the weights and counters)
+  // atomically to `path`. During fit the state is taken at the next quiet point (see
+  // above); otherwise at once. Only the global rank zero writes.
+  void save_checkpoint(const std::filesystem::path& path, bool weights_only = false) {
+    KILN_CHECK(model_ != nullptr, "trainer.save_checkpoint(", path.string(),
+               "): there is no model yet; call it during or after fit/validate/test");
+    if (defer_saves_) {
+      for (auto& [p, w] : pending_saves_)
+        if (p == path) {
+          w = w && weights_only;
+          return;
+        }
+      pending_saves_.emplace_back(path, weights_only);
+      return;
+    }
+    write_checkpoint(path, weights_only, state_.epoch, 0);
+  }
+  // Resolves "last" / "best" / a path as fit(..., ckpt_path) does; nullopt when
+  // "last"/"best" find nothing.
+  std::optional<std::filesystem::path> find_checkpoint(std::string_view which) {
+    std::vector<std::string> dirs;
+    std::string best;
+    std::apply(
+        [&](auto&... c) {
+          (
+              [&](auto& cb) {
+                if constexpr (requires { cb.resume_dir(); })
+                  if (!cb.resume_dir().empty()) dirs.push_back(cb.resume_dir());
+                if constexpr (requires { cb.best_model_path; })
+                  if (best.empty()) best = cb.best_model_path;
+              }(c),
+              ...);
+        },
+        callbacks_);
+    return train::find_checkpoint(which, options_.default_root_dir, dirs, best);
   }
 
   // Runs one validation epoch; returns the epoch metrics.
@@ -166,6 +213,17 @@ class trainer {
   }
   template <class D>
   std::map<std::string, double> test(Module& model, D& data) {
+    return run_standalone(model, data, train::stage::test);
+  }
+  // The same, with the weights of a checkpoint ("best", "last" or a path) loaded first.
+  template <class D>
+  std::map<std::string, double> validate(Module& model, D& data, std::string_view ckpt_path) {
+    load_weights_for_eval(model, ckpt_path);
+    return run_standalone(model, data, train::stage::validate);
+  }
+  template <class D>
+  std::map<std::string, double> test(Module& model, D& data, std::string_view ckpt_path) {
+    load_weights_for_eval(model, ckpt_path);
     return run_standalone(model, data, train::stage::test);
   }
   // Runs predict_step over every batch; returns the outputs in order.
@@ -221,6 +279,33 @@ class trainer {
 
  private:
   friend class train::context<trainer>;
+  friend struct train::checkpointing<trainer>;
+  using codec = train::checkpointing<trainer>;
+
+  void load_weights_for_eval(Module& model, std::string_view which) {
+    const auto p = find_checkpoint(which);
+    KILN_CHECK(p.has_value(), "trainer: ckpt_path '", which, "' found no checkpoint");
+    const auto report = io::load_weights(model, *p);
+    (void)report;  // strict: a mismatch has thrown
+  }
+
+  void write_checkpoint(const std::filesystem::path& path, bool weights_only, std::int64_t epoch,
+                        std::int64_t next_batch) {
+    if (!strategy_.is_global_zero()) return;
+    io::checkpoint_writer w;
+    codec::capture(*this, w, weights_only, epoch, next_batch);
+    w.write(path);
+  }
+  // Writes the checkpoints requested since the last quiet point, at position (epoch, next_batch).
+  void flush_pending_saves(std::int64_t epoch, std::int64_t next_batch) {
+    if (pending_saves_.empty()) return;
+    auto saves = std::move(pending_saves_);
+    pending_saves_.clear();
+    const bool was = defer_saves_;
+    defer_saves_ = false;  // hooks fired while capturing must not queue more
+    for (auto& [p, w] : saves) write_checkpoint(p, w, epoch, next_batch);
+    defer_saves_ = was;
+  }
 
   // ---- hook dispatch ----
 
@@ -434,7 +519,7 @@ class trainer {
 
   // ---- fit ----
   template <class TL, class VLPtr>
-  train::fit_result run_fit(Module& model, TL& tl, VLPtr vl) {
+  train::fit_result run_fit(Module& model, TL& tl, VLPtr vl, std::string_view ckpt_path) {
     static_assert(train::has_configure_optimizers<Module>,
                   "kiln::trainer::fit: the module needs configure_optimizers() returning an optimizer, "
                   "optim::with_schedule(optimizer, schedule), or a std::tuple of them");
@@ -448,11 +533,24 @@ class trainer {
         "train loader's batch type");
     model_ = &model;
     begin_stage(train::stage::fit);
+    pending_saves_.clear();
     const auto t0 = std::chrono::steady_clock::now();
     train::fit_result result;
+    // Resume: the checkpoint is opened and verified before anything runs.
+    std::optional<io::checkpoint_reader> resume;
+    if (!ckpt_path.empty()) {
+      if (auto p = find_checkpoint(ckpt_path))
+        resume.emplace(io::checkpoint_reader::open(*p));
+      else
+        std::fprintf(stderr, "kiln: ckpt_path \"%.*s\": no checkpoint found under %s; training from scratch\n",
+                     int(ckpt_path.size()), ckpt_path.data(), options_.default_root_dir.c_str());
+    }
+    typename codec::rollback undo;
+    std::int64_t first_batch = 0;
     try {
       fire<hook::setup>(train::stage::fit);
       fire<hook::configure_model>();
+      if (resume) codec::restore_modules(*this, *resume, undo);
       optimizers_.reset();
       optimizers_.emplace(train::detail::optim_pack<std::remove_cvref_t<decltype(model.configure_optimizers())>>::make(
           model.configure_optimizers()));
@@ -460,6 +558,11 @@ class trainer {
       strategy_.setup(model);
       nn::train(model);
       fire<hook::on_fit_start>();
+      if (resume) {
+        first_batch = codec::restore_loop(*this, *resume);
+        undo.armed = false;  // from here on the restored state is the run's own
+        result.resumed_from = resume->name();
+      }
       if (state_.loggers_enabled) fire<hook::on_log_hyperparams>(collect_hparams());
 
       // Batches: the loader's, or a fixed set for overfit_batches.
@@ -474,7 +577,7 @@ class trainer {
 
       // Sanity validation.
       if constexpr (!std::is_same_v<VLPtr, std::nullptr_t>) {
-        const std::int64_t sanity = options_.fast_dev_run > 0 ? 0 : options_.num_sanity_val_steps;
+        const std::int64_t sanity = options_.fast_dev_run > 0 || resume ? 0 : options_.num_sanity_val_steps;
         if (sanity != 0) {
           fire<hook::on_sanity_check_start>();
           const auto saved = state_.loop;
@@ -492,25 +595,33 @@ class trainer {
 
       fire<hook::on_train_start>();
       const std::int64_t max_epochs = options_.effective_max_epochs();
+      defer_saves_ = true;
       while (!fit_done(max_epochs)) {
         const std::int64_t avail = overfit > 0 ? overfit : tl.size();
         std::int64_t n = limited(avail, options_.limit_train_batches);
         if (options_.fast_dev_run > 0) n = std::min(n, options_.fast_dev_run);
         state_.train_batches = n;
+        const std::int64_t first = std::min(std::exchange(first_batch, 0), avail);
         if (overfit > 0)
-          run_train_epoch(train::detail::fixed_batches<B>{&fixed}, n, vl, &fixed);
+          run_train_epoch(train::detail::fixed_batches<B>{&fixed, first}, n, vl, &fixed, first);
         else
-          run_train_epoch(tl.epoch(state_.epoch, 0), n, vl, static_cast<std::vector<B>*>(nullptr));
+          run_train_epoch(tl.epoch(state_.epoch, first), n, vl, static_cast<std::vector<B>*>(nullptr), first);
         ++state_.epoch;
         // Epoch-interval schedules step after the epoch's hooks (Lightning's order).
         step_schedules(optim::interval::epoch);
+        flush_pending_saves(state_.epoch, 0);
         if (options_.fast_dev_run > 0) break;
       }
+      defer_saves_ = false;
+      flush_pending_saves(state_.epoch, 0);
       if (state_.stop_reason.empty()) state_.stop_reason = describe_end(max_epochs);
       fire<hook::on_train_end>();
       fire<hook::on_fit_end>();
       fire<hook::teardown>(train::stage::fit);
     } catch (const std::exception& e) {
+      defer_saves_ = false;
+      pending_saves_.clear();
+      codec::undo(*this, undo);  // a failed resume leaves the model and callbacks as they were
       fire<hook::on_exception>(e);
       throw;
     }
@@ -546,13 +657,15 @@ class trainer {
   }
 
   template <class Range, class VLPtr, class Fixed>
-  void run_train_epoch(Range&& range, std::int64_t n, VLPtr vl, Fixed* fixed) {
+  void run_train_epoch(Range&& range, std::int64_t n, VLPtr vl, Fixed* fixed, std::int64_t first) {
     state_.loop = train::loop_kind::train;
     state_.loop_batches = n;
-    state_.batch_idx = 0;
+    state_.batch_idx = first;
     state_.phase = train::log_phase::other;
-    accum_count_ = 0;
-    window_items_ = 0;
+    if (first == 0) {  // else resumed mid-epoch: the window was restored
+      accum_count_ = 0;
+      window_items_ = 0;
+    }
     fire<hook::on_train_epoch_start>();
     const bool val_this_epoch = has_val(vl) && (state_.epoch + 1) % options_.check_val_every_n_epoch == 0;
     std::int64_t val_every = n;
@@ -584,6 +697,7 @@ class trainer {
         run_validation(vl, fixed);
         validated_at_end = last;
       }
+      flush_pending_saves(state_.epoch, state_.batch_idx);
       if (options_.max_steps >= 0 && state_.global_step >= options_.max_steps) break;
       if (time_up()) {
         ctx_.stop("max_time reached");
@@ -761,6 +875,8 @@ class trainer {
   Module* model_ = nullptr;
   std::int64_t accum_count_ = 0;
   double window_items_ = 0;
+  bool defer_saves_ = false;
+  std::vector<std::pair<std::filesystem::path, bool>> pending_saves_;
   context_type ctx_;
 };
 

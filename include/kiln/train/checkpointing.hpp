@@ -1,0 +1,580 @@
+// kiln/train/checkpointing.hpp — the trainer's full state to a checkpoint and back.
+//
+// Spec: checkpointing<Trainer>::capture() writes everything a run needs to continue
+// bit for bit (kiln/io/checkpoint.hpp has the file layout):
+//   model parameters; each optimizer's state tensors, counters and per-group learning
+//   rates; each schedule's step count, base rates and (reduce_on_plateau) its state; the
+//   precision and strategy policies' state when they have any (the loss scaler); the loop
+//   position (epoch, next batch within it — the data loader's sampler order is a pure
+//   function of (seed, epoch), so the position is the loader's whole state), global_step,
+//   micro_batches, the accumulation factor and an open accumulation window with its
+//   gradients; the stop flag; the elapsed training time (max_time continues); every RNG
+//   stream (the default generator and each module-owned generator such as dropout's);
+//   the epoch accumulators of logged metrics and the latest callback metrics; each
+//   callback's and the module's on_save_checkpoint section; hyperparameters.
+// restore_modules() (at configure_model time) and restore_loop() (after on_fit_start)
+// put it back. Everything is validated before anything changes; if a later step still
+// fails, the model's weights, the callbacks' states and the RNG are rolled back, so a
+// failed resume leaves memory as it was before fit() was called.
+// find_checkpoint() resolves fit(..., "last" | "best" | path).
+#pragma once
+
+#include <charconv>
+#include <chrono>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "kiln/core/philox.hpp"
+#include "kiln/core/type_name.hpp"
+#include "kiln/io/checkpoint.hpp"
+#include "kiln/optim/schedule.hpp"
+#include "kiln/train/checkpoint_io.hpp"
+#include "kiln/train/hooks.hpp"
+#include "kiln/train/metrics.hpp"
+
+namespace kiln::train {
+
+// The schedule slot of an optimizer that configure_optimizers() returned without one.
+struct no_schedule {};
+
+// The most recent "last.ckpt" (else any *.ckpt) in `dir`, by modification time.
+inline std::optional<std::filesystem::path> newest_checkpoint(const std::filesystem::path& dir, bool last_only) {
+  namespace fs = std::filesystem;
+  std::optional<fs::path> best;
+  fs::file_time_type best_t{};
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    const auto& p = it->path();
+    const std::string n = p.filename().string();
+    if (p.extension() != ".ckpt" || n.starts_with(".")) continue;
+    if (last_only && !n.starts_with("last")) continue;
+    const auto t = fs::last_write_time(p, ec);
+    if (ec) continue;
+    if (!best || t > best_t) {
+      best = p;
+      best_t = t;
+    }
+  }
+  return best;
+}
+
+// Where fit(..., ckpt_path) resumes from. "last": the newest last*.ckpt in `dirs`, then
+// in <root>/version_*/checkpoints; "best": `best_hint` if set, else the best_model_path
+// recorded by model_checkpoint in the newest last checkpoint; anything else is a path
+// that must exist. nullopt: "last"/"best" found nothing (fit starts from scratch).
+inline std::optional<std::filesystem::path> find_checkpoint(std::string_view which, const std::string& root,
+                                                            const std::vector<std::string>& dirs,
+                                                            const std::string& best_hint) {
+  namespace fs = std::filesystem;
+  auto find_last = [&]() -> std::optional<fs::path> {
+    for (auto& d : dirs)
+      if (auto p = newest_checkpoint(d, true)) return p;
+    std::optional<fs::path> best;
+    fs::file_time_type best_t{};
+    std::error_code ec;
+    for (auto it = fs::directory_iterator(root, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+      if (!it->path().filename().string().starts_with("version_")) continue;
+      if (auto p = newest_checkpoint(it->path() / "checkpoints", true)) {
+        const auto t = fs::last_write_time(*p, ec);
+        if (!ec && (!best || t > best_t)) {
+          best = p;
+          best_t = t;
+        }
+      }
+    }
+    return best;
+  };
+  if (which == "last") return find_last();
+  if (which == "best") {
+    if (!best_hint.empty()) return fs::path(best_hint);
+    if (auto last = find_last()) {
+      const auto r = io::checkpoint_reader::open(*last);
+      if (const auto* cbs = r.state().find("callbacks"))
+        for (auto& [k, v] : cbs->as_object())
+          if (const auto* b = v.find("best_model_path"); b && b->is_string() && !b->as_string().empty())
+            return fs::path(b->as_string());
+    }
+    return std::nullopt;
+  }
+  KILN_CHECK(fs::exists(fs::path(which)), "fit: ckpt_path '", which,
+             "' does not exist (pass a checkpoint file, \"last\" or \"best\")");
+  return fs::path(which);
+}
+
+template <class Trainer>
+struct checkpointing {
+  using module_type = typename Trainer::module_type;
+
+  // ---- keys ----
+  template <class C>
+  static std::string callback_key() {
+    if constexpr (requires { C::state_key; })
+      return std::string(C::state_key);
+    else
+      return type_name<C>();
+  }
+
+  // ---- save ----
+  static void capture(Trainer& t, io::checkpoint_writer& w, bool weights_only, std::int64_t epoch,
+                      std::int64_t next_batch) {
+    auto& st = t.state_;
+    module_type& model = *t.model_;
+    io::json& doc = w.state();
+    doc.set("kind", weights_only ? "weights_only" : "full");
+    io::json tr = io::json::object();
+    tr.set("epoch", epoch);
+    tr.set("next_batch", next_batch);
+    tr.set("global_step", st.global_step);
+    tr.set("micro_batches", st.micro_batches);
+    tr.set("train_batches", st.train_batches);
+    tr.set("accumulate_grad_batches", st.accumulate_grad_batches);
+    tr.set("should_stop", st.should_stop);
+    tr.set("stop_reason", st.stop_reason);
+    tr.set("elapsed_seconds", t.ctx_.elapsed_seconds());
+    tr.set("accum_count", t.accum_count_);
+    tr.set("window_items", t.window_items_);
+    doc.set("trainer", std::move(tr));
+    io::json m = io::json::object();
+    m.set("type", type_name<module_type>());
+    m.set("parameters", nn::count_parameters(model).total);
+    doc.set("model", std::move(m));
+    io::json hp = io::json::object();
+    for (auto& [k, v] : t.collect_hparams().values) hp.set(k, v);
+    doc.set("hparams", std::move(hp));
+    io::add_module(w, "model/", model);
+    if (weights_only) return;
+
+    // Gradients of an open accumulation window.
+    if (t.accum_count_ > 0)
+      nn::visit_parameters(model, [&](const std::string& name, auto& p) {
+        if (p.has_grad()) w.add("grad/" + name, p.grad());
+      });
+
+    // RNG streams.
+    io::json rng = io::json::object();
+    rng.set("default", stream_json(default_generator()));
+    io::json mods = io::json::object();
+    nn::visit_modules(model, [&](const std::string& name, auto& sub) {
+      if constexpr (requires { sub.generator.offset(); })
+        if constexpr (std::is_same_v<std::remove_cvref_t<decltype(sub.generator)>, philox_generator>)
+          mods.set(name.empty() ? "." : name, stream_json(sub.generator));
+    });
+    rng.set("modules", std::move(mods));
+    doc.set("rng", std::move(rng));
+
+    // Optimizers and schedules.
+    io::json opts = io::json::array();
+    if (t.optimizers_) {
+      std::size_t i = 0;
+      std::apply([&](auto&... so) { (opts.push_back(save_optimizer(w, so, i++)), ...); }, *t.optimizers_);
+    }
+    doc.set("optimizers", std::move(opts));
+
+    // Metrics.
+    io::json met = io::json::object();
+    io::json latest = io::json::object();
+    for (auto& [k, v] : t.board_.latest) latest.set(k, v);
+    met.set("latest", std::move(latest));
+    io::json bar = io::json::array();
+    for (auto& [k, v] : t.board_.bar) bar.push_back(io::json(io::json::array_type{io::json(k), io::json(v)}));
+    met.set("bar", std::move(bar));
+    met.set("train", entries_json(t.train_metrics_.entries()));
+    doc.set("metrics", std::move(met));
+
+    // Policies, callbacks, module.
+    if constexpr (requires(typename Trainer::precision_type & p, const checkpoint_out& o) { p.save_state(o); }) {
+      io::json& sec = doc.set("precision", io::json::object());
+      t.precision_.save_state(checkpoint_out(w, sec, "precision/"));
+    }
+    if constexpr (requires(typename Trainer::strategy_type & p, const checkpoint_out& o) { p.save_state(o); }) {
+      io::json& sec = doc.set("strategy", io::json::object());
+      t.strategy_.save_state(checkpoint_out(w, sec, "strategy/"));
+    }
+    io::json& cbs = doc.set("callbacks", io::json::object());
+    for_each_callback(t, [&](auto& c, const std::string& key) {
+      using C = std::remove_cvref_t<decltype(c)>;
+      if constexpr (hook::on_save_checkpoint::callback_implements<C, typename Trainer::context_type&,
+                                                                  const checkpoint_out&>()) {
+        io::json& sec = cbs.set(key, io::json::object());
+        hook::on_save_checkpoint::call(c, t.ctx_, checkpoint_out(w, sec, "callbacks/" + key + "/"));
+      }
+    });
+    if constexpr (hook::on_save_checkpoint::module_implements<module_type, typename Trainer::context_type&,
+                                                              const checkpoint_out&>()) {
+      io::json& sec = doc.set("module", io::json::object());
+      hook::on_save_checkpoint::call(model, t.ctx_, checkpoint_out(w, sec, "module/"));
+    }
+  }
+
+  // ---- restore ----
+  // What restore_modules() changed, to put back if the resume fails later.
+  struct rollback {
+    std::vector<std::pair<std::string, std::shared_ptr<void>>> params;  // cloned parameter values
+    io::checkpoint_writer callbacks;                                    // callback states before
+    io::json callbacks_doc;
+    std::uint64_t seed = 0, offset = 0;
+    bool armed = false;
+  };
+
+  // Model weights, callback states and the module's on_load_checkpoint (Lightning restores
+  // these before configure_optimizers).
+  static void restore_modules(Trainer& t, const io::checkpoint_reader& r, rollback& rb) {
+    module_type& model = *t.model_;
+    const io::json& doc = r.state();
+    const std::string kind = doc.at("kind").as_string(r.name() + ": kind");
+    KILN_CHECK(kind == "full", r.name(),
+               " is a weights-only checkpoint; resuming needs a full one (start a new run "
+               "from these weights with kiln::io::load_weights)");
+    io::check_module(r.file(), "model/", model, true);
+    // Snapshot what may change.
+    nn::visit_parameters(model, [&](const std::string& name, auto& p) {
+      using Ten = std::remove_cvref_t<decltype(p.value())>;
+      rb.params.emplace_back(name, std::make_shared<Ten>(p.value().clone()));
+    });
+    rb.callbacks_doc = io::json::object();
+    for_each_callback(t, [&](auto& c, const std::string& key) {
+      using C = std::remove_cvref_t<decltype(c)>;
+      if constexpr (hook::on_save_checkpoint::callback_implements<C, typename Trainer::context_type&,
+                                                                  const checkpoint_out&>()) {
+        io::json& sec = rb.callbacks_doc.set(key, io::json::object());
+        hook::on_save_checkpoint::call(c, t.ctx_, checkpoint_out(rb.callbacks, sec, "callbacks/" + key + "/"));
+      }
+    });
+    rb.seed = default_generator().seed();
+    rb.offset = default_generator().offset();
+    rb.armed = true;
+
+    const io::json empty = io::json::object();
+    const io::json* cbs = doc.find("callbacks");
+    for_each_callback(t, [&](auto& c, const std::string& key) {
+      using C = std::remove_cvref_t<decltype(c)>;
+      if constexpr (hook::on_load_checkpoint::callback_implements<C, typename Trainer::context_type&,
+                                                                  const checkpoint_in&>()) {
+        const io::json* sec = cbs ? cbs->find(key) : nullptr;
+        hook::on_load_checkpoint::call(c, t.ctx_,
+                                       checkpoint_in(r.file(), sec ? *sec : empty, "callbacks/" + key + "/"));
+      }
+    });
+    if constexpr (hook::on_load_checkpoint::module_implements<module_type, typename Trainer::context_type&,
+                                                              const checkpoint_in&>()) {
+      const io::json* sec = doc.find("module");
+      hook::on_load_checkpoint::call(model, t.ctx_, checkpoint_in(r.file(), sec ? *sec : empty, "module/"));
+    }
+    io::copy_module(r.file(), "model/", model);
+  }
+
+  // Puts back what restore_modules() changed.
+  static void undo(Trainer& t, rollback& rb) {
+    if (!rb.armed) return;
+    module_type& model = *t.model_;
+    std::size_t i = 0;
+    nn::visit_parameters(model, [&](const std::string&, auto& p) {
+      using Ten = std::remove_cvref_t<decltype(p.value())>;
+      p.value().copy_from(*static_cast<Ten*>(rb.params[i++].second.get()));
+    });
+    // Callback states: reload the snapshot through the same hook.
+    io::safetensors_view none;
+    for_each_callback(t, [&](auto& c, const std::string& key) {
+      using C = std::remove_cvref_t<decltype(c)>;
+      if constexpr (hook::on_load_checkpoint::callback_implements<C, typename Trainer::context_type&,
+                                                                  const checkpoint_in&>()) {
+        if (const io::json* sec = rb.callbacks_doc.find(key))
+          hook::on_load_checkpoint::call(c, t.ctx_, checkpoint_in(none, *sec, "callbacks/" + key + "/"));
+      }
+    });
+    default_generator().set_state(rb.seed, rb.offset);
+    rb.armed = false;
+  }
+
+  // Optimizers, schedules, policies, counters, position, RNG, metrics, open gradients.
+  // Returns the batch of state().epoch to continue from.
+  static std::int64_t restore_loop(Trainer& t, const io::checkpoint_reader& r) {
+    module_type& model = *t.model_;
+    const io::json& doc = r.state();
+    const std::string& file = r.name();
+    const io::json& tr = doc.at("trainer");
+    auto field = [&](const char* k) -> const io::json& {
+      const io::json* v = tr.find(k);
+      KILN_CHECK(v != nullptr, file, ": kiln.state.trainer has no field '", k, "'");
+      return *v;
+    };
+    // 1. Read and validate everything into temporaries.
+    const std::int64_t epoch = field("epoch").as_int("trainer.epoch");
+    const std::int64_t next_batch = field("next_batch").as_int("trainer.next_batch");
+    const std::int64_t global_step = field("global_step").as_int("trainer.global_step");
+    const std::int64_t micro = field("micro_batches").as_int("trainer.micro_batches");
+    const std::int64_t accumulate = field("accumulate_grad_batches").as_int("trainer.accumulate_grad_batches");
+    const bool should_stop = field("should_stop").as_bool("trainer.should_stop");
+    const std::string stop_reason = field("stop_reason").as_string("trainer.stop_reason");
+    const double elapsed = field("elapsed_seconds").as_double("trainer.elapsed_seconds");
+    const std::int64_t accum_count = field("accum_count").as_int("trainer.accum_count");
+    const double window_items = field("window_items").as_double("trainer.window_items");
+    KILN_CHECK(epoch >= 0 && next_batch >= 0 && global_step >= 0 && accumulate >= 1, file,
+               ": kiln.state.trainer holds impossible counters");
+    const io::json& opts = doc.at("optimizers");
+    KILN_CHECK(opts.as_array("optimizers").size() == Trainer::num_optimizers, file, ": the checkpoint has ",
+               opts.size(), " optimizer(s), configure_optimizers() returned ", Trainer::num_optimizers);
+    auto staged = [&]<std::size_t... I>(std::index_sequence<I...>) {
+      return std::make_tuple(stage_optimizer(r, std::get<I>(*t.optimizers_), opts.as_array()[I], I)...);
+    }
+    (std::make_index_sequence<Trainer::num_optimizers>{});
+    const io::json& met = doc.at("metrics");
+    std::vector<metric_store::entry> entries = entries_from(met.at("train"), file);
+    if (accum_count > 0)
+      nn::visit_parameters(model, [&](const std::string& name, auto& p) {
+        using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+        if (r.file().contains("grad/" + name)) {
+          const auto& e = r.file().at("grad/" + name);
+          r.file().check_dtype<T>(e);
+          KILN_CHECK(io::safetensors_view::shape_of(e) == p.shape(), file, ": tensor 'grad/", name,
+                     "' has the wrong shape");
+        }
+      });
+    const io::json& rng = doc.at("rng");
+    const auto def = stream_from(rng.at("default"), file);
+
+    // 2. Apply (nothing below throws on a checkpoint that passed the checks above).
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (apply_optimizer(std::get<I>(*t.optimizers_), std::get<I>(staged)), ...);
+    }
+    (std::make_index_sequence<Trainer::num_optimizers>{});
+    if constexpr (requires(typename Trainer::precision_type & p, const checkpoint_in& i) { p.load_state(i); }) {
+      const io::json empty = io::json::object();
+      const io::json* sec = doc.find("precision");
+      t.precision_.load_state(checkpoint_in(r.file(), sec ? *sec : empty, "precision/"));
+    }
+    if constexpr (requires(typename Trainer::strategy_type & p, const checkpoint_in& i) { p.load_state(i); }) {
+      const io::json empty = io::json::object();
+      const io::json* sec = doc.find("strategy");
+      t.strategy_.load_state(checkpoint_in(r.file(), sec ? *sec : empty, "strategy/"));
+    }
+    auto& st = t.state_;
+    st.epoch = epoch;
+    st.global_step = global_step;
+    st.micro_batches = micro;
+    st.accumulate_grad_batches = accumulate;
+    st.should_stop = should_stop;
+    st.stop_reason = stop_reason;
+    st.start -= std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(elapsed));
+    t.accum_count_ = accum_count;
+    t.window_items_ = window_items;
+    if (accum_count > 0)
+      nn::visit_parameters(model, [&](const std::string& name, auto& p) {
+        using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+        p.zero_grad();
+        if (r.file().contains("grad/" + name)) {
+          p.begin_grad_write();
+          p.grad().copy_from(r.file().template load<T>("grad/" + name));
+        }
+      });
+    default_generator().set_state(def.first, def.second);
+    if (const io::json* mods = rng.find("modules"))
+      nn::visit_modules(model, [&](const std::string& name, auto& sub) {
+        if constexpr (requires { sub.generator.offset(); })
+          if constexpr (std::is_same_v<std::remove_cvref_t<decltype(sub.generator)>, philox_generator>)
+            if (const io::json* g = mods->find(name.empty() ? "." : name)) {
+              const auto s = stream_from(*g, file);
+              sub.generator.set_state(s.first, s.second);
+            }
+      });
+    t.board_.clear();
+    for (auto& [k, v] : met.at("latest").as_object()) t.board_.latest[k] = v.as_double(k);
+    for (auto& kv : met.at("bar").as_array())
+      t.board_.bar.emplace_back(kv.as_array().at(0).as_string(), kv.as_array().at(1).as_double());
+    t.train_metrics_.restore(std::move(entries));
+    return next_batch;
+  }
+
+ private:
+  template <class F>
+  static void for_each_callback(Trainer& t, F&& f) {
+    std::vector<std::string> seen;
+    std::apply(
+        [&](auto&... c) {
+          (
+              [&](auto& cb) {
+                std::string key = callback_key<std::remove_cvref_t<decltype(cb)>>();
+                int dup = 0;
+                for (auto& s : seen) dup += s == key;
+                seen.push_back(key);
+                if (dup) key += "#" + std::to_string(dup);
+                f(cb, key);
+              }(c),
+              ...);
+        },
+        t.callbacks_);
+  }
+
+  static io::json stream_json(const philox_generator& g) {
+    io::json j = io::json::object();
+    j.set("seed", std::to_string(g.seed()));  // uint64: as decimal strings, JSON integers are int64
+    j.set("offset", std::to_string(g.offset()));
+    return j;
+  }
+  static std::pair<std::uint64_t, std::uint64_t> stream_from(const io::json& j, const std::string& file) {
+    auto u64 = [&](const char* k) {
+      const std::string& s = j.at(k).as_string(std::string("rng ") + k);
+      std::uint64_t v = 0;
+      auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+      KILN_CHECK(ec == std::errc() && p == s.data() + s.size(), file, ": rng ", k, " '", s,
+                 "' is not an unsigned integer");
+      return v;
+    };
+    return {u64("seed"), u64("offset")};
+  }
+
+  static io::json entries_json(const std::vector<metric_store::entry>& es) {
+    io::json a = io::json::array();
+    for (auto& e : es) {
+      io::json j = io::json::object();
+      j.set("name", e.name);
+      j.set("reduction", static_cast<int>(e.reduction));
+      j.set("on_step", e.on_step);
+      j.set("on_epoch", e.on_epoch);
+      j.set("prog_bar", e.prog_bar);
+      j.set("logger", e.logger);
+      j.set("step_value", e.step_value);
+      j.set("step_pending", e.step_pending);
+      j.set("acc", e.acc);
+      j.set("weight", e.weight);
+      a.push_back(std::move(j));
+    }
+    return a;
+  }
+  static std::vector<metric_store::entry> entries_from(const io::json& a, const std::string& file) {
+    std::vector<metric_store::entry> out;
+    for (auto& j : a.as_array(file + ": metrics.train")) {
+      metric_store::entry e;
+      e.name = j.at("name").as_string();
+      const auto red = j.at("reduction").as_int();
+      KILN_CHECK(red >= 0 && red <= 3, file, ": metric '", e.name, "' has unknown reduction ", red);
+      e.reduction = static_cast<reduce>(red);
+      e.on_step = j.at("on_step").as_bool();
+      e.on_epoch = j.at("on_epoch").as_bool();
+      e.prog_bar = j.at("prog_bar").as_bool();
+      e.logger = j.at("logger").as_bool();
+      e.step_value = j.at("step_value").as_double();
+      e.step_pending = j.at("step_pending").as_bool();
+      e.acc = j.at("acc").as_double();
+      e.weight = j.at("weight").as_double();
+      out.push_back(std::move(e));
+    }
+    return out;
+  }
+
+  template <class SO>
+  static io::json save_optimizer(io::checkpoint_writer& w, SO& so, std::size_t i) {
+    io::json j = io::json::object();
+    auto& o = so.optimizer;
+    using O = std::remove_cvref_t<decltype(o)>;
+    if constexpr (requires { O::kind; }) j.set("kind", std::string(O::kind));
+    const auto st = o.state();
+    const std::string prefix = "optimizer." + std::to_string(i) + "/";
+    for (auto& [name, ten] : st.tensors) w.add(prefix + name, ten);
+    io::json counters = io::json::object();
+    for (auto& [k, v] : st.counters) counters.set(k, v);
+    j.set("counters", std::move(counters));
+    io::json lrs = io::json::array();
+    for (std::size_t g = 0; g < o.num_groups(); ++g) lrs.push_back(o.lr(g));
+    j.set("lr", std::move(lrs));
+    using S = std::remove_cvref_t<decltype(so.schedule)>;
+    if constexpr (optim::is_scheduled<SO>::value && !std::is_same_v<S, no_schedule>) {
+      io::json s = io::json::object();
+      s.set("t", so.t);
+      io::json base = io::json::array();
+      for (double b : so.base) base.push_back(b);
+      s.set("base", std::move(base));
+      if constexpr (std::is_same_v<S, optim::reduce_on_plateau>) {
+        s.set("current", so.schedule.current);
+        s.set("best", so.schedule.best);
+        s.set("bad_checks", so.schedule.bad_checks);
+        s.set("cooldown_left", so.schedule.cooldown_left);
+      }
+      j.set("schedule", std::move(s));
+    }
+    return j;
+  }
+
+  // An optimizer's state read from the file and checked against the live optimizer.
+  template <class SO>
+  struct staged_optimizer {
+    decltype(std::declval<SO&>().optimizer.state()) state;
+    std::vector<double> lr;
+    std::optional<std::int64_t> t;
+    std::vector<double> base;
+    io::json plateau;
+  };
+  template <class SO>
+  static staged_optimizer<SO> stage_optimizer(const io::checkpoint_reader& r, SO& so, const io::json& j,
+                                              std::size_t i) {
+    const std::string& file = r.name();
+    auto& o = so.optimizer;
+    using O = std::remove_cvref_t<decltype(o)>;
+    const std::string where = file + ": optimizer " + std::to_string(i);
+    if constexpr (requires { O::kind; }) {
+      const io::json* k = j.find("kind");
+      KILN_CHECK(k && k->as_string() == O::kind, where, " is '", k ? k->as_string() : std::string("?"),
+                 "' in the checkpoint but configure_optimizers() returned '", O::kind, "'");
+    }
+    staged_optimizer<SO> s;
+    using T = typename std::remove_cvref_t<decltype(s.state.tensors)>::value_type::second_type::value_type;
+    const std::string prefix = "optimizer." + std::to_string(i) + "/";
+    const auto expected = o.state();
+    KILN_CHECK(r.names_in("optimizer." + std::to_string(i)).size() == expected.tensors.size(), where, " has ",
+               r.names_in("optimizer." + std::to_string(i)).size(), " state tensors, the optimizer expects ",
+               expected.tensors.size(), " (a different model or optimizer configuration?)");
+    for (auto& [name, ten] : expected.tensors) {
+      KILN_CHECK(r.file().contains(prefix + name), where, ": missing state tensor '", prefix + name, "'");
+      auto loaded = r.file().template load<T>(prefix + name);
+      KILN_CHECK(loaded.shape() == ten.shape(), where, ": state tensor '", prefix + name, "' has shape ",
+                 loaded.shape().str(), ", expected ", ten.shape().str());
+      s.state.tensors.emplace_back(name, std::move(loaded));
+    }
+    for (auto& [k, v] : j.at("counters").as_object()) s.state.counters[k] = v.as_int(where + " counter " + k);
+    for (auto& [k, v] : expected.counters) KILN_CHECK(s.state.counters.count(k), where, ": missing counter '", k, "'");
+    for (auto& v : j.at("lr").as_array()) s.lr.push_back(v.as_double(where + " lr"));
+    KILN_CHECK(s.lr.size() == o.num_groups(), where, " has ", s.lr.size(), " parameter groups, the optimizer has ",
+               o.num_groups());
+    using S = std::remove_cvref_t<decltype(so.schedule)>;
+    if constexpr (!std::is_same_v<S, no_schedule>) {
+      const io::json* sj = j.find("schedule");
+      KILN_CHECK(sj != nullptr, where, " was saved without a learning-rate schedule, but now has one");
+      s.t = sj->at("t").as_int(where + " schedule t");
+      for (auto& v : sj->at("base").as_array()) s.base.push_back(v.as_double(where + " schedule base"));
+      KILN_CHECK(s.base.size() == o.num_groups(), where, ": schedule base rates for ", s.base.size(),
+                 " groups, the optimizer has ", o.num_groups());
+      if constexpr (std::is_same_v<S, optim::reduce_on_plateau>) {
+        s.plateau = *sj;
+        (void)s.plateau.at("current").as_double();
+        (void)s.plateau.at("best").as_double();
+        (void)s.plateau.at("bad_checks").as_int();
+        (void)s.plateau.at("cooldown_left").as_int();
+      }
+    }
+    return s;
+  }
+  template <class SO>
+  static void apply_optimizer(SO& so, staged_optimizer<SO>& s) {
+    {
+      so.optimizer.load_state(s.state);
+      using S = std::remove_cvref_t<decltype(so.schedule)>;
+      if constexpr (!std::is_same_v<S, no_schedule>) {
+        so.t = *s.t;
+        so.base = s.base;
+        if constexpr (std::is_same_v<S, optim::reduce_on_plateau>) {
+          so.schedule.current = s.plateau.at("current").as_double();
+          so.schedule.best = s.plateau.at("best").as_double();
+          so.schedule.bad_checks = s.plateau.at("bad_checks").as_int();
+          so.schedule.cooldown_left = s.plateau.at("cooldown_left").as_int();
+        }
+      }
+      for (std::size_t g = 0; g < s.lr.size(); ++g) so.optimizer.set_lr(g, s.lr[g]);
+    }
+  }
+};
+
+}  // namespace kiln::train
