@@ -16,7 +16,8 @@
 // 0: none); the evicted file is deleted; best_model_path/best_model_score track the best.
 // Without `monitor` the save_top_k newest are kept. save_last also writes last.ckpt.
 // weights_only saves model weights and counters only. A monitored metric that was not
-// logged is an error naming the metrics that were.
+// logged is an error naming the metrics that were — except before the run's first
+// validation, when only the top-k save is skipped.
 // State (best_k, best_model_path/score, last_model_path, the last step saved) is saved in
 // checkpoints; the top-k list is restored only when dirpath is the same, so a new run
 // in a new version directory does not delete the old run's files.
@@ -116,16 +117,27 @@ struct model_checkpoint {
     if (ctx.global_step() == last_step_saved) return;
     const auto d = dir(ctx);
     std::optional<double> score;
-    if (!options.monitor.empty()) score = *monitored_value(ctx, options.monitor, "model_checkpoint");
-    if (options.save_top_k != 0) {
+    bool skip_top_k = false;
+    if (!options.monitor.empty()) {
+      // Before the first validation a validation metric cannot exist yet: skip the top-k
+      // save (last.ckpt is still written), as Lightning does; afterwards it is an error.
+      score = monitored_value(ctx, options.monitor, "model_checkpoint", validated_epoch_ >= 0);
+      skip_top_k = !score.has_value();
+    }
+    if (options.save_top_k != 0 && !skip_top_k) {
       const std::string path = unique_path(d, format_name(ctx));
+      // A save to a file already kept replaces that entry.
+      std::vector<saved> others;
+      for (auto& b : best_k)
+        if (b.path != path) others.push_back(b);
+      const bool room = options.save_top_k < 0 || static_cast<std::int64_t>(others.size()) < options.save_top_k;
       if (score) {
         const double s = std::isnan(*score) ? (options.mode == mode::min ? INFINITY : -INFINITY) : *score;
-        const bool room = options.save_top_k < 0 || static_cast<std::int64_t>(best_k.size()) < options.save_top_k;
-        if (room || better(s, worst().score, options.mode)) {
+        if (room || better(s, others[worst_index(others)].score, options.mode)) {
           write(ctx, path);
-          best_k.push_back({path, s});
-          if (!room) evict(worst_index());
+          if (!room) drop(others, worst_index(others), path);
+          others.push_back({path, s});
+          best_k = std::move(others);
           const auto b = std::min_element(best_k.begin(), best_k.end(), [&](const saved& x, const saved& y) {
             return better(x.score, y.score, options.mode);
           });
@@ -134,8 +146,9 @@ struct model_checkpoint {
         }
       } else {
         write(ctx, path);
-        best_k.push_back({path, 0.0});
-        if (options.save_top_k > 0 && static_cast<std::int64_t>(best_k.size()) > options.save_top_k) evict(0);
+        if (!room) drop(others, 0, path);  // the oldest
+        others.push_back({path, 0.0});
+        best_k = std::move(others);
         best_model_path = path;
       }
     }
@@ -278,20 +291,18 @@ struct model_checkpoint {
     ctx.save_checkpoint(path, options.weights_only);
     if (options.verbose) std::fprintf(stderr, "model_checkpoint: saving %s\n", path.c_str());
   }
-  std::size_t worst_index() const {
+  std::size_t worst_index(const std::vector<saved>& k) const {
     std::size_t w = 0;
-    for (std::size_t i = 1; i < best_k.size(); ++i)
-      if (better(best_k[w].score, best_k[i].score, options.mode)) w = i;
+    for (std::size_t i = 1; i < k.size(); ++i)
+      if (better(k[w].score, k[i].score, options.mode)) w = i;
     return w;
   }
-  const saved& worst() const { return best_k[worst_index()]; }
-  void evict(std::size_t i) {
-    const std::string p = best_k[i].path;
-    best_k.erase(best_k.begin() + static_cast<std::ptrdiff_t>(i));
-    for (auto& b : best_k)
-      if (b.path == p) return;  // the same file is still kept under another entry
+  // Removes entry i from `k` and deletes its file (never `keep`, the file being saved).
+  void drop(std::vector<saved>& k, std::size_t i, const std::string& keep) const {
+    const std::string p = k[i].path;
+    k.erase(k.begin() + static_cast<std::ptrdiff_t>(i));
     std::error_code ec;
-    if (p != last_model_path) std::filesystem::remove(p, ec);
+    if (p != keep && p != last_model_path) std::filesystem::remove(p, ec);
   }
 
   std::chrono::steady_clock::time_point last_time_ = std::chrono::steady_clock::now();

@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <concepts>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -33,6 +34,7 @@ inline void fsync_directory(const std::filesystem::path& dir) {
 }
 
 template <class Fill>
+requires std::invocable<Fill&, std::FILE*>
 void write_atomically(const std::filesystem::path& path, Fill&& fill) {
   namespace fs = std::filesystem;
   static std::atomic<unsigned> counter{0};

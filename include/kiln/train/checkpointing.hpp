@@ -216,7 +216,7 @@ struct checkpointing {
     std::vector<std::pair<std::string, std::shared_ptr<void>>> params;  // cloned parameter values
     io::checkpoint_writer callbacks;                                    // callback states before
     io::json callbacks_doc;
-    std::uint64_t seed = 0, offset = 0;
+    std::uint64_t seed = default_generator().seed(), offset = default_generator().offset();
     bool armed = false;
   };
 
@@ -244,9 +244,7 @@ struct checkpointing {
         hook::on_save_checkpoint::call(c, t.ctx_, checkpoint_out(rb.callbacks, sec, "callbacks/" + key + "/"));
       }
     });
-    rb.seed = default_generator().seed();
-    rb.offset = default_generator().offset();
-    rb.armed = true;
+    rb.armed = true;  // rb.seed/offset: taken by the trainer before fit() reseeded anything
 
     const io::json empty = io::json::object();
     const io::json* cbs = doc.find("callbacks");

@@ -531,12 +531,7 @@ class trainer {
         requires(Module & m, context_type & c, const B& b) { m.training_step(c, b); },
         "kiln::trainer::fit: the module needs training_step(auto& ctx, const Batch& batch) for the "
         "train loader's batch type");
-    model_ = &model;
-    begin_stage(train::stage::fit);
-    pending_saves_.clear();
-    const auto t0 = std::chrono::steady_clock::now();
-    train::fit_result result;
-    // Resume: the checkpoint is opened and verified before anything runs.
+    // Resume: the checkpoint is opened and verified before anything runs or changes.
     std::optional<io::checkpoint_reader> resume;
     if (!ckpt_path.empty()) {
       if (auto p = find_checkpoint(ckpt_path))
@@ -545,7 +540,12 @@ class trainer {
         std::fprintf(stderr, "kiln: ckpt_path \"%.*s\": no checkpoint found under %s; training from scratch\n",
                      int(ckpt_path.size()), ckpt_path.data(), options_.default_root_dir.c_str());
     }
-    typename codec::rollback undo;
+    typename codec::rollback undo;  // holds the RNG state from before begin_stage reseeds it
+    model_ = &model;
+    begin_stage(train::stage::fit);
+    pending_saves_.clear();
+    const auto t0 = std::chrono::steady_clock::now();
+    train::fit_result result;
     std::int64_t first_batch = 0;
     try {
       fire<hook::setup>(train::stage::fit);
