@@ -8,6 +8,6 @@ if .venv/bin/python -c "import torch, pytorch_lightning, tensorboard, numpy" 2>/
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q numpy tensorboard torch pytorch-lightning
+.venv/bin/pip install -q numpy tensorboard safetensors torch pytorch-lightning
 .venv/bin/python -c "import torch, pytorch_lightning, tensorboard; print('bench venv: torch', torch.__version__, \
 'lightning', pytorch_lightning.__version__, 'tensorboard', tensorboard.__version__)"

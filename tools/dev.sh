@@ -67,12 +67,14 @@ case "$cmd" in
   test)
     build
     status=0
-    # The interop check reads our TensorBoard files with the tensorboard package: give it
-    # a small venv (PyPI) unless a Python with the package is already at hand.
-    if [ -z "${KILN_PYTHON:-}" ] && ! python3 -c "import tensorboard" 2>/dev/null; then
-      if [ ! -x "$BUILD/pyvenv/bin/python" ] || ! "$BUILD/pyvenv/bin/python" -c "import tensorboard" 2>/dev/null; then
-        python3 -m venv "$BUILD/pyvenv" && "$BUILD/pyvenv/bin/pip" install -q tensorboard ||
-          echo "kiln: could not install tensorboard from PyPI; its interop test will be skipped"
+    # The interop checks read our TensorBoard and safetensors files with the Python
+    # packages (and write safetensors for us to read): give them a small venv (PyPI) unless
+    # a Python with the packages is already at hand.
+    PYPKGS_IMPORT="import tensorboard, safetensors.numpy, numpy"
+    if [ -z "${KILN_PYTHON:-}" ] && ! python3 -c "$PYPKGS_IMPORT" 2>/dev/null; then
+      if [ ! -x "$BUILD/pyvenv/bin/python" ] || ! "$BUILD/pyvenv/bin/python" -c "$PYPKGS_IMPORT" 2>/dev/null; then
+        python3 -m venv "$BUILD/pyvenv" && "$BUILD/pyvenv/bin/pip" install -q tensorboard safetensors numpy ||
+          echo "kiln: could not install tensorboard/safetensors from PyPI; their interop tests will be skipped"
       fi
       KILN_PYTHON="$(cd "$BUILD" && pwd)/pyvenv/bin/python"  # absolute: meson runs tests elsewhere
       export KILN_PYTHON
