@@ -167,7 +167,10 @@ int main(int argc, char** argv) try {
   }
   metrics.close();
   std::printf("logs: %s\n", std::filesystem::absolute(metrics_path).c_str());
-  std::printf("checkpoint: none yet — full checkpoints arrive with kiln's checkpoint issue\n");
+  // A hand-written loop keeps its own state; the weights go out as plain safetensors.
+  const auto weights = std::filesystem::absolute(opt.out + "/model.safetensors");
+  kiln::io::save_weights(net, weights);
+  std::printf("weights: %s\n", weights.c_str());
   if (acc < opt.min_accuracy) {
     std::fprintf(stderr, "test accuracy %.4f is below --min-accuracy %.4f\n", acc, opt.min_accuracy);
     return 1;

@@ -1,5 +1,5 @@
 // 01 — Fashion-MNIST with the trainer: a module, a datamodule, validation, early
-// stopping, a progress bar, and CSV + TensorBoard logs, composed into one type.
+// stopping, checkpoints, a progress bar, and CSV + TensorBoard logs, composed into one type.
 //
 // Why: examples/00 wrote the loop by hand; here the loop is kiln::trainer, and
 // everything around it — validation every epoch, a warmup+cosine schedule, stopping when
@@ -14,8 +14,10 @@
 //
 // Usage: 01_fashion_mnist [--epochs N] [--batch B] [--lr X] [--weight-decay X] [--threads N]
 //                         [--workers N] [--seed S] [--data DIR] [--out DIR] [--limit-batches N]
-//                         [--min-accuracy A] [--no-progress]
-//        (exit 1 if the test accuracy is below A)
+//                         [--min-accuracy A] [--no-progress] [--resume last|best|FILE]
+//        (exit 1 if the test accuracy is below A). Checkpoints go to <out>/checkpoints
+//        (best by val/loss, and last.ckpt); --resume last continues an interrupted run
+//        bit for bit. The final weights are exported as <log dir>/model.safetensors.
 #include <cstdio>
 #include <filesystem>
 #include <optional>
@@ -23,6 +25,7 @@
 
 #include "kiln/callbacks/early_stopping.hpp"
 #include "kiln/callbacks/learning_rate_monitor.hpp"
+#include "kiln/callbacks/model_checkpoint.hpp"
 #include "kiln/callbacks/model_summary.hpp"
 #include "kiln/callbacks/progress_bar.hpp"
 #include "kiln/data/data_loader.hpp"
@@ -47,6 +50,7 @@ struct options {
   std::int64_t limit_batches = -1;
   double min_accuracy = 0.0;
   bool progress = true;
+  std::string resume;  // "last", "best" or a checkpoint file
 };
 
 options parse(int argc, char** argv) {
@@ -81,10 +85,12 @@ options parse(int argc, char** argv) {
       o.min_accuracy = std::stod(next());
     else if (a == "--no-progress")
       o.progress = false;
+    else if (a == "--resume")
+      o.resume = next();
     else
       throw kiln::error("unknown flag '" + a +
                         "' (expected --epochs, --batch, --lr, --weight-decay, --threads, --workers, --seed, --data, "
-                        "--out, --limit-batches, --min-accuracy, --no-progress)");
+                        "--out, --limit-batches, --min-accuracy, --no-progress, --resume)");
   }
   return o;
 }
@@ -161,10 +167,10 @@ struct fashion_mnist_data {
 };
 
 // The run, as a type.
-using run =
-    kiln::trainer<classifier, kiln::strategy::single_device<kiln::cpu>, kiln::precision::fp32,
-                  kiln::callbacks::model_summary, kiln::callbacks::progress_bar, kiln::callbacks::learning_rate_monitor,
-                  kiln::callbacks::early_stopping, kiln::loggers::csv, kiln::loggers::tensorboard>;
+using run = kiln::trainer<classifier, kiln::strategy::single_device<kiln::cpu>, kiln::precision::fp32,
+                          kiln::callbacks::model_summary, kiln::callbacks::progress_bar,
+                          kiln::callbacks::learning_rate_monitor, kiln::callbacks::early_stopping,
+                          kiln::callbacks::model_checkpoint, kiln::loggers::csv, kiln::loggers::tensorboard>;
 
 }  // namespace
 
@@ -188,9 +194,19 @@ int main(int argc, char** argv) try {
                                   .default_root_dir = opt.out,
                                   .enable_progress_bar = opt.progress};
   if (opt.limit_batches > 0) to.limit_train_batches = opt.limit_batches;
-  run trainer(to, {}, {}, {}, kiln::callbacks::early_stopping({.monitor = "val/loss", .patience = 3}), {}, {});
+  // Checkpoints: the best by validation loss and the last, in <out>/checkpoints so that
+  // --resume last finds them whichever version directory the logs went to.
+  const std::string ckpt_dir = (std::filesystem::absolute(opt.out) / "checkpoints").string();
+  run trainer(to, {}, {}, {}, kiln::callbacks::early_stopping({.monitor = "val/loss", .patience = 3}),
+              kiln::callbacks::model_checkpoint({.dirpath = ckpt_dir,
+                                                 .filename = "{epoch}-{step}-{val/acc:.4f}",
+                                                 .monitor = "val/loss",
+                                                 .save_top_k = 1,
+                                                 .save_last = true}),
+              {}, {});
 
-  const auto fit = trainer.fit(model, data);
+  const auto fit = trainer.fit(model, data, opt.resume);
+  if (!fit.resumed_from.empty()) std::printf("resumed from %s\n", fit.resumed_from.c_str());
   std::printf("fit: %lld epochs, %lld optimizer steps in %.2f s (%s)\n", static_cast<long long>(fit.epochs),
               static_cast<long long>(fit.global_step), fit.seconds, fit.stop_reason.c_str());
   const std::string log_dir = std::filesystem::absolute(trainer.state().log_dir).string();
@@ -199,7 +215,12 @@ int main(int argc, char** argv) try {
   const double acc = test.at("test/acc");
   std::printf("test: accuracy %.2f%%, loss %.4f\n", 100 * acc, test.at("test/loss"));
   std::printf("logs: %s (metrics.csv, hparams.yaml, events.out.tfevents.*)\n", log_dir.c_str());
-  std::printf("checkpoint: none yet - full checkpoints arrive with kiln's checkpoint issue\n");
+  const auto& ckpt = trainer.callback<kiln::callbacks::model_checkpoint>();
+  std::printf("checkpoint: %s (best val/loss %.4f), last: %s\n", ckpt.best_model_path.c_str(), ckpt.best_model_score,
+              ckpt.last_model_path.c_str());
+  // The trained weights alone, for any safetensors reader (Python's included).
+  const auto exported = kiln::io::export_weights(model, log_dir);
+  std::printf("weights: %s\n", exported[0].c_str());
   if (acc < opt.min_accuracy) {
     std::fprintf(stderr, "test accuracy %.4f is below --min-accuracy %.4f\n", acc, opt.min_accuracy);
     return 1;
