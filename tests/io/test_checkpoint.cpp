@@ -519,3 +519,56 @@ TEST_CASE("export: model.safetensors that plain readers load, config.json for HF
   R::net plain;
   CHECK(io::export_weights(plain, dir / "plain").size() == 1);
 }
+
+namespace {
+// A module and a callback with state of their own: a counter, a JSON field and a tensor.
+struct stateful_net : R::net {
+  std::int64_t seen = 0;
+  var<float> training_step(auto& ctx, const R::batch& b) {
+    ++seen;
+    return R::net::training_step(ctx, b);
+  }
+  void on_save_checkpoint(auto&, const train::checkpoint_out& ckpt) {
+    ckpt.state().set("seen", seen);
+    ckpt.add("running", tensor<f64>::full({2}, double(seen)));
+  }
+  void on_load_checkpoint(auto&, const train::checkpoint_in& ckpt) {
+    seen = ckpt.state().at("seen").as_int("seen");
+    CHECK(ckpt.load<f64>("running").flat(1) == double(seen));
+  }
+};
+struct counter {
+  using hooks = hook_list<hook::on_train_batch_end, hook::on_save_checkpoint, hook::on_load_checkpoint>;
+  std::int64_t batches = 0;
+  void on_train_batch_end(auto&, const auto&) { ++batches; }
+  void on_save_checkpoint(auto&, const train::checkpoint_out& ckpt) const { ckpt.state().set("batches", batches); }
+  void on_load_checkpoint(auto&, const train::checkpoint_in& ckpt) {
+    if (auto* b = ckpt.state().find("batches")) batches = b->as_int();
+  }
+};
+}  // namespace
+
+TEST_CASE("modules and callbacks keep their own state in checkpoints") {
+  const auto root = test::temp_dir("ckpt", "hooks");
+  using run = trainer<stateful_net, strategy::single_device<cpu>, precision::fp32, counter>;
+  manual_seed(3);
+  stateful_net m;
+  R::data_module dm;
+  run t(R::options(root / "runs", 1));
+  t.fit(m, dm);
+  CHECK(m.seen == 15);
+  CHECK(t.callback<counter>().batches == 15);
+  t.save_checkpoint(root / "a.ckpt");
+  const auto r = io::checkpoint_reader::open(root / "a.ckpt");
+  CHECK(r.state().at("module").at("seen").as_int() == 15);
+  CHECK(r.file().contains("module/running"));
+  // The section key is the callback's type name when it declares no state_key.
+  bool found = false;
+  for (auto& [k, v] : r.state().at("callbacks").as_object()) found |= k.find("counter") != std::string::npos;
+  CHECK(found);
+  stateful_net m2;
+  run t2(R::options(root / "runs", 2));
+  t2.fit(m2, dm, (root / "a.ckpt").string());
+  CHECK(m2.seen == 30);  // 15 restored + 15 trained
+  CHECK(t2.callback<counter>().batches == 30);
+}
