@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include "../helpers.hpp"
+#include "kiln/core/crc32c.hpp"
 #include "kiln/io/safetensors.hpp"
 
 using namespace kiln;
@@ -193,4 +194,19 @@ TEST_CASE("safetensors: header padding, empty files and missing files") {
   CHECK(error_of([&] { w.add_raw("x", "F32", {3}, {}); }).find("0 bytes given for 3 elements") != std::string::npos);
   w.add("x", tensor<f32>::zeros({1}));
   CHECK(error_of([&] { w.add("x", tensor<f32>::zeros({1})); }).find("added twice") != std::string::npos);
+}
+
+TEST_CASE("crc32c: the instruction path and the portable tables agree") {
+  CHECK(crc32c("123456789", 9) == 0xE3069283u);
+  CHECK(crc32c_portable("123456789", 9) == 0xE3069283u);
+  std::vector<unsigned char> buf(1000);
+  const philox_stream st{42, 0};
+  for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<unsigned char>(st.bits(i));
+  for (std::size_t off : {0, 1, 3, 7})
+    for (std::size_t n : {0, 1, 7, 8, 9, 63, 64, 65, 900}) {
+      CAPTURE(off);
+      CAPTURE(n);
+      CHECK(crc32c(buf.data() + off, n) == crc32c_portable(buf.data() + off, n));
+      CHECK(crc32c(buf.data() + off, n, 0x1234u) == crc32c_portable(buf.data() + off, n, 0x1234u));
+    }
 }
