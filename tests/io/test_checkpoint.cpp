@@ -421,8 +421,9 @@ TEST_CASE("a resume that fails half-way leaves the model, callbacks and RNG unto
                 [](io::json& st) { st.set("optimizers", io::json::array()); });
   manual_seed(77);
   R::net fresh;
+  R::run t2(R::options(root / "runs", 1), R::stopper(), R::saver(root / "ckpt2"));
+  t2.fit(fresh, dm);  // early_stopping now holds best weights (a tensor state) to roll back
   const auto w0 = weights(fresh);
-  R::run t2(R::options(root / "runs", 2), R::stopper(), R::saver(root / "ckpt2"));
   t2.callback<callbacks::early_stopping>().wait_count = 7;
   t2.callback<callbacks::model_checkpoint>().best_model_path = "mine";
   const auto rng = default_generator().offset();
@@ -433,6 +434,8 @@ TEST_CASE("a resume that fails half-way leaves the model, callbacks and RNG unto
   CHECK(t2.callback<callbacks::early_stopping>().wait_count == 7);
   CHECK(t2.callback<callbacks::model_checkpoint>().best_model_path == "mine");
   CHECK(default_generator().offset() == rng);
+  t2.save_checkpoint(root / "after.ckpt");
+  CHECK(io::checkpoint_reader::open(root / "after.ckpt").file().contains("callbacks/early_stopping/best/fc1.weight"));
   // Optimizer state of the wrong shape is named.
   rewrite_state(root / "ckpt" / "last.ckpt", root / "bad_kind.ckpt", [](io::json& st) {
     io::json o = st.at("optimizers");

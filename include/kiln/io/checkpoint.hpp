@@ -49,6 +49,8 @@ class checkpoint_writer {
     st_.add(name, c);
   }
   std::size_t num_tensors() const { return st_.size(); }
+  // The tensors alone as safetensors bytes, for an in-memory snapshot.
+  std::vector<std::byte> tensor_bytes() { return st_.serialize(); }
 
   void write(const std::filesystem::path& path) {
     st_.set_metadata("format", std::string(checkpoint_format));

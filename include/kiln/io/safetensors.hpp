@@ -400,22 +400,35 @@ class safetensors_writer {
 
   // Streams the file to `path` atomically.
   void write(const std::filesystem::path& path) {
-    std::vector<std::size_t> order;
-    const std::string h = header(&order);
     write_atomically(path, [&](std::FILE* f) {
-      unsigned char len[8];
-      std::uint64_t n = h.size();
-      for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
-      bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(h.data(), 1, h.size(), f) == h.size();
-      for (auto i : order) {
-        auto b = entries_[i].bytes;
-        ok = ok && (b.empty() || std::fwrite(b.data(), 1, b.size(), f) == b.size());
-      }
+      bool ok = true;
+      emit([&](const void* p, std::size_t n) { ok = ok && (n == 0 || std::fwrite(p, 1, n, f) == n); });
       KILN_CHECK(ok, "failed writing ", path.string(), ": ", std::strerror(errno));
     });
   }
+  // The same bytes in memory (safetensors_view::parse reads them back).
+  std::vector<std::byte> serialize() {
+    std::vector<std::byte> out;
+    emit([&](const void* p, std::size_t n) {
+      const auto* b = static_cast<const std::byte*>(p);
+      out.insert(out.end(), b, b + n);
+    });
+    return out;
+  }
 
  private:
+  // Hands the file's bytes to sink(pointer, size) in order: length, header, data.
+  template <class Sink>
+  void emit(Sink&& sink) {
+    std::vector<std::size_t> order;
+    const std::string h = header(&order);
+    unsigned char len[8];
+    const std::uint64_t n = h.size();
+    for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
+    sink(len, 8);
+    sink(h.data(), h.size());
+    for (auto i : order) sink(entries_[i].bytes.data(), entries_[i].bytes.size());
+  }
   struct item {
     tensor_entry entry;
     std::span<const std::byte> bytes;

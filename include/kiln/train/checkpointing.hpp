@@ -194,15 +194,7 @@ struct checkpointing {
       io::json& sec = doc.set("strategy", io::json::object());
       t.strategy_.save_state(checkpoint_out(w, sec, "strategy/"));
     }
-    io::json& cbs = doc.set("callbacks", io::json::object());
-    for_each_callback(t, [&](auto& c, const std::string& key) {
-      using C = std::remove_cvref_t<decltype(c)>;
-      if constexpr (hook::on_save_checkpoint::callback_implements<C, typename Trainer::context_type&,
-                                                                  const checkpoint_out&>()) {
-        io::json& sec = cbs.set(key, io::json::object());
-        hook::on_save_checkpoint::call(c, t.ctx_, checkpoint_out(w, sec, "callbacks/" + key + "/"));
-      }
-    });
+    save_callbacks(t, w, doc.set("callbacks", io::json::object()));
     if constexpr (hook::on_save_checkpoint::module_implements<module_type, typename Trainer::context_type&,
                                                               const checkpoint_out&>()) {
       io::json& sec = doc.set("module", io::json::object());
@@ -214,8 +206,8 @@ struct checkpointing {
   // What restore_modules() changed, to put back if the resume fails later.
   struct rollback {
     std::vector<std::pair<std::string, std::shared_ptr<void>>> params;  // cloned parameter values
-    io::checkpoint_writer callbacks;                                    // callback states before
-    io::json callbacks_doc;
+    io::json callbacks_doc;                                             // callback states before,
+    std::vector<std::byte> callback_tensors;                            // and their tensors
     std::uint64_t seed = default_generator().seed(), offset = default_generator().offset();
     bool armed = false;
   };
@@ -235,28 +227,16 @@ struct checkpointing {
       using Ten = std::remove_cvref_t<decltype(p.value())>;
       rb.params.emplace_back(name, std::make_shared<Ten>(p.value().clone()));
     });
-    rb.callbacks_doc = io::json::object();
-    for_each_callback(t, [&](auto& c, const std::string& key) {
-      using C = std::remove_cvref_t<decltype(c)>;
-      if constexpr (hook::on_save_checkpoint::callback_implements<C, typename Trainer::context_type&,
-                                                                  const checkpoint_out&>()) {
-        io::json& sec = rb.callbacks_doc.set(key, io::json::object());
-        hook::on_save_checkpoint::call(c, t.ctx_, checkpoint_out(rb.callbacks, sec, "callbacks/" + key + "/"));
-      }
-    });
+    {
+      io::checkpoint_writer w;  // callback states, tensors included (early_stopping's best weights)
+      rb.callbacks_doc = io::json::object();
+      save_callbacks(t, w, rb.callbacks_doc);
+      rb.callback_tensors = w.tensor_bytes();
+    }
     rb.armed = true;  // rb.seed/offset: taken by the trainer before fit() reseeded anything
 
+    load_callbacks(t, r.file(), doc.find("callbacks"));
     const io::json empty = io::json::object();
-    const io::json* cbs = doc.find("callbacks");
-    for_each_callback(t, [&](auto& c, const std::string& key) {
-      using C = std::remove_cvref_t<decltype(c)>;
-      if constexpr (hook::on_load_checkpoint::callback_implements<C, typename Trainer::context_type&,
-                                                                  const checkpoint_in&>()) {
-        const io::json* sec = cbs ? cbs->find(key) : nullptr;
-        hook::on_load_checkpoint::call(c, t.ctx_,
-                                       checkpoint_in(r.file(), sec ? *sec : empty, "callbacks/" + key + "/"));
-      }
-    });
     if constexpr (hook::on_load_checkpoint::module_implements<module_type, typename Trainer::context_type&,
                                                               const checkpoint_in&>()) {
       const io::json* sec = doc.find("module");
@@ -275,15 +255,8 @@ struct checkpointing {
       p.value().copy_from(*static_cast<Ten*>(rb.params[i++].second.get()));
     });
     // Callback states: reload the snapshot through the same hook.
-    io::safetensors_view none;
-    for_each_callback(t, [&](auto& c, const std::string& key) {
-      using C = std::remove_cvref_t<decltype(c)>;
-      if constexpr (hook::on_load_checkpoint::callback_implements<C, typename Trainer::context_type&,
-                                                                  const checkpoint_in&>()) {
-        if (const io::json* sec = rb.callbacks_doc.find(key))
-          hook::on_load_checkpoint::call(c, t.ctx_, checkpoint_in(none, *sec, "callbacks/" + key + "/"));
-      }
-    });
+    const auto snapshot = io::safetensors_view::parse(rb.callback_tensors, "callback snapshot");
+    load_callbacks(t, snapshot, &rb.callbacks_doc);
     default_generator().set_state(rb.seed, rb.offset);
     rb.armed = false;
   }
@@ -388,6 +361,29 @@ struct checkpointing {
   }
 
  private:
+  // Each callback's on_save_checkpoint into its section of `cbs` and `w`.
+  static void save_callbacks(Trainer& t, io::checkpoint_writer& w, io::json& cbs) {
+    for_each_callback(t, [&](auto& c, const std::string& key) {
+      using C = std::remove_cvref_t<decltype(c)>;
+      if constexpr (hook::on_save_checkpoint::callback_implements<C, typename Trainer::context_type&,
+                                                                  const checkpoint_out&>())
+        hook::on_save_checkpoint::call(c, t.ctx_,
+                                       checkpoint_out(w, cbs.set(key, io::json::object()), "callbacks/" + key + "/"));
+    });
+  }
+  // Each callback's on_load_checkpoint from its section (an empty one when absent).
+  static void load_callbacks(Trainer& t, const io::safetensors_view& file, const io::json* cbs) {
+    const io::json empty = io::json::object();
+    for_each_callback(t, [&](auto& c, const std::string& key) {
+      using C = std::remove_cvref_t<decltype(c)>;
+      if constexpr (hook::on_load_checkpoint::callback_implements<C, typename Trainer::context_type&,
+                                                                  const checkpoint_in&>()) {
+        const io::json* sec = cbs ? cbs->find(key) : nullptr;
+        hook::on_load_checkpoint::call(c, t.ctx_, checkpoint_in(file, sec ? *sec : empty, "callbacks/" + key + "/"));
+      }
+    });
+  }
+
   template <class F>
   static void for_each_callback(Trainer& t, F&& f) {
     std::vector<std::string> seen;
