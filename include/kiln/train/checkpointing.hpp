@@ -118,6 +118,25 @@ struct checkpointing {
       return type_name<C>();
   }
 
+  // fit(..., ckpt_path)'s lookup, with the directories and best path model_checkpoint knows.
+  static std::optional<std::filesystem::path> find(Trainer& t, std::string_view which) {
+    std::vector<std::string> dirs;
+    std::string best;
+    std::apply(
+        [&](auto&... c) {
+          (
+              [&](auto& cb) {
+                if constexpr (requires { cb.resume_dir(); })
+                  if (!cb.resume_dir().empty()) dirs.push_back(cb.resume_dir());
+                if constexpr (requires { cb.best_model_path; })
+                  if (best.empty()) best = cb.best_model_path;
+              }(c),
+              ...);
+        },
+        t.callbacks_);
+    return train::find_checkpoint(which, t.options_.default_root_dir, dirs, best);
+  }
+
   // ---- save ----
   static void capture(Trainer& t, io::checkpoint_writer& w, bool weights_only, std::int64_t epoch,
                       std::int64_t next_batch) {

@@ -45,6 +45,7 @@
 #include "kiln/strategy/single_device.hpp"
 #include "kiln/train/checkpointing.hpp"
 #include "kiln/train/context.hpp"
+#include "kiln/train/optimizers.hpp"
 
 namespace kiln {
 
@@ -61,38 +62,6 @@ struct fit_result {
 };
 
 namespace detail {
-template <class R>
-struct as_scheduled {
-  using type = optim::scheduled<R, no_schedule>;
-  static type make(R&& r) { return {std::move(r), no_schedule{}, {}}; }
-};
-template <class O, class S>
-struct as_scheduled<optim::scheduled<O, S>> {
-  using type = optim::scheduled<O, S>;
-  static type make(optim::scheduled<O, S>&& r) { return std::move(r); }
-};
-template <class R>
-struct optim_pack {
-  using type = std::tuple<typename as_scheduled<R>::type>;
-  static type make(R&& r) { return type{as_scheduled<R>::make(std::move(r))}; }
-};
-template <class... R>
-struct optim_pack<std::tuple<R...>> {
-  using type = std::tuple<typename as_scheduled<R>::type...>;
-  static type make(std::tuple<R...>&& r) {
-    return std::apply([](auto&&... x) { return type{as_scheduled<R>::make(std::move(x))...}; }, std::move(r));
-  }
-};
-template <class M>
-struct optimizers_of {
-  using type = std::tuple<>;
-};
-template <has_configure_optimizers M>
-struct optimizers_of<M> {
-  using raw = std::remove_cvref_t<decltype(std::declval<M&>().configure_optimizers())>;
-  using type = typename optim_pack<raw>::type;
-};
-
 template <class C>
 constexpr bool is_monitoring() {
   if constexpr (requires { C::monitors; })
@@ -189,21 +158,7 @@ class trainer {
   // Resolves "last" / "best" / a path as fit(..., ckpt_path) does; nullopt when
   // "last"/"best" find nothing.
   std::optional<std::filesystem::path> find_checkpoint(std::string_view which) {
-    std::vector<std::string> dirs;
-    std::string best;
-    std::apply(
-        [&](auto&... c) {
-          (
-              [&](auto& cb) {
-                if constexpr (requires { cb.resume_dir(); })
-                  if (!cb.resume_dir().empty()) dirs.push_back(cb.resume_dir());
-                if constexpr (requires { cb.best_model_path; })
-                  if (best.empty()) best = cb.best_model_path;
-              }(c),
-              ...);
-        },
-        callbacks_);
-    return train::find_checkpoint(which, options_.default_root_dir, dirs, best);
+    return train::checkpointing<trainer>::find(*this, which);
   }
 
   // Runs one validation epoch; returns the epoch metrics.
