@@ -238,6 +238,32 @@ class tensor {
       }
     return t;
   }
+  // Splits dimension `dim` into `sizes` (their product must equal its size): always a
+  // view, whatever the strides (a column slice of a packed QKV tensor stays in place).
+  tensor unflatten(int dim, std::initializer_list<std::int64_t> sizes) const {
+    dim = norm_dim(dim, "unflatten");
+    std::int64_t prod = 1;
+    for (auto n : sizes) prod *= n;
+    KILN_CHECK(prod == shape_[dim], "unflatten: sizes multiply to ", prod, ", dimension ", dim, " of shape ",
+               shape_.str(), " has ", shape_[dim]);
+    tensor t;
+    t.storage_ = storage_;
+    t.offset_ = offset_;
+    for (int k = 0; k < rank(); ++k) {
+      if (k != dim) {
+        t.shape_.push_back(shape_[k]);
+        t.strides_.push_back(strides_[k]);
+        continue;
+      }
+      std::int64_t inner = strides_[k] * prod;
+      for (auto n : sizes) {
+        inner /= n;
+        t.shape_.push_back(n);
+        t.strides_.push_back(inner);
+      }
+    }
+    return t;
+  }
   tensor unsqueeze(int dim) const {
     if (dim < 0) dim += rank() + 1;
     KILN_CHECK(0 <= dim && dim <= rank(), "unsqueeze: dim ", dim, " out of range for rank ", rank());

@@ -74,6 +74,28 @@ struct silu {
   }
 };
 
+// Rotary position embedding (Su et al. 2021) in the "rotate-half" layout of Hugging
+// Face Llama: dimension c < D/2 pairs with c + D/2, and the pair at position p turns by
+// p·θ^(−2c/D). The inverse frequency and angle are computed in f32 exactly as
+// transformers does (1 / θ^(2c/D) with f32 operands, then p·inv_freq), so cos/sin agree
+// bit for bit with the reference before any rounding of the activations.
+KILN_HOST_DEVICE inline float rope_inv_freq(long long c, long long dim, float theta) {
+  return 1.0f / std::pow(theta, static_cast<float>(2 * c) / static_cast<float>(dim));
+}
+struct rope_rotate {
+  template <class C>
+  KILN_HOST_DEVICE static void forward(C x1, C x2, C cos, C sin, C& y1, C& y2) {
+    y1 = x1 * cos - x2 * sin;
+    y2 = x2 * cos + x1 * sin;
+  }
+  // The rotation's transpose: the gradient turns back by the same angle.
+  template <class C>
+  KILN_HOST_DEVICE static void backward(C g1, C g2, C cos, C sin, C& d1, C& d2) {
+    d1 = g1 * cos + g2 * sin;
+    d2 = g2 * cos - g1 * sin;
+  }
+};
+
 // AdamW (Loshchilov & Hutter; torch.optim.AdamW semantics): decoupled weight decay
 // p -= lr*wd*p, then the Adam step with bias-corrected moments. One call updates one
 // element's parameter and both moments in registers: the "fused" in fused AdamW.

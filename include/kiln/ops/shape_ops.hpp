@@ -38,6 +38,20 @@ var<T, Dev> transpose(const var<T, Dev>& x, int d0, int d1) {
       x);
 }
 
+// Splits dimension `dim` into `sizes` (a view, whatever the input's strides).
+template <floating_element T, device Dev>
+var<T, Dev> unflatten(const var<T, Dev>& x, int dim, std::initializer_list<std::int64_t> sizes) {
+  tensor<T, Dev> y = x.value().unflatten(dim, sizes);
+  return autograd::record(
+      std::move(y),
+      [x](const tensor<T, Dev>& gy) mutable {
+        const grad_write m = x.begin_grad_write();
+        auto g = x.grad().reshape(gy.shape());  // grad buffers are contiguous: a view
+        cpu::strided_store(g, gy.contiguous(), m);
+      },
+      x);
+}
+
 // Elements [start, end) of `dim` with step (a view).
 template <floating_element T, device Dev>
 var<T, Dev> slice(const var<T, Dev>& x, int dim, std::int64_t start, std::int64_t end, std::int64_t step = 1) {

@@ -1,0 +1,242 @@
+// Attention and RoPE: values against the naive formulation (kept here, and only here, as
+// the reference), gradient checks, masks, GQA, dropout, KV-cache offsets, bf16.
+#include <cmath>
+#include <limits>
+
+#include "../helpers.hpp"
+
+using namespace kiln;
+using kiln::test::rand_tensor;
+using kiln::test::rand_var;
+
+namespace {
+
+// softmax(scale·q·kᵀ + mask)·v with the full probability matrix, in f64, with the same
+// dropout mask as the kernel (the counter RNG addressed by (b, h, i, j)).
+template <class Mask>
+tensor<f64> naive_attention(const tensor<f64>& q, const tensor<f64>& k, const tensor<f64>& v, std::int64_t q_offset,
+                            float p = 0.0f, philox_stream rng = {}) {
+  const std::int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), S = k.size(1), Hkv = k.size(2);
+  const double scale = 1.0 / std::sqrt(double(D));
+  tensor<f64> o = tensor<f64>::zeros(q.shape());
+  std::vector<double> s(static_cast<std::size_t>(S));
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t h = 0; h < Hq; ++h) {
+      const std::int64_t kh = h / (Hq / Hkv);
+      for (std::int64_t i = 0; i < T; ++i) {
+        double mx = -std::numeric_limits<double>::infinity();
+        for (std::int64_t j = 0; j < S; ++j) {
+          double dot = 0;
+          for (std::int64_t c = 0; c < D; ++c) dot += q(b, i, h, c) * k(b, j, kh, c);
+          s[j] = Mask::allowed(q_offset + i, j) ? dot * scale : -std::numeric_limits<double>::infinity();
+          mx = std::max(mx, s[j]);
+        }
+        double sum = 0;
+        for (auto& x : s) sum += (x = std::exp(x - mx));
+        for (std::int64_t j = 0; j < S; ++j) {
+          double w = s[j] / sum;
+          if (p > 0.0f) {
+            const auto idx = static_cast<std::uint64_t>(((b * Hq + h) * T + i) * S + j);
+            w = rng.uniform(idx) < p ? 0.0 : w / (1.0 - double(float(p)));
+          }
+          for (std::int64_t c = 0; c < D; ++c) o(b, i, h, c) += w * v(b, j, kh, c);
+        }
+      }
+    }
+  return o;
+}
+
+template <class Mask>
+void check_against_naive(std::int64_t B, std::int64_t T, std::int64_t S, std::int64_t Hq, std::int64_t Hkv,
+                         std::int64_t D, std::uint64_t seed) {
+  CAPTURE(Mask::name());
+  CAPTURE(T);
+  CAPTURE(S);
+  auto q = rand_tensor<f64>({B, T, Hq, D}, seed), k = rand_tensor<f64>({B, S, Hkv, D}, seed + 1),
+       v = rand_tensor<f64>({B, S, Hkv, D}, seed + 2);
+  no_grad ng;
+  auto got = attention<Mask>(var<f64>(q), var<f64>(k), var<f64>(v)).value();
+  auto want = naive_attention<Mask>(q, k, v, S - T);
+  double worst = 0;
+  for (std::int64_t i = 0; i < got.numel(); ++i) worst = std::max(worst, std::abs(got.flat(i) - want.flat(i)));
+  CHECK(worst < 1e-12);
+  // f32 against the f64 reference.
+  auto got32 = attention<Mask>(var<f32>(q.to<f32>()), var<f32>(k.to<f32>()), var<f32>(v.to<f32>())).value();
+  double worst32 = 0;
+  for (std::int64_t i = 0; i < got.numel(); ++i)
+    worst32 = std::max(worst32, std::abs(double(got32.flat(i)) - want.flat(i)));
+  CHECK(worst32 < 1e-5);
+}
+
+}  // namespace
+
+TEST_CASE("attention: values match the naive formulation for every mask, GQA and tile edges") {
+  check_against_naive<mask::none>(2, 5, 5, 2, 2, 4, 1);
+  check_against_naive<mask::causal>(2, 5, 5, 4, 2, 4, 2);
+  check_against_naive<mask::causal>(1, 70, 70, 2, 1, 8, 3);    // crosses the 64-row / 64-key tiles
+  check_against_naive<mask::causal>(1, 130, 130, 1, 1, 4, 4);  // three tiles, the last partial
+  check_against_naive<mask::local<3>>(2, 9, 9, 2, 2, 4, 5);
+  check_against_naive<mask::local<50>>(1, 140, 140, 2, 2, 4, 6);  // window spans tile borders
+  check_against_naive<mask::strided<3>>(2, 11, 11, 2, 1, 4, 7);
+  check_against_naive<mask::strided<16>>(1, 100, 100, 1, 1, 4, 8);
+  // KV-cache shapes: the queries are the last positions of a longer key sequence.
+  check_against_naive<mask::causal>(2, 1, 9, 4, 2, 4, 9);
+  check_against_naive<mask::causal>(1, 3, 80, 2, 2, 4, 10);
+  check_against_naive<mask::local<4>>(1, 2, 12, 2, 2, 4, 11);
+}
+
+TEST_CASE("attention: gradients (f64 central differences) for every mask and GQA") {
+  auto q = rand_var({2, 5, 4, 3}, 21), k = rand_var({2, 5, 2, 3}, 22), v = rand_var({2, 5, 2, 3}, 23);
+  KILN_CHECK_GRADIENTS([](auto& a, auto& b, auto& c) { return attention<mask::causal>(a, b, c); }, q, k, v);
+  KILN_CHECK_GRADIENTS([](auto& a, auto& b, auto& c) { return attention<mask::none>(a, b, c); }, q, k, v);
+  KILN_CHECK_GRADIENTS([](auto& a, auto& b, auto& c) { return attention<mask::local<2>>(a, b, c); }, q, k, v);
+  KILN_CHECK_GRADIENTS([](auto& a, auto& b, auto& c) { return attention<mask::strided<2>>(a, b, c); }, q, k, v);
+  // Multi-query, a query block shorter than the keys (cache offset), and an explicit scale.
+  auto q1 = rand_var({1, 2, 3, 4}, 24), k1 = rand_var({1, 6, 1, 4}, 25), v1 = rand_var({1, 6, 1, 4}, 26);
+  KILN_CHECK_GRADIENTS([](auto& a, auto& b, auto& c) { return attention<mask::causal>(a, b, c, {.scale = 0.3}); }, q1,
+                       k1, v1);
+  // Dropout on the probabilities: the mask is regenerated in backward from the stream.
+  const philox_stream rng{77, 3};
+  KILN_CHECK_GRADIENTS(
+      [rng](auto& a, auto& b, auto& c) { return attention<mask::causal>(a, b, c, {.dropout_p = 0.25f, .rng = rng}); },
+      q, k, v);
+}
+
+TEST_CASE("attention: gradients through views of one packed QKV tensor (tiles beyond 64)") {
+  // q, k, v are column slices of a [B, T, 3·H·D] projection, read in place; their three
+  // backward writes land in one gradient buffer.
+  auto qkv = rand_var({1, 67, 3 * 2 * 2}, 31);
+  KILN_CHECK_GRADIENTS(
+      [](auto& x) {
+        auto q = unflatten(slice(x, 2, 0, 4), 2, {2, 2});
+        auto k = unflatten(slice(x, 2, 4, 8), 2, {2, 2});
+        auto v = unflatten(slice(x, 2, 8, 12), 2, {2, 2});
+        return attention<mask::causal>(q, k, v);
+      },
+      qkv);
+}
+
+TEST_CASE("attention: dropout matches the reference mask, is reproducible and keeps about 1-p") {
+  auto q = rand_tensor<f64>({2, 6, 2, 4}, 41), k = rand_tensor<f64>({2, 6, 2, 4}, 42),
+       v = rand_tensor<f64>({2, 6, 2, 4}, 43);
+  const philox_stream rng{2026, 11};
+  no_grad ng;
+  auto got = attention<mask::causal>(var<f64>(q), var<f64>(k), var<f64>(v), {.dropout_p = 0.3f, .rng = rng}).value();
+  auto want = naive_attention<mask::causal>(q, k, v, 0, 0.3f, rng);
+  for (std::int64_t i = 0; i < got.numel(); ++i) CHECK(got.flat(i) == doctest::Approx(want.flat(i)).epsilon(1e-12));
+  auto again = attention<mask::causal>(var<f64>(q), var<f64>(k), var<f64>(v), {.dropout_p = 0.3f, .rng = rng}).value();
+  CHECK(again.to_vector() == got.to_vector());
+  auto other =
+      attention<mask::causal>(var<f64>(q), var<f64>(k), var<f64>(v), {.dropout_p = 0.3f, .rng = rng.advanced(1)})
+          .value();
+  CHECK(other.to_vector() != got.to_vector());
+  std::int64_t kept = 0, n = 200000;
+  for (std::int64_t i = 0; i < n; ++i) kept += rng.uniform(static_cast<std::uint64_t>(i)) >= 0.3f;
+  CHECK(double(kept) / double(n) == doctest::Approx(0.7).epsilon(0.01));
+}
+
+TEST_CASE("attention: bf16 and f16 compute in f32 and track the f32 result") {
+  auto q = rand_tensor<f32>({1, 9, 2, 8}, 51), k = rand_tensor<f32>({1, 9, 1, 8}, 52),
+       v = rand_tensor<f32>({1, 9, 1, 8}, 53);
+  var<f32> ref = attention<mask::causal>(var<f32>(q), var<f32>(k), var<f32>(v));
+  var<bf16> qb(q.to<bf16>(), true), kb(k.to<bf16>(), true), vb(v.to<bf16>(), true);
+  var<bf16> out = attention<mask::causal>(qb, kb, vb);
+  for (std::int64_t i = 0; i < out.numel(); ++i)
+    CHECK(float(out.value().flat(i)) == doctest::Approx(ref.value().flat(i)).epsilon(0.02).scale(1.0));
+  sum(cast<f32>(out)).backward();
+  REQUIRE(qb.has_grad());
+  REQUIRE(kb.has_grad());
+  REQUIRE(vb.has_grad());
+  var<f16> qh(q.to<f16>()), kh(k.to<f16>()), vh(v.to<f16>());
+  no_grad ng;
+  auto oh = attention<mask::causal>(qh, kh, vh).value();
+  for (std::int64_t i = 0; i < oh.numel(); ++i)
+    CHECK(float(oh.flat(i)) == doctest::Approx(ref.value().flat(i)).epsilon(0.005).scale(1.0));
+}
+
+TEST_CASE("attention: keeps O(T) state, not the T×S probability matrix") {
+  const std::int64_t T = 1024, D = 16;
+  auto q = var<f32>(rand_tensor<f32>({1, T, 1, D}, 61), true), k = var<f32>(rand_tensor<f32>({1, T, 1, D}, 62), true),
+       v = var<f32>(rand_tensor<f32>({1, T, 1, D}, 63), true);
+  auto& alloc = caching_allocator<cpu>::instance();
+  const auto before = alloc.stats().in_use;
+  alloc.reset_peak();
+  auto o = attention<mask::causal>(q, k, v);
+  const auto held = alloc.stats().in_use - before;  // what the graph keeps for backward
+  sum(o).backward();
+  const auto peak = alloc.stats().peak_in_use - before;
+  INFO("held ", held, " bytes, peak ", peak, " bytes; the probability matrix alone is ", T * T * 4, " bytes");
+  CHECK(held < std::size_t(T * T * 4 / 16));
+  CHECK(peak < std::size_t(T * T * 4 / 8));
+}
+
+TEST_CASE("attention: shape errors name the operands") {
+  auto q = var<f32>(tensor<f32>::zeros({1, 4, 3, 2})), k = var<f32>(tensor<f32>::zeros({1, 4, 2, 2}));
+  CHECK_THROWS_WITH_AS(attention(q, k, k), doctest::Contains("3 query heads cannot share 2 key/value heads"), error);
+  auto bad = var<f32>(tensor<f32>::zeros({1, 4, 3}));
+  CHECK_THROWS_WITH_AS(attention(bad, k, k), doctest::Contains("expects q [B, T, Hq, D]"), error);
+  auto k3 = var<f32>(tensor<f32>::zeros({1, 4, 3, 2})), v4 = var<f32>(tensor<f32>::zeros({1, 5, 3, 2}));
+  CHECK_THROWS_WITH_AS(attention(q, k3, v4), doctest::Contains("differ"), error);
+  CHECK_THROWS_WITH_AS(attention(q, k3, k3, {.dropout_p = 1.0f}), doctest::Contains("dropout_p 1 is outside [0, 1)"),
+                       error);
+}
+
+TEST_CASE("attention masks: ranges agree with allowed()") {
+  auto check = []<class M>(M) {
+    for (std::int64_t i = 0; i < 40; ++i) {
+      std::int64_t lo = 1000, hi = -1;
+      for (std::int64_t j = 0; j < 40; ++j)
+        if (M::allowed(i, j)) {
+          lo = std::min(lo, j);
+          hi = std::max(hi, j);
+        }
+      CAPTURE(M::name());
+      CAPTURE(i);
+      CHECK(M::allowed(i, i));
+      CHECK(M::first_key(i) <= lo);
+      CHECK(M::end_key(i, 40) >= hi + 1);
+    }
+    for (std::int64_t i0 = 0; i0 < 30; i0 += 3)
+      for (std::int64_t j0 = 0; j0 < 30; j0 += 2)
+        if (M::dense(i0, i0 + 4, j0, j0 + 3))
+          for (std::int64_t i = i0; i <= i0 + 4; ++i)
+            for (std::int64_t j = j0; j <= j0 + 3; ++j) CHECK(M::allowed(i, j));
+  };
+  check(mask::causal{});
+  check(mask::local<1>{});
+  check(mask::local<5>{});
+  check(mask::strided<4>{});
+  check(mask::none{});
+  CHECK(mask::strided<4>::allowed(9, 1));   // 8 back: a multiple of the stride
+  CHECK(!mask::strided<4>::allowed(9, 2));  // 7 back: outside the band, not a multiple
+  CHECK(!mask::local<3>::allowed(9, 6));
+}
+
+TEST_CASE("rope: rotate-half values, gradient, and positions that continue across calls") {
+  // One pair (D = 2): the vector turns by position · theta^0 = position radians.
+  auto x = var<f64>(tensor<f64>::from({1, 3, 1, 2}, {1, 0, 1, 0, 0, 1}));
+  no_grad ng;
+  auto y = rope(x, 0, 10000.0).value();
+  CHECK(y(0, 0, 0, 0) == doctest::Approx(1.0));
+  CHECK(y(0, 1, 0, 0) == doctest::Approx(std::cos(1.0f)));
+  CHECK(y(0, 1, 0, 1) == doctest::Approx(std::sin(1.0f)));
+  CHECK(y(0, 2, 0, 0) == doctest::Approx(-std::sin(2.0f)));
+  // D = 4: the second pair (dims 1 and 3) turns at theta^(-1/2).
+  auto x4 = var<f64>(tensor<f64>::from({1, 1, 1, 4}, {0, 1, 0, 0}));
+  auto y4 = rope(x4, 5, 100.0).value();
+  CHECK(y4(0, 0, 0, 1) == doctest::Approx(std::cos(5.0 * 0.1)).epsilon(1e-6));
+  CHECK(y4(0, 0, 0, 3) == doctest::Approx(std::sin(5.0 * 0.1)).epsilon(1e-6));
+  // A decode step at position 7 equals row 7 of the whole sequence.
+  auto seq = rand_tensor<f64>({2, 9, 3, 6}, 71);
+  auto whole = rope(var<f64>(seq), 0, 500000.0).value();
+  auto step = rope(var<f64>(seq.slice(1, 7, 8).contiguous()), 7, 500000.0).value();
+  for (std::int64_t b = 0; b < 2; ++b)
+    for (std::int64_t h = 0; h < 3; ++h)
+      for (std::int64_t c = 0; c < 6; ++c) CHECK(step(b, 0, h, c) == whole(b, 7, h, c));
+}
+
+TEST_CASE("rope: gradient") {
+  auto x = rand_var({2, 4, 3, 6}, 81);
+  KILN_CHECK_GRADIENTS([](auto& v) { return rope(v, 3, 10000.0); }, x);
+  CHECK_THROWS_WITH_AS(rope(var<f64>(tensor<f64>::zeros({1, 2, 1, 3}))), doctest::Contains("even D"), error);
+}
