@@ -66,9 +66,12 @@ class tape {
   tape(const tape&) = delete;
   tape& operator=(const tape&) = delete;
 
-  static tape& current() {
-    thread_local tape t;
-    return t;
+  // The tape ops record onto: the thread's own, or the innermost tape_scope's.
+  static tape& current() { return *current_slot(); }
+  static tape*& current_slot() {
+    thread_local tape root;
+    thread_local tape* cur = &root;
+    return cur;
   }
 
   // Appends a node. F provides `bool operator()()` — run the backward, returning false
@@ -131,6 +134,21 @@ class tape {
   };
   kiln::autograd::arena arena_;
   std::vector<node> nodes_;
+};
+
+// RAII: ops in this scope record onto a private tape, and backward() inside it replays
+// only what was recorded here (activation checkpointing recomputes a block this way in
+// the middle of the outer backward). Scopes nest; destruction drops unreplayed nodes.
+class tape_scope {
+ public:
+  tape_scope() : prev_(tape::current_slot()) { tape::current_slot() = &local_; }
+  ~tape_scope() { tape::current_slot() = prev_; }
+  tape_scope(const tape_scope&) = delete;
+  tape_scope& operator=(const tape_scope&) = delete;
+
+ private:
+  tape local_;
+  tape* prev_;
 };
 
 }  // namespace kiln::autograd

@@ -1,0 +1,129 @@
+// kiln/nn/transformer.hpp — what decoder-only transformer models share: a list of
+// blocks, the KV cache, activation-checkpointing policies, and the causal-LM concept.
+//
+// Spec (activation checkpointing): a block's Recompute policy says what its backward
+// recomputes instead of storing (kiln/autograd/recompute.hpp does the work):
+//   recompute::none       every intermediate is kept (fastest, most memory);
+//   recompute::selective  the attention and MLP sub-layers are recomputed: the block keeps
+//                         its input, the residual stream and the norms' inputs (4·C values
+//                         per token instead of ~20·C), about one extra forward of the
+//                         sub-layers per step;
+//   recompute::full       the whole block is recomputed from its input (C per token).
+// Dropout inside a recomputed segment replays the same masks (its streams are rewound).
+// Spec (KV cache): kv_cache<T> holds, per layer, keys and values [B, capacity, Hkv, D];
+// a forward with a cache writes the new positions at [length, length + T) and attends to
+// [0, length + T); the model advances `length` once all layers have run.
+// Spec (causal_lm): a model with forward(ids, cache*) → logits [B, T, V],
+// make_cache(batch, capacity), vocab_size() and max_positions() (kiln/nn/generate.hpp).
+#pragma once
+
+#include <concepts>
+#include <vector>
+
+#include "kiln/autograd/recompute.hpp"
+#include "kiln/nn/module.hpp"
+
+namespace kiln::nn {
+
+namespace recompute {
+struct none {
+  static constexpr const char* name = "none";
+};
+struct selective {
+  static constexpr const char* name = "selective";
+};
+struct full {
+  static constexpr const char* name = "full";
+};
+}  // namespace recompute
+
+template <class R>
+concept recompute_policy =
+    std::same_as<R, recompute::none> || std::same_as<R, recompute::selective> || std::same_as<R, recompute::full>;
+
+// Blocks named "0", "1", ... (HF's ModuleList).
+template <class M>
+struct module_list {
+  std::vector<M> items;
+  std::size_t size() const { return items.size(); }
+  M& operator[](std::size_t i) { return items[i]; }
+  const M& operator[](std::size_t i) const { return items[i]; }
+  auto begin() { return items.begin(); }
+  auto end() { return items.end(); }
+  template <class F>
+  void for_each_child(F&& f) {
+    for (std::size_t i = 0; i < items.size(); ++i) f(std::to_string(i), items[i]);
+  }
+};
+
+// The random streams (dropout generators) of every module under m.
+template <class M>
+autograd::rng_positions random_streams(M& m) {
+  autograd::rng_positions r;
+  visit_modules(m, [&](const std::string&, auto& sub) {
+    if constexpr (requires { sub.generator; })
+      if constexpr (std::is_same_v<std::remove_cvref_t<decltype(sub.generator)>, philox_generator>)
+        r.generators.push_back(&sub.generator);
+  });
+  return r;
+}
+
+template <floating_element T = f32>
+struct kv_cache {
+  std::vector<tensor<T>> keys, values;  // per layer [B, capacity, Hkv, D]
+  std::int64_t length = 0;
+
+  kv_cache() = default;
+  kv_cache(std::int64_t layers, std::int64_t batch, std::int64_t capacity, std::int64_t kv_heads,
+           std::int64_t head_dim) {
+    KILN_CHECK(layers > 0 && batch > 0 && capacity > 0, "kv_cache: layers, batch and capacity must be positive");
+    for (std::int64_t l = 0; l < layers; ++l) {
+      keys.emplace_back(shape{batch, capacity, kv_heads, head_dim});
+      values.emplace_back(shape{batch, capacity, kv_heads, head_dim});
+    }
+  }
+  std::int64_t capacity() const { return keys.empty() ? 0 : keys[0].size(1); }
+  std::int64_t batch() const { return keys.empty() ? 0 : keys[0].size(0); }
+  std::size_t bytes() const { return 2 * keys.size() * (keys.empty() ? 0 : keys[0].nbytes()); }
+  void reset() { length = 0; }
+
+  // Stores layer l's keys/values for positions [length, length + T) and returns views of
+  // positions [0, length + T) (no copy; the attention kernel reads the strided cache).
+  std::pair<var<T>, var<T>> append(std::size_t l, const tensor<T>& k, const tensor<T>& v) {
+    const std::int64_t t = k.size(1);
+    KILN_CHECK(length + t <= capacity(), "kv_cache: ", length, " cached + ", t, " new positions exceed the capacity ",
+               capacity(), "; make the cache larger");
+    KILN_CHECK(k.size(0) == batch(), "kv_cache: batch ", k.size(0), " does not match the cache's ", batch());
+    keys[l].slice(1, length, length + t).copy_from(k);
+    values[l].slice(1, length, length + t).copy_from(v);
+    return {var<T>(keys[l].slice(1, 0, length + t)), var<T>(values[l].slice(1, 0, length + t))};
+  }
+};
+
+// Runs a segment under the policy's recomputation rule (never with a cache: decoding
+// runs without gradients).
+template <bool Recompute, floating_element T, class Owner, class F>
+var<T> maybe_recompute(Owner& owner, const var<T>& x, F f) {
+  if constexpr (Recompute) {
+    if (autograd::grad_enabled()) return autograd::recompute(std::move(f), x, random_streams(owner));
+  }
+  (void)owner;
+  return f(x);
+}
+
+template <class M>
+concept causal_lm = requires(M& m, const tensor<i64>& ids) {
+  {m.forward(ids, nullptr)};
+  {m.make_cache(std::int64_t{1}, std::int64_t{1})};
+  { m.vocab_size() } -> std::convertible_to<std::int64_t>;
+  { m.max_positions() } -> std::convertible_to<std::int64_t>;
+};
+
+// Positions first, first + 1, ..., first + n - 1.
+inline tensor<i64> position_ids(std::int64_t first, std::int64_t n) {
+  tensor<i64> p(shape{n});
+  for (std::int64_t i = 0; i < n; ++i) p.data()[i] = first + i;
+  return p;
+}
+
+}  // namespace kiln::nn
