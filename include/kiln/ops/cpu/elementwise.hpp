@@ -21,8 +21,11 @@ void unary_forward(F f, const tensor<T>& x, tensor<T>& y) {
   using C = compute_t<T>;
   const T* xp = x.data();
   T* yp = y.data();
-  cpu_runtime::parallel_for(x.numel(), elementwise_grain, [&](std::int64_t b, std::int64_t e) {
-    for (std::int64_t i = b; i < e; ++i) yp[i] = static_cast<T>(f(static_cast<C>(xp[i])));
+  // Captures by value: loads through captured references keep the loop from vectorising.
+  cpu_runtime::parallel_for(x.numel(), elementwise_grain, [=](std::int64_t b, std::int64_t e) {
+    const T* __restrict xs = xp;
+    T* __restrict ys = yp;
+    for (std::int64_t i = b; i < e; ++i) ys[i] = static_cast<T>(f(static_cast<C>(xs[i])));
   });
 }
 
@@ -31,8 +34,15 @@ void unary_backward(F f, const tensor<T>& x, const tensor<T>& gy, tensor<T>& gx,
   using C = compute_t<T>;
   const T *xp = x.data(), *gp = gy.data();
   T* gxp = gx.data();
-  cpu_runtime::parallel_for(x.numel(), elementwise_grain, [&](std::int64_t b, std::int64_t e) {
-    for (std::int64_t i = b; i < e; ++i) store_grad(gxp[i], f.grad(static_cast<C>(xp[i]), static_cast<C>(gp[i])), mode);
+  cpu_runtime::parallel_for(x.numel(), elementwise_grain, [=](std::int64_t b, std::int64_t e) {
+    const T* __restrict xs = xp, * __restrict gs = gp;
+    T* __restrict out = gxp;
+    if (mode == grad_write::overwrite)
+      for (std::int64_t i = b; i < e; ++i)
+        out[i] = static_cast<T>(f.grad(static_cast<C>(xs[i]), static_cast<C>(gs[i])));
+    else
+      for (std::int64_t i = b; i < e; ++i)
+        store_grad(gxp[i], f.grad(static_cast<C>(xp[i]), static_cast<C>(gp[i])), mode);
   });
 }
 
@@ -175,8 +185,10 @@ void swiglu_forward(const tensor<T>& gate, const tensor<T>& up, tensor<T>& y) {
   using C = compute_t<T>;
   const T *g = gate.data(), *u = up.data();
   T* o = y.data();
-  cpu_runtime::parallel_for(y.numel(), elementwise_grain, [&](std::int64_t b, std::int64_t e) {
-    for (std::int64_t i = b; i < e; ++i) o[i] = static_cast<T>(fn::silu{}(C(g[i])) * C(u[i]));
+  cpu_runtime::parallel_for(y.numel(), elementwise_grain, [=](std::int64_t b, std::int64_t e) {
+    const T* __restrict gs = g, * __restrict us = u;
+    T* __restrict os = o;
+    for (std::int64_t i = b; i < e; ++i) os[i] = static_cast<T>(fn::silu{}(C(gs[i])) * C(us[i]));
   });
 }
 template <class T>
@@ -186,7 +198,7 @@ void swiglu_backward(const tensor<T>& gate, const tensor<T>& up, const tensor<T>
   const T *g = gate.data(), *u = up.data(), *d = gy.data();
   T* gg = ggate ? ggate->data() : nullptr;
   T* gu = gup ? gup->data() : nullptr;
-  cpu_runtime::parallel_for(gy.numel(), elementwise_grain, [&](std::int64_t b, std::int64_t e) {
+  cpu_runtime::parallel_for(gy.numel(), elementwise_grain, [=](std::int64_t b, std::int64_t e) {
     for (std::int64_t i = b; i < e; ++i) {
       const C gv = C(g[i]), dv = C(d[i]);
       if (gg) store_grad(gg[i], fn::silu{}.grad(gv, dv * C(u[i])), mgate);

@@ -94,12 +94,37 @@ void max_dim_backward(const tensor<T>& gy, reduce_geometry g, const std::int64_t
       }
 }
 
-// Writes `src` (contiguous, same shape) into the possibly strided view `dst`.
+// Writes `src` (contiguous, same shape) into the possibly strided view `dst`, row by
+// row of the last dimension (the offset of a row is computed once, not per element).
 template <class T>
 void strided_store(tensor<T>& dst, const tensor<T>& src, grad_write mode) {
   using C = compute_t<T>;
   check_same_shape(dst.shape(), src.shape(), "strided_store");
-  for (std::int64_t i = 0; i < src.numel(); ++i) store_grad(dst.flat(i), C(src.flat(i)), mode);
+  const std::int64_t n = src.numel();
+  if (n == 0) return;
+  const T* sp = src.data();
+  T* dp = dst.data();
+  if (dst.is_contiguous()) {
+    cpu_runtime::parallel_for(n, 1 << 16, [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t i = b; i < e; ++i) store_grad(dp[i], C(sp[i]), mode);
+    });
+    return;
+  }
+  const int r = dst.rank();
+  const std::int64_t inner = dst.shape()[r - 1], ds = dst.strides()[r - 1], rows = n / inner;
+  cpu_runtime::parallel_for(rows, std::max<std::int64_t>(1, (1 << 15) / std::max<std::int64_t>(inner, 1)),
+                            [&](std::int64_t b, std::int64_t e) {
+                              for (std::int64_t row = b; row < e; ++row) {
+                                std::int64_t off = 0, rem = row;
+                                for (int k = r - 2; k >= 0; --k) {
+                                  off += (rem % dst.shape()[k]) * dst.strides()[k];
+                                  rem /= dst.shape()[k];
+                                }
+                                T* d = dp + off;
+                                const T* s = sp + row * inner;
+                                for (std::int64_t i = 0; i < inner; ++i) store_grad(d[i * ds], C(s[i]), mode);
+                              }
+                            });
 }
 
 // out[..., :] = weight[ids[...], :]
