@@ -28,6 +28,7 @@
 
 #include "kiln/core/crc32c.hpp"
 #include "kiln/io/atomic_file.hpp"
+#include "kiln/io/hf.hpp"
 #include "kiln/io/json.hpp"
 #include "kiln/io/safetensors.hpp"
 #include "kiln/nn/module.hpp"
@@ -236,8 +237,11 @@ void save_weights(M& module, const std::filesystem::path& path,
 
 // Writes `dir`/model.safetensors (+ `dir`/config.json for modules with an HF architecture).
 // Returns the paths written.
+// Models that store some weights in another layout in HF files (GPT-2's Conv1D) declare
+// hf_transposed(name); they are written by io::save_hf (kiln/io/hf.hpp) instead.
 template <class M>
 std::vector<std::filesystem::path> export_weights(M& module, const std::filesystem::path& dir) {
+  if constexpr (requires { M::hf_transposed(std::string_view{}); }) return save_hf(module, dir);
   std::vector<std::filesystem::path> out{dir / "model.safetensors"};
   save_weights(module, out[0]);
   if constexpr (requires(M & m) {

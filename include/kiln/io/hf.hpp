@@ -100,8 +100,8 @@ class hf_directory {
     else if (e->dtype == "F64")
       convert(f64{});
     else
-      detail::fail(f.name(), ": tensor '", name, "' has dtype ", e->dtype,
-                   "; a model weight must be F32, F16, BF16 or F64");
+      kiln::detail::fail(f.name(), ": tensor '", name, "' has dtype ", e->dtype,
+                         "; a model weight must be F32, F16, BF16 or F64");
     return out;
   }
 
@@ -137,10 +137,6 @@ class hf_directory {
   std::vector<safetensors_file> shards_;
   std::map<std::string, std::size_t> where_;
 };
-
-namespace detail {
-inline std::string shape_text(const shape& s) { return s.str(); }
-}  // namespace detail
 
 // Fills `model`'s parameters from an HF folder (see the spec above).
 template <class M>
@@ -179,7 +175,7 @@ void load_hf_weights(M& model, const hf_directory& d) {
     std::string msg;
     for (std::size_t i = 0; i < problems.size() && i < 12; ++i) msg += (i ? "; " : "") + problems[i];
     if (problems.size() > 12) msg += "; and " + std::to_string(problems.size() - 12) + " more";
-    detail::fail(d.path().string(), ": the weights do not match the model: ", msg);
+    kiln::detail::fail(d.path().string(), ": the weights do not match the model: ", msg);
   }
   for (auto& t : todo) {
     tensor<T> v = d.template load<T>(t.name);

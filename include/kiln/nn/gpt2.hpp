@@ -90,7 +90,7 @@ struct gpt2_config {
     j.set("attn_pdrop", double(attn_pdrop));
     j.set("resid_pdrop", double(resid_pdrop));
     j.set("tie_word_embeddings", tie_word_embeddings);
-    j.set("torch_dtype", "float32");
+    j.set("dtype", "float32");
     return j;
   }
 };

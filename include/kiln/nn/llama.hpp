@@ -64,6 +64,7 @@ struct llama_config {
     c.attention_bias = f.boolean("attention_bias", false);
     c.mlp_bias = f.boolean("mlp_bias", false);
     c.attention_dropout = static_cast<float>(f.number("attention_dropout", 0.0));
+    f.require(f.integer("pretraining_tp", 1) == 1, "pretraining_tp", "kiln supports only 1");
     const std::string act = f.string("hidden_act", "silu");
     f.require(act == "silu", "hidden_act", "kiln's llama supports \"silu\" (SwiGLU), got \"" + act + "\"");
     // Newer transformers keep RoPE settings in "rope_parameters"; older ones in
@@ -103,7 +104,7 @@ struct llama_config {
     j.set("attention_bias", attention_bias);
     j.set("mlp_bias", mlp_bias);
     j.set("attention_dropout", double(attention_dropout));
-    j.set("torch_dtype", "float32");
+    j.set("dtype", "float32");
     return j;
   }
 };
