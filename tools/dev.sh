@@ -70,11 +70,11 @@ case "$cmd" in
     # The interop checks read our TensorBoard and safetensors files with the Python
     # packages (and write safetensors for us to read): give them a small venv (PyPI) unless
     # a Python with the packages is already at hand.
-    PYPKGS_IMPORT="import tensorboard, safetensors.numpy, numpy"
+    PYPKGS_IMPORT="import tensorboard, safetensors.numpy, numpy, tokenizers"
     if [ -z "${KILN_PYTHON:-}" ] && ! python3 -c "$PYPKGS_IMPORT" 2>/dev/null; then
       if [ ! -x "$BUILD/pyvenv/bin/python" ] || ! "$BUILD/pyvenv/bin/python" -c "$PYPKGS_IMPORT" 2>/dev/null; then
-        python3 -m venv "$BUILD/pyvenv" && "$BUILD/pyvenv/bin/pip" install -q tensorboard safetensors numpy ||
-          echo "kiln: could not install tensorboard/safetensors from PyPI; their interop tests will be skipped"
+        python3 -m venv "$BUILD/pyvenv" && "$BUILD/pyvenv/bin/pip" install -q tensorboard safetensors numpy tokenizers ||
+          echo "kiln: could not install tensorboard/safetensors/tokenizers from PyPI; their interop tests will be skipped"
       fi
       KILN_PYTHON="$(cd "$BUILD" && pwd)/pyvenv/bin/python"  # absolute: meson runs tests elsewhere
       export KILN_PYTHON
