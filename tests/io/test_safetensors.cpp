@@ -69,6 +69,17 @@ TEST_CASE("json: parses, prints and round-trips values exactly") {
 TEST_CASE("json: rejects malformed documents, naming the position") {
   CHECK(error_of([] { json::parse(R"({"a": 1, "a": 2})", "f.json"); }).find("\"a\" is duplicated") !=
         std::string::npos);
+  // Large objects switch to a hash set: duplicates are still found, first key or last.
+  for (int dup_of : {0, 31, 32, 4999}) {
+    std::string big = "{";
+    for (int i = 0; i < 5000; ++i) big += "\"k" + std::to_string(i) + "\":" + std::to_string(i) + ",";
+    big += "\"k" + std::to_string(dup_of) + "\":0}";
+    CAPTURE(dup_of);
+    CHECK(error_of([&] { json::parse(big, "big.json"); }).find("\"k" + std::to_string(dup_of) + "\" is duplicated") !=
+          std::string::npos);
+    big.replace(big.rfind("\"k"), 2, "\"x");
+    CHECK(json::parse(big).size() == 5001);
+  }
   CHECK(error_of([] { json::parse("[1, 2,]", "f.json"); }).find("f.json: invalid JSON at byte 6") != std::string::npos);
   CHECK(error_of([] { json::parse("{\"a\" 1}"); }).find("expected ':'") != std::string::npos);
   CHECK(error_of([] { json::parse("[1] x"); }).find("end of document") != std::string::npos);

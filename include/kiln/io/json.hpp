@@ -24,6 +24,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_set>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -350,6 +351,7 @@ class json {
     json object_value(int depth) {
       ++pos;  // '{'
       object_type o;
+      std::unordered_set<std::string> seen;
       skip_ws();
       if (pos < s.size() && s[pos] == '}') {
         ++pos;
@@ -360,11 +362,19 @@ class json {
         if (pos >= s.size() || s[pos] != '"') fail("a string key");
         const std::size_t key_at = pos;
         std::string key = string_value();
-        for (auto& [k, v] : o)
-          if (k == key) {
-            pos = key_at;
-            fail("a key not seen before in this object (\"" + key.substr(0, 60) + "\" is duplicated)");
-          }
+        // Small objects: a linear scan; large ones (a tokenizer's 50k-entry vocab) a hash set.
+        bool dup = false;
+        if (o.size() < 32) {
+          for (auto& [k, v] : o) dup = dup || k == key;
+        } else {
+          if (seen.empty())
+            for (auto& [k, v] : o) seen.insert(k);
+          dup = !seen.insert(key).second;
+        }
+        if (dup) {
+          pos = key_at;
+          fail("a key not seen before in this object (\"" + key.substr(0, 60) + "\" is duplicated)");
+        }
         skip_ws();
         if (pos >= s.size() || s[pos] != ':') fail("':'");
         ++pos;
