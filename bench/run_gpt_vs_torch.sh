@@ -18,6 +18,7 @@ for r in $(seq "$rounds"); do
   build/bench/bench_gpt_train --steps "$steps" "$@" 2>/dev/null | tee -a "$out"
   bench/.venv/bin/python bench/torch_gpt_train.py --steps "$steps" "$@" 2>/dev/null | tee -a "$out"
   bench/.venv/bin/python bench/torch_gpt_train.py --steps "$steps" --attn naive "$@" 2>/dev/null | sed 's/"impl": *"torch"/"impl": "torch_naive"/' | tee -a "$out"
+  build/bench/bench_gpt_train --steps "$steps" --recompute selective "$@" 2>/dev/null | sed 's/"impl":"kiln"/"impl":"kiln_selective"/' | tee -a "$out"
   build/bench/bench_gpt_train --steps "$steps" --recompute full "$@" 2>/dev/null | sed 's/"impl":"kiln"/"impl":"kiln_full"/' | tee -a "$out"
 done
 python3 - "$out" <<'PY'
@@ -30,12 +31,13 @@ def best(impl, k):
     return max(r[k] for r in rows if r["impl"] == impl)
 r0 = next(r for r in rows if r["impl"] == "kiln")
 print(f"small GPT ({r0['params']:,} params, {r0['tokens_per_step']} tokens/step, {r0['threads']} threads), median of {sum(r['impl']=='kiln' for r in rows)} rounds")
-for impl in ("kiln", "kiln_full", "torch", "torch_naive"):
-    print(f"  {impl:12s} {med(impl, 'tokens_per_s'):9.0f} tokens/s  step {med(impl, 'step_ms_median'):7.1f} ms  "
+for impl in ("kiln", "kiln_selective", "kiln_full", "torch", "torch_naive"):
+    print(f"  {impl:15s} {med(impl, 'tokens_per_s'):9.0f} tokens/s  step {med(impl, 'step_ms_median'):7.1f} ms  "
           f"peak RSS {med(impl, 'peak_rss_mb'):6.1f} MB  final loss {med(impl, 'final_loss'):.3f}")
 print(f"  kiln / torch (sdpa) tokens/s: {med('kiln','tokens_per_s') / med('torch','tokens_per_s'):.2f}x median, "
       f"{best('kiln','tokens_per_s') / best('torch','tokens_per_s'):.2f}x best-vs-best")
 print(f"  kiln / torch (naive attention): {med('kiln','tokens_per_s') / med('torch_naive','tokens_per_s'):.2f}x")
 print(f"  peak RSS torch/kiln: {med('torch','peak_rss_mb') / med('kiln','peak_rss_mb'):.2f}x; "
-      f"kiln tensor peak {med('kiln','peak_tensor_mb'):.1f} MB (none) vs {med('kiln_full','peak_tensor_mb'):.1f} MB (full recompute)")
+      f"kiln tensor peak {med('kiln','peak_tensor_mb'):.1f} MB (recompute none), {med('kiln_selective','peak_tensor_mb'):.1f} MB (selective), "
+      f"{med('kiln_full','peak_tensor_mb'):.1f} MB (full); torch saved activations {med('torch','saved_activation_mb'):.1f} MB")
 PY
