@@ -16,8 +16,8 @@
 // Napkin math: 4 layers, n_embd 128, 4 heads, context 128 → 0.81 M parameters. A step of
 // 16 × 128 tokens costs 6 · 2048 · 0.81 M ≈ 10 GFLOP (+ attention, ~0.5 GFLOP): ~70 ms at
 // ~150 GFLOP/s on 2 cores, so 1,000 steps take about 1.5-2 minutes. A uniform guess over
-// ~100 symbols is a loss of ln(100) = 4.6; a bigram model gets ~2.5; the run below reaches
-// about 1.9 on validation text it never trained on.
+// 114 symbols is a loss of ln(114) = 4.7; the default run (1,000 steps, ~2 minutes)
+// reaches a validation loss of 2.00 on text it never trained on (measured 2.0008).
 //
 // Usage: 02_char_gpt [--steps N] [--batch B] [--block T] [--layers L] [--heads H] [--embd C]
 //                    [--dropout P] [--lr X] [--threads N] [--seed S] [--data PATH] [--out DIR]
