@@ -6,17 +6,8 @@
 # python3.
 set -eu
 fixture="$1"; root="$2"
-py=""
-for cand in "${KILN_PYTHON:-}" "$root/bench/.venv/bin/python" python3; do
-  [ -n "$cand" ] || continue
-  if "$cand" -c "import safetensors.numpy, numpy" >/dev/null 2>&1; then
-    py="$cand"; break
-  fi
-done
-if [ -z "$py" ]; then
-  echo "SKIP: no Python with the safetensors and numpy packages (run bench/setup_venv.sh or set KILN_PYTHON)"
-  exit 77
-fi
+. "$(dirname "$0")/../python_or_skip.sh"
+python_or_skip "$root" "import safetensors.numpy, numpy" "the safetensors and numpy packages"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 "$fixture" write "$dir/kiln.safetensors"

@@ -5,17 +5,8 @@
 # SOURCE_ROOT/bench/.venv/bin/python (bench/setup_venv.sh installs it), python3.
 set -eu
 fixture="$1"; root="$2"
-py=""
-for cand in "${KILN_PYTHON:-}" "$root/bench/.venv/bin/python" python3; do
-  [ -n "$cand" ] || continue
-  if "$cand" -c "import tensorboard.backend.event_processing.event_accumulator" >/dev/null 2>&1; then
-    py="$cand"; break
-  fi
-done
-if [ -z "$py" ]; then
-  echo "SKIP: no Python with the tensorboard package (run bench/setup_venv.sh or set KILN_PYTHON)"
-  exit 77
-fi
+. "$(dirname "$0")/../python_or_skip.sh"
+python_or_skip "$root" "import tensorboard.backend.event_processing.event_accumulator" "the tensorboard package"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 "$fixture" "$dir" >/dev/null

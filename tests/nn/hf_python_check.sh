@@ -7,17 +7,8 @@
 # where the bench venv exists (bench/setup_venv.sh).
 set -eu
 fixture="$1"; root="$2"
-py=""
-for cand in "${KILN_PYTHON:-}" "$root/bench/.venv/bin/python" python3; do
-  [ -n "$cand" ] || continue
-  if "$cand" -c "import torch, transformers, safetensors" >/dev/null 2>&1; then
-    py="$cand"; break
-  fi
-done
-if [ -z "$py" ]; then
-  echo "SKIP: no Python with torch and transformers (bench/.venv/bin/pip install transformers, or set KILN_PYTHON)"
-  exit 77
-fi
+. "$(dirname "$0")/../python_or_skip.sh"
+python_or_skip "$root" "import torch, transformers, safetensors" "torch and transformers"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 "$fixture" "$root/tests/fixtures/hf" "$dir"

@@ -6,17 +6,8 @@
 # `tokenizers` is found: $KILN_PYTHON, SOURCE_ROOT/bench/.venv/bin/python, python3.
 set -eu
 fixture="$1"; root="$2"
-py=""
-for cand in "${KILN_PYTHON:-}" "$root/bench/.venv/bin/python" python3; do
-  [ -n "$cand" ] || continue
-  if "$cand" -c "import tokenizers" >/dev/null 2>&1; then
-    py="$cand"; break
-  fi
-done
-if [ -z "$py" ]; then
-  echo "SKIP: no Python with the tokenizers package (pip install tokenizers, or set KILN_PYTHON)"
-  exit 77
-fi
+. "$(dirname "$0")/../python_or_skip.sh"
+python_or_skip "$root" "import tokenizers" "the tokenizers package"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 "$py" - "$dir" "$fixture" <<'PY'

@@ -170,17 +170,7 @@ struct gpt2_block {
       : ln_1(c.n_embd, c.layer_norm_epsilon), ln_2(c.n_embd, c.layer_norm_epsilon), attn(c), mlp(c) {}
 
   var<T> operator()(const var<T>& x, kv_cache<T>* cache = nullptr, std::size_t layer = 0) {
-    if (cache) return forward(x, cache, layer);
-    return maybe_recompute<std::is_same_v<Recompute, recompute::full>>(
-        *this, x, [this](const var<T>& in) { return forward(in, nullptr, 0); });
-  }
-  var<T> forward(const var<T>& x, kv_cache<T>* cache, std::size_t layer) {
-    constexpr bool sel = std::is_same_v<Recompute, recompute::selective>;
-    var<T> a = cache ? attn(ln_1(x), cache, layer)
-                     : maybe_recompute<sel>(attn, ln_1(x), [this](const var<T>& in) { return attn(in); });
-    auto h = ops::add(x, a);
-    var<T> m = maybe_recompute<sel>(mlp, ln_2(h), [this](const var<T>& in) { return mlp(in); });
-    return ops::add(h, m);
+    return pre_norm_block<Recompute>(*this, x, cache, layer, ln_1, attn, ln_2, mlp);
   }
   template <class F>
   void for_each_child(F&& f) {

@@ -185,18 +185,7 @@ struct llama_block {
         mlp(c) {}
 
   var<T> operator()(const var<T>& x, kv_cache<T>* cache = nullptr, std::size_t layer = 0) {
-    if (cache) return forward(x, cache, layer);
-    return maybe_recompute<std::is_same_v<Recompute, recompute::full>>(
-        *this, x, [this](const var<T>& in) { return forward(in, nullptr, 0); });
-  }
-  var<T> forward(const var<T>& x, kv_cache<T>* cache, std::size_t layer) {
-    constexpr bool sel = std::is_same_v<Recompute, recompute::selective>;
-    var<T> a =
-        cache ? self_attn(input_layernorm(x), cache, layer)
-              : maybe_recompute<sel>(self_attn, input_layernorm(x), [this](const var<T>& in) { return self_attn(in); });
-    auto h = ops::add(x, a);
-    var<T> m = maybe_recompute<sel>(mlp, post_attention_layernorm(h), [this](const var<T>& in) { return mlp(in); });
-    return ops::add(h, m);
+    return pre_norm_block<Recompute>(*this, x, cache, layer, input_layernorm, self_attn, post_attention_layernorm, mlp);
   }
   template <class F>
   void for_each_child(F&& f) {

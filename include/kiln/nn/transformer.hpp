@@ -22,6 +22,7 @@
 
 #include "kiln/autograd/recompute.hpp"
 #include "kiln/nn/module.hpp"
+#include "kiln/ops/arithmetic.hpp"
 
 namespace kiln::nn {
 
@@ -109,6 +110,23 @@ var<T> maybe_recompute(Owner& owner, const var<T>& x, F f) {
   }
   (void)owner;
   return f(x);
+}
+
+// The pre-norm block both models use: h = x + attn(norm1(x)), out = h + mlp(norm2(h)),
+// under the Recompute policy (full: the whole block; selective: attn and mlp apart).
+template <recompute_policy R, floating_element T, class Block, class N1, class A, class N2, class M>
+var<T> pre_norm_block(Block& self, const var<T>& x, kv_cache<T>* cache, std::size_t layer, N1& norm1, A& attn,
+                      N2& norm2, M& mlp) {
+  constexpr bool sel = std::is_same_v<R, recompute::selective>;
+  auto body = [n1 = &norm1, a = &attn, n2 = &norm2, m = &mlp, cache, layer](const var<T>& in) {
+    var<T> att = cache ? (*a)((*n1)(in), cache, layer)
+                       : maybe_recompute<sel>(*a, (*n1)(in), [a](const var<T>& y) { return (*a)(y); });
+    auto h = ops::add(in, att);
+    var<T> out = maybe_recompute<sel>(*m, (*n2)(h), [m](const var<T>& y) { return (*m)(y); });
+    return ops::add(h, out);
+  };
+  if (cache) return body(x);
+  return maybe_recompute<std::is_same_v<R, recompute::full>>(self, x, body);
 }
 
 template <class M>

@@ -12,17 +12,23 @@
 
 namespace kiln::ops {
 
+namespace detail {
+// Backward of an op whose output is x's elements in the same order under another shape
+// (reshape, unflatten): x's gradient buffer is contiguous, so viewing it in the output's
+// shape is free.
+template <floating_element T, device Dev>
+auto same_order_backward(const var<T, Dev>& x) {
+  return [x](const tensor<T, Dev>& gy) mutable {
+    const grad_write m = x.begin_grad_write();
+    auto g = x.grad().reshape(gy.shape());
+    cpu::strided_store(g, gy.contiguous(), m);
+  };
+}
+}  // namespace detail
+
 template <floating_element T, device Dev>
 var<T, Dev> reshape(const var<T, Dev>& x, shape s) {
-  tensor<T, Dev> y = x.value().reshape(s);
-  return autograd::record(
-      std::move(y),
-      [x](const tensor<T, Dev>& gy) mutable {
-        const grad_write m = x.begin_grad_write();
-        auto g = x.grad().reshape(gy.shape());  // grad buffers are contiguous: a view
-        cpu::strided_store(g, gy.contiguous(), m);
-      },
-      x);
+  return autograd::record(x.value().reshape(s), detail::same_order_backward(x), x);
 }
 
 template <floating_element T, device Dev>
@@ -41,15 +47,7 @@ var<T, Dev> transpose(const var<T, Dev>& x, int d0, int d1) {
 // Splits dimension `dim` into `sizes` (a view, whatever the input's strides).
 template <floating_element T, device Dev>
 var<T, Dev> unflatten(const var<T, Dev>& x, int dim, std::initializer_list<std::int64_t> sizes) {
-  tensor<T, Dev> y = x.value().unflatten(dim, sizes);
-  return autograd::record(
-      std::move(y),
-      [x](const tensor<T, Dev>& gy) mutable {
-        const grad_write m = x.begin_grad_write();
-        auto g = x.grad().reshape(gy.shape());  // grad buffers are contiguous: a view
-        cpu::strided_store(g, gy.contiguous(), m);
-      },
-      x);
+  return autograd::record(x.value().unflatten(dim, sizes), detail::same_order_backward(x), x);
 }
 
 // Elements [start, end) of `dim` with step (a view).
