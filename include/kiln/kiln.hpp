@@ -41,3 +41,4 @@
 #include "kiln/optim/clip.hpp"
 #include "kiln/optim/schedule.hpp"
 #include "kiln/optim/sgd.hpp"
+#include "kiln/precision/loss_scaler.hpp"
