@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "kiln/core/error.hpp"
+#include "kiln/core/utf8.hpp"
 
 namespace kiln::io {
 
@@ -434,23 +435,6 @@ class json {
       }
       return v;
     }
-    static void put_utf8(unsigned cp, std::string& out) {
-      if (cp < 0x80) {
-        out += static_cast<char>(cp);
-      } else if (cp < 0x800) {
-        out += static_cast<char>(0xC0 | (cp >> 6));
-        out += static_cast<char>(0x80 | (cp & 0x3F));
-      } else if (cp < 0x10000) {
-        out += static_cast<char>(0xE0 | (cp >> 12));
-        out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-        out += static_cast<char>(0x80 | (cp & 0x3F));
-      } else {
-        out += static_cast<char>(0xF0 | (cp >> 18));
-        out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-        out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-        out += static_cast<char>(0x80 | (cp & 0x3F));
-      }
-    }
     std::string string_value() {
       ++pos;  // '"'
       std::string out;
@@ -506,7 +490,7 @@ class json {
             } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
               fail("a high surrogate before a low one");
             }
-            put_utf8(cp, out);
+            append_utf8(cp, out);
             break;
           }
           default:

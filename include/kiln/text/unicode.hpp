@@ -29,6 +29,8 @@
 #include <string_view>
 #include <vector>
 
+#include "kiln/core/utf8.hpp"
+
 namespace kiln::text {
 
 enum class char_class : std::uint8_t { other, letter, number, space };
@@ -216,25 +218,6 @@ inline constexpr byte_alphabet alphabet{};
 inline constexpr std::uint32_t byte_to_unicode(std::uint8_t b) { return detail::alphabet.to_cp[b]; }
 // The byte a code point of the alphabet stands for, or -1.
 inline constexpr int unicode_to_byte(std::uint32_t cp) { return cp < 324 ? detail::alphabet.to_byte[cp] : -1; }
-
-// Appends the UTF-8 encoding of cp.
-inline void append_utf8(std::uint32_t cp, std::string& out) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
 
 struct utf8_unit {
   std::uint32_t cp;  // the code point, or the byte value when invalid
