@@ -234,7 +234,7 @@ TEST_CASE("generate: greedy, seeded sampling, filters, stop tokens, streaming, b
   auto ctx = nn::generate(g, prompt, {.max_new_tokens = 100, .greedy = true});
   CHECK(ctx.reason == nn::stop_reason::context_full);
   CHECK(ctx.tokens.size() == 24 - 3 + 1);
-  CHECK(g.transformer.h[0].attn.training);  // mode restored
+  CHECK(g.transformer.h[0].attn.attn_dropout.training);  // mode restored
   CHECK_THROWS_WITH_AS(nn::generate(g, std::vector<std::int64_t>{40}, {}), doctest::Contains("outside the vocabulary"),
                        error);
   CHECK_THROWS_WITH_AS(nn::generate(g, prompt, {.top_p = 0.0f}), doctest::Contains("top_p 0 in (0, 1]"), error);

@@ -100,7 +100,6 @@ struct gpt2_attention {
   linear<T> c_attn, c_proj;
   dropout attn_dropout, resid_dropout;
   std::int64_t n_head = 0;
-  bool training = true;
 
   gpt2_attention() = default;
   explicit gpt2_attention(const gpt2_config& c)
@@ -116,13 +115,8 @@ struct gpt2_attention {
     auto q = ops::unflatten(ops::slice(qkv, 2, 0, C), 2, {n_head, D});
     auto k = ops::unflatten(ops::slice(qkv, 2, C, 2 * C), 2, {n_head, D});
     auto v = ops::unflatten(ops::slice(qkv, 2, 2 * C, 3 * C), 2, {n_head, D});
-    ops::attention_options o;
     if (cache) std::tie(k, v) = cache->append(layer, k.value(), v.value());
-    o.q_offset = cache ? cache->length : 0;
-    if (training && attn_dropout.p > 0.0f) {
-      o.dropout_p = attn_dropout.p;
-      o.rng = attn_dropout.generator.take(static_cast<std::uint64_t>(B * n_head * Tn * k.size(1)));
-    }
+    const auto o = attention_options_for(attn_dropout, cache ? cache->length : 0, B * n_head * Tn * k.size(1));
     auto a = ops::attention<Mask>(q, k, v, o);
     return resid_dropout(c_proj(ops::reshape(a, shape{B, Tn, C})));
   }

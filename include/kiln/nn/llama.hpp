@@ -115,7 +115,6 @@ struct llama_attention {
   dropout attn_dropout;
   std::int64_t n_head = 0, n_kv = 0, head_dim = 0;
   double rope_theta = 10000.0;
-  bool training = true;
 
   llama_attention() = default;
   explicit llama_attention(const llama_config& c)
@@ -135,12 +134,7 @@ struct llama_attention {
     auto k = ops::rope(ops::unflatten(k_proj(x), 2, {n_kv, head_dim}), first, rope_theta);
     auto v = ops::unflatten(v_proj(x), 2, {n_kv, head_dim});
     if (cache) std::tie(k, v) = cache->append(layer, k.value(), v.value());
-    ops::attention_options o;
-    o.q_offset = first;
-    if (training && attn_dropout.p > 0.0f) {
-      o.dropout_p = attn_dropout.p;
-      o.rng = attn_dropout.generator.take(static_cast<std::uint64_t>(B * n_head * Tn * k.size(1)));
-    }
+    const auto o = attention_options_for(attn_dropout, first, B * n_head * Tn * k.size(1));
     auto a = ops::attention<Mask>(q, k, v, o);
     return o_proj(ops::reshape(a, shape{B, Tn, n_head * head_dim}));
   }

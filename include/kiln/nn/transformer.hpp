@@ -21,8 +21,10 @@
 #include <vector>
 
 #include "kiln/autograd/recompute.hpp"
+#include "kiln/nn/dropout.hpp"
 #include "kiln/nn/module.hpp"
 #include "kiln/ops/arithmetic.hpp"
+#include "kiln/ops/attention.hpp"
 
 namespace kiln::nn {
 
@@ -100,6 +102,19 @@ struct kv_cache {
     return {var<T>(keys[l].slice(1, 0, length + t)), var<T>(values[l].slice(1, 0, length + t))};
   }
 };
+
+// Options for an attention call: queries at q_offset, and — while `drop` is in training
+// mode with p > 0 — dropout on the probabilities from drop's own stream, which reserves
+// one element per score (B·Hq·T·S), so replays and resumes draw the same masks.
+inline ops::attention_options attention_options_for(dropout& drop, std::int64_t q_offset, std::int64_t scores) {
+  ops::attention_options o;
+  o.q_offset = q_offset;
+  if (drop.training && drop.p > 0.0f) {
+    o.dropout_p = drop.p;
+    o.rng = drop.generator.take(static_cast<std::uint64_t>(scores));
+  }
+  return o;
+}
 
 // Runs a segment under the policy's recomputation rule (never with a cache: decoding
 // runs without gradients).
