@@ -2,7 +2,8 @@
 //
 // Spec: checks the training loss after every training_step (on_before_backward), every
 // gradient before each optimizer step (on_before_optimizer_step — after accumulation
-// normalisation and unscaling, before clipping) and, with check_parameters, every
+// normalisation and unscaling, before clipping; the f32 masters' gradients under mixed
+// precision; a loss-scale overflow that f16_mixed will skip is not an error) and, with check_parameters, every
 // parameter after the step (on_train_batch_end). The first NaN or infinity found throws
 // a kiln::error naming the tensor ("gradient of net.2.weight"), the element's flat index
 // and value, the epoch and the global step, instead of letting the run continue to
@@ -28,7 +29,8 @@ struct nan_detector {
     if (!std::isfinite(v)) fail(ctx, "training loss", 0, v);
   }
   void on_before_optimizer_step(auto& ctx) {
-    nn::visit_parameters(ctx.model(), [&](const std::string& name, auto& p) {
+    if (ctx.precision().overflowed()) return;  // f16_mixed skips this step and backs the loss scale off
+    nn::visit_parameters(ctx.master_parameters(), [&](const std::string& name, auto& p) {
       if (p.has_grad()) scan(ctx, "gradient of " + name, p.grad());
     });
   }

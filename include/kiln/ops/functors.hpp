@@ -176,4 +176,19 @@ struct sgd_update {
   }
 };
 
+
+// f32 → bf16 with stochastic rounding (Gupta et al. 2015; "Revisiting BFloat16 Training",
+// Zamirai et al. 2020): x rounds up to the next bf16 with probability equal to its
+// distance from the lower one, so E[round(x)] = x and many small updates to a bf16
+// weight add up instead of vanishing under round-to-nearest. `r` supplies 16 random
+// bits (the low half of one counter-RNG draw). Infinities and NaN pass through; a
+// finite value that would round past the largest bf16 saturates to it.
+KILN_HOST_DEVICE inline std::uint16_t bf16_bits_stochastic(float x, std::uint32_t r) {
+  const std::uint32_t u = std::bit_cast<std::uint32_t>(x);
+  if ((u & 0x7F800000u) == 0x7F800000u) return static_cast<std::uint16_t>((u >> 16) | ((u & 0xFFFFu) ? 0x40u : 0u));
+  const std::uint32_t up = u + (r & 0xFFFFu);
+  if ((up & 0x7F800000u) == 0x7F800000u) return static_cast<std::uint16_t>(((u >> 16) & 0x8000u) | 0x7F7Fu);
+  return static_cast<std::uint16_t>(up >> 16);
+}
+
 }  // namespace kiln::ops::fn

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kiln/core/cpu_runtime.hpp"
+#include "kiln/core/philox.hpp"
 #include "kiln/ops/functors.hpp"
 #include "kiln/optim/optimizer.hpp"
 
@@ -74,6 +75,20 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
   requires nn::module<M> adamw(M& module, adamw_options defaults = {})
       : adamw(decay_groups<T, Dev>(module, defaults.weight_decay), defaults) {}
 
+  // The same optimizer — options, each group's rate and decay — over the parameters
+  // map(named_parameter) returns; state starts afresh.
+  template <floating_element U, device D2 = Dev, class Map>
+  adamw<U, D2> rebind(Map&& map) const {
+    return adamw<U, D2>(this->template mapped_groups<U, D2>(map), defaults_);
+  }
+  // bf16 parameters only: see param_rounding.
+  void set_rounding(param_rounding r) {
+    KILN_CHECK(!r.stochastic || (std::is_same_v<T, bf16>), "adamw: stochastic rounding applies to bf16 parameters, not ",
+               dtype_name(dtype_of<T>));
+    rounding_ = r;
+  }
+  const param_rounding& rounding() const { return rounding_; }
+
   void step() {
     cpu_runtime::ensure_initialised();
     struct chunk {
@@ -81,7 +96,9 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
       const T* g;
       std::int64_t n;
       std::size_t group;
+      std::int64_t first;  // index of the chunk's first element among all the optimizer's elements
     };
+    std::int64_t element = 0;
     std::vector<chunk> chunks;
     std::vector<ops::fn::adamw_update> upd;
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
@@ -94,7 +111,8 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
         const std::int64_t n = p.numel();
         for (std::int64_t off = 0; off < n; off += chunk_elements)
           chunks.push_back({p.value().data() + off, g.exp_avg[i].data() + off, g.exp_avg_sq[i].data() + off,
-                            p.grad().data() + off, std::min(chunk_elements, n - off), gi});
+                            p.grad().data() + off, std::min(chunk_elements, n - off), gi, element + off});
+        element += n;
       }
       if (any) ++g.step;
       const double bc1 = 1.0 - std::pow(defaults_.beta1, static_cast<double>(g.step));
@@ -112,6 +130,22 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
         T* __restrict vp = ch.v;
         const T* __restrict gp = ch.g;
         const std::int64_t n = ch.n;
+        if constexpr (std::is_same_v<T, bf16>) {
+          if (rounding_.stochastic) {
+            // Key: (seed, this group's step); counter: the element's index. 2^40 elements per step.
+            const philox_stream rs{rounding_.seed ^ (0x9E3779B97F4A7C15ULL * (ch.group + 1)),
+                                   static_cast<std::uint64_t>(groups_[ch.group].step) << 40};
+            for (std::int64_t i = 0; i < n; ++i) {
+              C p = C(pp[i]), m = C(mp[i]), v = C(vp[i]);
+              u(p, C(gp[i]), m, v);
+              pp[i] = Eigen::numext::bit_cast<bf16>(
+                  ops::fn::bf16_bits_stochastic(p, rs.bits(static_cast<std::uint64_t>(ch.first + i))));
+              mp[i] = T(m);
+              vp[i] = T(v);
+            }
+            continue;
+          }
+        }
 #pragma omp simd
         for (std::int64_t i = 0; i < n; ++i) {
           C p = C(pp[i]), m = C(mp[i]), v = C(vp[i]);
@@ -162,6 +196,7 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
 
  private:
   adamw_options defaults_;
+  param_rounding rounding_{};
 };
 
 }  // namespace kiln::optim

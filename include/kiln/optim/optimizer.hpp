@@ -77,11 +77,43 @@ std::vector<param_group<T, Dev>> single_group(M& module) {
   return {g};
 }
 
+// How an optimizer stores updated bf16 parameters: rounded to nearest (the default), or
+// stochastically (E[stored] = computed, so updates far below a bf16 ulp still move the
+// weight on average; precision::bf16_true turns it on). Draw i of step t for element e
+// is bit-for-bit a function of (seed, t, e), so a resumed run rounds identically.
+struct param_rounding {
+  bool stochastic = false;
+  std::uint64_t seed = 0;
+};
+
 // The group bookkeeping every optimizer shares. Group must have `params` (named
-// parameters) and `lr`.
+// parameters), `lr` and `weight_decay`.
 template <class Group>
 class group_owner {
  public:
+  // The groups with their parameters replaced by map(named_parameter) and their own
+  // learning rates and decay kept: what an optimizer's rebind() builds the same
+  // optimizer over other parameters from (mixed precision moves a bf16 model's optimizer
+  // onto the f32 master copies this way).
+  template <floating_element U, device D2, class Map>
+  std::vector<param_group<U, D2>> mapped_groups(Map&& map) const {
+    std::vector<param_group<U, D2>> out;
+    for (auto& g : groups_) {
+      param_group<U, D2> ng;
+      ng.lr = g.lr;
+      ng.weight_decay = g.weight_decay;
+      for (auto& np : g.params) ng.params.push_back({np.name, map(np)});
+      out.push_back(std::move(ng));
+    }
+    return out;
+  }
+  // Every parameter the optimizer steps, in group order.
+  template <class F>
+  void for_each_parameter(F&& f) const {
+    for (auto& g : groups_)
+      for (auto& np : g.params) f(np);
+  }
+
   // Closes every parameter's gradient window (the next backward overwrites).
   void zero_grad() {
     for (auto& g : groups_)

@@ -64,6 +64,13 @@ class sgd : public group_owner<detail::sgd_group<T, Dev>> {
   template <class M>
   requires nn::module<M> sgd(M& module, sgd_options defaults = {}) : sgd(single_group<T, Dev>(module), defaults) {}
 
+  // The same optimizer — options, each group's rate and decay — over the parameters
+  // map(named_parameter) returns; state starts afresh.
+  template <floating_element U, device D2 = Dev, class Map>
+  sgd<U, D2> rebind(Map&& map) const {
+    return sgd<U, D2>(this->template mapped_groups<U, D2>(map), defaults_);
+  }
+
   void step() {
     cpu_runtime::ensure_initialised();
     using C = compute_t<T>;

@@ -142,6 +142,53 @@ class dynamic_loss_scaler {
   int hysteresis_left_ = 1;
 };
 
+// A fixed scale (DeepSpeed's `loss_scale: S`, S > 0): an overflowing step is skipped, the
+// scale never changes.
+class static_loss_scaler {
+ public:
+  explicit static_loss_scaler(double scale = 128.0) : scale_(scale) {
+    KILN_CHECK(scale_ > 0 && std::isfinite(scale_), "static_loss_scaler: scale ", scale_, " must be positive");
+  }
+  double scale() const { return scale_; }
+  std::int64_t iteration() const { return iter_; }
+  std::int64_t skipped_steps() const { return skipped_; }
+  bool update(bool overflow) {
+    ++iter_;
+    skipped_ += overflow;
+    return overflow;
+  }
+  io::json state_json() const {
+    io::json j = io::json::object();
+    j.set("scale", scale_);
+    j.set("iteration", iter_);
+    j.set("skipped_steps", skipped_);
+    return j;
+  }
+  void load_state(const io::json& j, std::string_view where = "checkpoint") {
+    const std::string w(where);
+    KILN_CHECK(j.is_object() && j.contains("scale") && j.contains("iteration") && j.contains("skipped_steps"), w,
+               ": static loss scaler state needs fields scale, iteration, skipped_steps");
+    const double s = j.at("scale").as_double("scale");
+    KILN_CHECK(s == scale_, w, ": the checkpoint's static loss scale is ", s, ", this run's is ", scale_);
+    iter_ = j.at("iteration").as_int("iteration");
+    skipped_ = j.at("skipped_steps").as_int("skipped_steps");
+  }
+
+ private:
+  double scale_;
+  std::int64_t iter_ = 0, skipped_ = 0;
+};
+
+// What f16_mixed<Scaler> needs of a loss scaler.
+template <class S>
+concept loss_scaler = requires(S& s, const S& cs, const io::json& j) {
+  { cs.scale() } -> std::convertible_to<double>;
+  { s.update(true) } -> std::same_as<bool>;
+  { cs.skipped_steps() } -> std::convertible_to<std::int64_t>;
+  { cs.state_json() } -> std::same_as<io::json>;
+  s.load_state(j, std::string_view{});
+};
+
 // True when any element of t is an inf or a NaN (the overflow test on gradients).
 template <element T, device Dev>
 bool has_non_finite(const tensor<T, Dev>& t) {

@@ -136,6 +136,14 @@ class context {
     return it->second;
   }
 
+  // --- precision ---
+  // The precision policy (loss scale, overflow state, master weights).
+  auto& precision() const { return t_->precision_; }
+  // The parameters the optimizer steps: the model itself, or under bf16_mixed/f16_mixed
+  // its f32 master copies (same names), whose gradients at on_before_optimizer_step are
+  // the unscaled, normalised ones the step and the clipping use.
+  auto& master_parameters() const { return t_->precision_.master_parameters(*t_->model_); }
+
   // --- optimizers ---
   static constexpr std::size_t num_optimizers() { return Trainer::num_optimizers; }
   template <std::size_t I = 0>

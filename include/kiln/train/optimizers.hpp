@@ -1,9 +1,9 @@
 // kiln/train/optimizers.hpp — what configure_optimizers() returns, as the trainer holds it.
 //
 // Spec: configure_optimizers() may return an optimizer, optim::with_schedule(optimizer,
-// schedule), or a std::tuple of either. optimizers_of<M>::type is always a tuple of
-// optim::scheduled<O, S>, with S = no_schedule for an optimizer given alone, so the loop
-// and the checkpoint code handle one shape.
+// schedule), or a std::tuple of either. optimizers_of<M, Precision>::type is always a
+// tuple of optim::scheduled<O, S>, with S = no_schedule for an optimizer given alone and
+// O as the precision policy adapted it, so the loop and the checkpoint code handle one shape.
 #pragma once
 
 #include <tuple>
@@ -38,14 +38,33 @@ struct optim_pack<std::tuple<R...>> {
     return std::apply([](auto&&... x) { return type{as_scheduled<R>::make(std::move(x))...}; }, std::move(r));
   }
 };
-template <class M>
+// The pack as the precision policy P keeps it: each optimizer O becomes
+// P::optimizer_t<O> (the mixed policies rebind it to f32 master weights), its schedule
+// unchanged. adapt_pack builds it from the user's pack before any schedule is bound.
+template <class Pack, class P>
+struct adapted_pack;
+template <class... O, class... S, class P>
+struct adapted_pack<std::tuple<optim::scheduled<O, S>...>, P> {
+  using type = std::tuple<optim::scheduled<typename P::template optimizer_t<O>, S>...>;
+  static type make(std::tuple<optim::scheduled<O, S>...>&& pack, P& precision) {
+    return std::apply(
+        [&](auto&&... so) {
+          return type{optim::scheduled<typename P::template optimizer_t<O>, S>{
+              precision.adapt(std::move(so.optimizer)), std::move(so.schedule), std::move(so.options)}...};
+        },
+        std::move(pack));
+  }
+};
+
+template <class M, class P>
 struct optimizers_of {
   using type = std::tuple<>;
 };
-template <has_configure_optimizers M>
-struct optimizers_of<M> {
+template <has_configure_optimizers M, class P>
+struct optimizers_of<M, P> {
   using raw = std::remove_cvref_t<decltype(std::declval<M&>().configure_optimizers())>;
-  using type = typename optim_pack<raw>::type;
+  using user_type = typename optim_pack<raw>::type;
+  using type = typename adapted_pack<user_type, P>::type;
 };
 
 }  // namespace kiln::train::detail

@@ -41,7 +41,7 @@
 #include "kiln/nn/module.hpp"
 #include "kiln/optim/clip.hpp"
 #include "kiln/optim/schedule.hpp"
-#include "kiln/precision/fp32.hpp"
+#include "kiln/precision/precision.hpp"
 #include "kiln/strategy/single_device.hpp"
 #include "kiln/train/checkpointing.hpp"
 #include "kiln/train/context.hpp"
@@ -89,13 +89,14 @@ class trainer {
                 "kiln::trainer<Module, Strategy, Precision, Callbacks...>: every type after the precision policy "
                 "must be a callback, i.e. declare `using hooks = kiln::hook_list<...>`");
   static_assert(std::is_class_v<Module>, "kiln::trainer: the first parameter must be the module type");
+  static_assert((Precision::template check_module<Module>(), true));
 
  public:
   using module_type = Module;
   using strategy_type = Strategy;
   using precision_type = Precision;
   using context_type = train::context<trainer>;
-  using optimizers_type = typename train::detail::optimizers_of<Module>::type;
+  using optimizers_type = typename train::detail::optimizers_of<Module, Precision>::type;
   static constexpr std::size_t num_optimizers = std::tuple_size_v<optimizers_type>;
   static constexpr bool automatic = train::automatic_optimization_of<Module>();
 
@@ -506,9 +507,13 @@ class trainer {
       fire<hook::setup>(train::stage::fit);
       fire<hook::configure_model>();
       if (resume) codec::restore_modules(*this, *resume, undo);
+      precision_.setup(model);
       optimizers_.reset();
-      optimizers_.emplace(train::detail::optim_pack<std::remove_cvref_t<decltype(model.configure_optimizers())>>::make(
-          model.configure_optimizers()));
+      {
+        using raw = std::remove_cvref_t<decltype(model.configure_optimizers())>;
+        optimizers_.emplace(train::detail::adapted_pack<typename train::detail::optim_pack<raw>::type, Precision>::make(
+            train::detail::optim_pack<raw>::make(model.configure_optimizers()), precision_));
+      }
       std::apply([](auto&... so) { (bind_schedule(so), ...); }, *optimizers_);
       strategy_.setup(model);
       nn::train(model);
@@ -740,7 +745,11 @@ class trainer {
   template <class T, class D>
   void backward_with_hooks(const var<T, D>& loss, double weight) {
     fire<hook::on_before_backward>(loss);
-    precision_.backward(loss, weight);
+    try {
+      precision_.backward(loss, weight, *model_);
+    } catch (error& e) {
+      throw e.with_context(position());
+    }
     fire<hook::on_after_backward>();
   }
 
@@ -751,25 +760,41 @@ class trainer {
     precision_.unscale(*model_, accumulated ? 1.0 / window_items_ : 1.0);
     fire<hook::on_before_optimizer_step>();
     clip();
-    precision_.step(so.optimizer);
+    const bool stepped = precision_step(so.optimizer);
     accum_count_ = 0;
     window_items_ = 0;
     ++state_.global_step;
-    step_schedules(optim::interval::step);
+    // A step skipped on a loss-scale overflow leaves the schedules where they are (DeepSpeed).
+    if (stepped) step_schedules(optim::interval::step);
   }
 
+  template <class O>
+  bool precision_step(O& optimizer) {
+    try {
+      return precision_.step(optimizer, *model_);
+    } catch (error& e) {
+      throw e.with_context(position());
+    }
+  }
+  std::string position() const {
+    return "at epoch " + std::to_string(state_.epoch) + ", global step " + std::to_string(state_.global_step) +
+           ", batch " + std::to_string(state_.batch_idx) + " (precision::" + Precision::name + ")";
+  }
+
+  // Clipping acts on the gradients the optimizer steps (the f32 masters under mixed precision).
   void clip() {
     if (options_.gradient_clip_val <= 0) return;
+    auto& target = precision_.master_parameters(*model_);
     if (options_.gradient_clip_algorithm == train::clip_algorithm::norm)
-      optim::clip_grad_norm(*model_, options_.gradient_clip_val);
+      optim::clip_grad_norm(target, options_.gradient_clip_val);
     else
-      optim::clip_grad_value(*model_, options_.gradient_clip_val);
+      optim::clip_grad_value(target, options_.gradient_clip_val);
   }
 
   template <std::size_t I>
   void manual_optimizer_step() {
     fire<hook::on_before_optimizer_step>();
-    precision_.step(std::get<I>(*optimizers_).optimizer);
+    precision_step(std::get<I>(*optimizers_).optimizer);
     ++state_.global_step;
   }
   template <std::size_t I>

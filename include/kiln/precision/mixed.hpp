@@ -1,0 +1,204 @@
+// kiln/precision/mixed.hpp — mixed precision: bf16/f16 compute, f32 master weights.
+//
+// precision::bf16_mixed and precision::f16_mixed<Scaler> train a module whose parameters
+// (and so activations) are bf16 or f16, while the optimizer steps f32 master copies
+// (precision/master_weights.hpp) with f32 moments; after each step the masters are
+// written back, rounded to nearest or (bf16_mixed, stochastic_rounding) stochastically.
+// Gradients are accumulated across micro-batches in f32 (each micro-batch's Half
+// gradient is folded into the master's before the next backward), unscaled in f32 before
+// clipping and on_before_optimizer_step, and clipping, norms and nan checks see the f32
+// master gradients (master_parameters()).
+// f16_mixed multiplies the loss by the loss scale S before backward (f16 gradients
+// underflow below 6e-8) and divides by S in the unscale; an inf or NaN anywhere in the
+// folded gradients is an overflow: the step is skipped and the scaler backs off
+// (precision/loss_scaler.hpp: DeepSpeed's window, hysteresis, min scale). bf16 shares
+// f32's exponent range and needs no scale: a non-finite loss or gradient there is an
+// error naming the first offending parameter (check_finite).
+// Memory per trainable parameter (AdamW): 2 (Half value) + 2 (Half gradient) + 4 (master)
+// + 4 (master gradient) + 8 (moments) = 20 bytes, against fp32's 16; DeepSpeed's 16 keeps
+// no f32 gradient (it accumulates in Half).
+// Checkpoints hold the masters (and open master gradients), the rounding counter and the
+// scaler's state, so a resume continues bit for bit.
+#pragma once
+
+#include <string>
+#include <type_traits>
+
+#include "kiln/optim/clip.hpp"
+#include "kiln/precision/loss_scaler.hpp"
+#include "kiln/precision/master_weights.hpp"
+#include "kiln/precision/policy.hpp"
+
+namespace kiln::precision {
+
+// No loss scaling (bf16).
+struct no_loss_scaling {
+  static constexpr double scale() { return 1.0; }
+};
+
+namespace detail {
+
+template <floating_element Half>
+struct rebind_probe {
+  var<f32> operator()(const nn::named_parameter<Half>&) const;
+};
+
+template <class O, floating_element Half>
+constexpr auto rebound_optimizer() {
+  if constexpr (requires(const O& o) { o.template rebind<f32, cpu>(rebind_probe<Half>{}); }) {
+    return std::type_identity<decltype(std::declval<const O&>().template rebind<f32, cpu>(rebind_probe<Half>{}))>{};
+  } else {
+    static_assert(sizeof(O) == 0,
+                  "kiln::precision (bf16_mixed / f16_mixed): the optimizer returned by configure_optimizers() has no "
+                  "`template <floating_element U, device D, class Map> auto rebind(Map) const` building the same "
+                  "optimizer over the f32 master weights; add one (see optim::adamw::rebind) or use "
+                  "precision::bf16_true / f16_true, which step the parameters directly");
+    return std::type_identity<O>{};
+  }
+}
+
+template <floating_element Half, class Scaler, class Derived>
+class mixed {
+ public:
+  using param_type = Half;
+  static constexpr bool scaled = !std::is_same_v<Scaler, no_loss_scaling>;
+  static constexpr bool keeps_masters = true;
+
+  bool check_finite = true;  // bf16: a non-finite loss or gradient is an error (f16: an overflow)
+  Scaler scaler{};
+
+  template <class O>
+  using optimizer_t = typename decltype(rebound_optimizer<O, Half>())::type;
+
+  template <class Module>
+  static constexpr void check_module() {
+    check_module_common<Module, Derived>();
+  }
+
+  template <class M>
+  void setup(M& model) {
+    masters_.bind(model, Derived::name);
+    masters_.clear_overflow();
+    unscaled_ = false;
+  }
+  template <class O>
+  optimizer_t<O> adapt(O&& o) {
+    return o.template rebind<f32, cpu>(
+        [&](const nn::named_parameter<Half>& np) { return masters_.master_of(np.param, Derived::name); });
+  }
+
+  template <class T, class D, class M>
+  void backward(var<T, D> loss, double weight, M& model) {
+    static_assert(!(scaled && std::is_same_v<T, f16>),
+                  "kiln::precision::f16_mixed: training_step returned an f16 loss, but the loss scale (2^16 by "
+                  "default) does not fit in f16 (max 65504); compute the loss in f32 — "
+                  "kiln::cross_entropy(kiln::ops::cast<float>(logits), labels) — as autocast does");
+    masters_.fold();  // the previous micro-batch of this window
+    if constexpr (!scaled)
+      if (check_finite) check_loss_finite(loss, model, Derived::name);
+    seeded_backward(loss, weight * scale());
+  }
+  template <class M>
+  void unscale(M&, double factor) {
+    masters_.fold();
+    const double f = factor / scale();
+    if (!masters_.overflow() && f != 1.0) optim::scale_gradients(masters_, f);
+    unscaled_ = true;
+  }
+  master_weights<Half>& master_parameters(auto&) { return masters_; }
+  const master_weights<Half>& masters() const { return masters_; }
+  bool overflowed() const { return scaled && masters_.overflow(); }
+  double scale() const { return scaler.scale(); }
+
+  template <class O, class M>
+  bool step(O& optimizer, M& model) {
+    if (!unscaled_) unscale(model, 1.0);  // manual optimisation steps without the trainer's unscale
+    unscaled_ = false;
+    bool skip = false;
+    if constexpr (scaled) {
+      skip = scaler.update(masters_.overflow());
+    } else {
+      if (check_finite && masters_.overflow()) check_gradients_finite(masters_, Derived::name);
+    }
+    if (!skip) {
+      optimizer.step();
+      masters_.publish(static_cast<const Derived&>(*this).rounding(), publishes_++);
+    }
+    masters_.clear_overflow();
+    return !skip;
+  }
+
+  template <class Out>
+  void save_state(const Out& out) const {
+    io::json& j = out.state();
+    j.set("policy", std::string(Derived::name));
+    j.set("publishes", static_cast<std::int64_t>(publishes_));
+    j.set("overflow", masters_.overflow());
+    if constexpr (scaled) j.set("scaler", scaler.state_json());
+    for (auto& l : masters_.links()) {
+      out.add("master/" + l.name, l.master.value());
+      if (l.master.has_grad()) out.add("master_grad/" + l.name, l.master.grad());
+    }
+  }
+  template <class In>
+  void load_state(const In& in) {
+    const io::json& j = in.state();
+    const std::string& file = in.file_name();
+    const io::json* pol = j.find("policy");
+    KILN_CHECK(pol != nullptr, file, ": the checkpoint holds no ", Derived::name,
+               " state (no f32 master weights): it was written under another precision policy");
+    KILN_CHECK(pol->as_string("precision.policy") == Derived::name, file, ": the checkpoint was written under precision::",
+               pol->as_string(), ", this trainer uses precision::", Derived::name);
+    const std::int64_t pub = j.at("publishes").as_int("precision.publishes");
+    const bool overflow = j.at("overflow").as_bool("precision.overflow");
+    for (auto& l : masters_.links()) {
+      KILN_CHECK(in.contains("master/" + l.name), file, ": missing master weight 'precision/master/", l.name, "'");
+      const auto t = in.template load<f32>("master/" + l.name);
+      KILN_CHECK(t.shape() == l.master.shape(), file, ": master weight 'precision/master/", l.name, "' has shape ",
+                 t.shape().str(), ", the parameter has ", l.master.shape().str());
+    }
+    Scaler restored = scaler;
+    if constexpr (scaled) {
+      KILN_CHECK(j.contains("scaler"), file, ": the checkpoint has no loss-scaler state");
+      restored.load_state(j.at("scaler"), file + ": precision.scaler");
+    }
+    // Apply (everything above has been checked).
+    for (auto& l : masters_.links()) {
+      l.master.value().copy_from(in.template load<f32>("master/" + l.name));
+      l.master.zero_grad();
+      if (in.contains("master_grad/" + l.name)) {
+        l.master.begin_grad_write();
+        l.master.grad().copy_from(in.template load<f32>("master_grad/" + l.name));
+      }
+    }
+    masters_.clear_overflow();
+    if (overflow) masters_.mark_overflow();
+    publishes_ = static_cast<std::uint64_t>(pub);
+    scaler = restored;
+  }
+
+ private:
+  master_weights<Half> masters_;
+  std::uint64_t publishes_ = 0;  // master → model write-backs: the stochastic-rounding key
+  bool unscaled_ = false;
+};
+
+}  // namespace detail
+
+// bf16 parameters and activations, f32 master weights and optimizer math. Set
+// stochastic_rounding to round the write-back of the masters stochastically.
+struct bf16_mixed : detail::mixed<bf16, no_loss_scaling, bf16_mixed> {
+  static constexpr const char* name = "bf16_mixed";
+  bool stochastic_rounding = false;
+  std::uint64_t rounding_seed = 0x5eed;
+  optim::param_rounding rounding() const { return {stochastic_rounding, rounding_seed}; }
+};
+
+// f16 parameters and activations, f32 master weights, dynamic (or static) loss scaling.
+template <loss_scaler Scaler = dynamic_loss_scaler>
+struct f16_mixed : detail::mixed<f16, Scaler, f16_mixed<Scaler>> {
+  static constexpr const char* name = "f16_mixed";
+  optim::param_rounding rounding() const { return {}; }
+};
+
+}  // namespace kiln::precision

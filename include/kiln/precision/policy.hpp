@@ -1,0 +1,172 @@
+// kiln/precision/policy.hpp — what a precision policy is, and what they share.
+//
+// Spec: a *precision policy* fills the Precision slot of kiln::trainer. It owns how the
+// loss becomes gradients and how those reach the optimizer:
+//   param_type            the element type the module's parameters (and so its
+//                         activations) have: f32, bf16 or f16. param_t<P> names it, so a
+//                         module written as a template over its element type is spelled
+//                         `classifier<kiln::precision::param_t<P>>`;
+//   optimizer_t<O>        the optimizer the trainer keeps for the O configure_optimizers()
+//                         returned (the mixed policies rebind it to f32 master copies);
+//   setup(model)          after configure_model (and a resume's weights), before
+//                         configure_optimizers: the mixed policies create their masters;
+//   adapt(O&&)            turns the user's optimizer into optimizer_t<O>;
+//   backward(loss, w, m)  runs backward with seed w·S (S the loss scale, 1 without one);
+//   unscale(m, factor)    once per optimizer step, before clipping and
+//                         on_before_optimizer_step: gradients times factor / S, in f32;
+//   master_parameters(m)  the module whose gradients the optimizer steps — the model
+//                         itself, or the f32 masters (same names) — for clipping, norms
+//                         and nan checks;
+//   step(opt, m)          steps, or skips on a loss-scale overflow and returns false;
+//   overflowed()          true between an overflow's unscale and its skipped step;
+//   plan_bytes(m)         master values and gradients it adds, for trainer.plan();
+//   check_module<M>()     compile-time rules on the module (static_asserts).
+// Stateful policies add save_state/load_state (checkpoint sections) so a resume continues
+// the loss scale and the rounding stream exactly.
+// A non-finite loss or gradient under fp32 and bf16 is an error naming the first
+// offending parameter (check_finite, on by default); under f16_mixed it is the overflow
+// signal that the loss scaler handles.
+#pragma once
+
+#include <cmath>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <type_traits>
+
+#include "kiln/autograd/var.hpp"
+#include "kiln/core/error.hpp"
+#include "kiln/nn/module.hpp"
+
+namespace kiln::precision {
+
+template <class P>
+using param_t = typename P::param_type;
+
+// A module's element type when its type says it: a member `element_type`, or a template
+// over one floating element type (`classifier<bf16>`). void when the type does not say.
+namespace detail {
+template <class M>
+struct template_element {
+  using type = void;
+};
+template <template <class> class Tmpl, floating_element T>
+struct template_element<Tmpl<T>> {
+  using type = T;
+};
+template <class M>
+constexpr auto module_element_probe() {
+  if constexpr (requires { typename M::element_type; })
+    return std::type_identity<typename M::element_type>{};
+  else
+    return std::type_identity<typename template_element<M>::type>{};
+}
+}  // namespace detail
+template <class M>
+using module_element_t = typename decltype(detail::module_element_probe<M>())::type;
+
+// What a module (or the kernel policy it was composed with) needs of the compute type:
+// `using precision_requirement = kiln::precision::needs<kiln::bf16>;` in the module makes
+// every trainer whose policy computes in another type a compile error naming the remedy.
+template <floating_element... Allowed>
+struct needs {
+  template <class T>
+  static constexpr bool allows = (std::is_same_v<T, Allowed> || ...);
+};
+
+template <class M, class T>
+constexpr bool requirement_allows() {
+  if constexpr (requires { typename M::precision_requirement; })
+    return M::precision_requirement::template allows<T>;
+  else
+    return true;
+}
+
+// The compile-time rules every policy applies to its module.
+template <class Module, class Policy>
+constexpr void check_module_common() {
+  using E = module_element_t<Module>;
+  static_assert(std::is_void_v<E> || std::is_same_v<E, param_t<Policy>>,
+                "kiln::trainer<Module, Strategy, Precision, ...>: the module's element type differs from the "
+                "precision policy's param_type (f32 for precision::fp32, bf16 for bf16_mixed/bf16_true, f16 for "
+                "f16_mixed/f16_true); instantiate the module at kiln::precision::param_t<Precision>, e.g. "
+                "classifier<kiln::precision::param_t<kiln::precision::bf16_mixed>>");
+  static_assert(requirement_allows<Module, param_t<Policy>>(),
+                "kiln::trainer<Module, Strategy, Precision, ...>: the module's precision_requirement (declared by "
+                "the module or its kernel policy) does not allow this precision policy's compute type; choose a "
+                "policy that computes in an allowed type (e.g. precision::bf16_mixed instead of f16_mixed) or a "
+                "kernel policy that supports this one");
+}
+
+namespace detail {
+// The first non-finite element of a host tensor: its index and value.
+template <class T, device Dev>
+std::optional<std::pair<std::int64_t, double>> first_non_finite(const tensor<T, Dev>& t) {
+  static_assert(Dev::is_host, "precision: non-finite scans run on host tensors");
+  const T* d = t.data();
+  const std::int64_t n = t.numel();
+  float probe = 0;  // x * 0 is 0 for finite x and NaN otherwise: one vectorisable pass
+#pragma omp simd reduction(+ : probe)
+  for (std::int64_t i = 0; i < n; ++i) probe += static_cast<float>(d[i]) * 0.0f;
+  if (std::isfinite(probe)) return std::nullopt;
+  for (std::int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(static_cast<double>(d[i]))) return std::make_pair(i, static_cast<double>(d[i]));
+  return std::nullopt;
+}
+
+// "parameter 'net.0.weight' (element 12 = nan)" for the first parameter of m whose
+// gradient (Grad) or value (!Grad) is not finite; nullopt when all are.
+template <bool Grad, class M>
+std::optional<std::string> describe_first_non_finite(M& m) {
+  std::optional<std::string> out;
+  nn::visit_parameters(m, [&](const std::string& name, auto& p) {
+    if (out) return;
+    if constexpr (Grad) {
+      if (!p.has_grad()) return;
+    }
+    if (auto bad = first_non_finite(Grad ? p.grad() : p.value())) {
+      std::ostringstream os;
+      os << "parameter '" << name << "' (element " << bad->first << " = " << bad->second << ")";
+      out = os.str();
+    }
+  });
+  return out;
+}
+
+// Throws when the loss is not finite, naming the first parameter holding a non-finite
+// value, or saying that every parameter is finite.
+template <class T, class D, class M>
+void check_loss_finite(const var<T, D>& loss, M& model, const char* policy) {
+  const double v = static_cast<double>(loss.value().flat(0));
+  if (std::isfinite(v)) return;
+  const auto bad = describe_first_non_finite<false>(model);
+  std::ostringstream os;
+  os << policy << ": the training loss is " << v << "; ";
+  if (bad)
+    os << "the first non-finite parameter is " << *bad;
+  else
+    os << "every parameter is finite, so the forward pass produced it (an overflow, log of 0, 0/0)";
+  os << " (set check_finite = false on the precision policy to let the run continue)";
+  throw error(os.str());
+}
+
+// Throws when any gradient of m (the module the optimizer steps) is not finite.
+template <class M>
+void check_gradients_finite(M& m, const char* policy) {
+  if (auto bad = describe_first_non_finite<true>(m))
+    throw error(std::string(policy) + ": non-finite gradient in " + *bad +
+                " before the optimizer step although the loss was finite: backward overflowed (lower the learning "
+                "rate or clip gradients; set check_finite = false on the precision policy to let the run continue)");
+}
+
+// Seeds backward with weight·scale in the loss's own type.
+template <class T, class D>
+void seeded_backward(var<T, D> loss, double seed) {
+  if (seed == 1.0)
+    loss.backward();
+  else
+    loss.backward(tensor<T, D>::full(loss.shape(), static_cast<T>(seed)));
+}
+}  // namespace detail
+
+}  // namespace kiln::precision
