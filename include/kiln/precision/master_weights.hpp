@@ -72,6 +72,7 @@ class master_weights {
 
   std::size_t size() const { return links_.size(); }
   const std::vector<link>& links() const { return links_; }
+  std::vector<link>& links() { return links_; }
   // The master of a model parameter; throws naming it when the parameter has none.
   const var<f32, Dev>& master_of(const var<Half, Dev>& p, std::string_view who) const {
     auto it = index_.find(p.id());

@@ -1,0 +1,420 @@
+// Precision policies: half GEMMs, stochastic rounding, master weights, the trainer under
+// bf16_mixed / f16_mixed / bf16_true / f16_true, overflow skip + backoff + regrowth,
+// non-finite errors that name the parameter, and bit-exact resume with scaler state.
+#include <cmath>
+
+#include "../helpers.hpp"
+#include "kiln/precision/precision.hpp"
+#include "precision_fixture.hpp"
+
+using namespace kiln;
+using namespace kiln::test::prec;
+
+namespace {
+
+template <class P>
+using run = trainer<clf<precision::param_t<P>>, strategy::single_device<cpu>, P>;
+
+template <class M>
+double grad_norm_of(M& m) {
+  return optim::grad_norm(m);
+}
+
+// Records the norm of the gradients the optimizer will step, at on_before_optimizer_step.
+struct grad_probe {
+  using hooks = hook_list<hook::on_before_optimizer_step>;
+  std::vector<double>* norms = nullptr;
+  void on_before_optimizer_step(auto& ctx) { norms->push_back(optim::grad_norm(ctx.master_parameters())); }
+};
+
+// Saves a checkpoint after micro-batch `at`.
+struct save_at {
+  using hooks = hook_list<hook::on_train_batch_end>;
+  std::int64_t at = -1;
+  std::filesystem::path path;
+  void on_train_batch_end(auto& ctx, const auto&) {
+    if (ctx.micro_batches() == at) ctx.save_checkpoint(path);  // micro_batches counts this one already
+  }
+};
+
+template <class T>
+double max_abs_diff(const tensor<T>& a, const tensor<f64>& ref, double rel, double abs, std::int64_t* bad) {
+  double worst = 0;
+  for (std::int64_t i = 0; i < ref.numel(); ++i) {
+    const double d = std::abs(static_cast<double>(a.data()[i]) - ref.data()[i]);
+    worst = std::max(worst, d);
+    if (d > rel * std::abs(ref.data()[i]) + abs) ++*bad;
+  }
+  return worst;
+}
+
+struct ones {
+  var<bf16> w{tensor<bf16>::full({4096}, bf16(1.0f)), true};
+  template <class F>
+  void for_each_child(F&& f) {
+    f("w", w);
+  }
+};
+
+struct watch_row {
+  std::int64_t step;
+  double scale, lr;
+  std::int64_t skipped, adam_steps;
+  std::map<std::string, std::vector<std::uint8_t>> w;
+};
+struct watch {
+  using hooks = hook_list<hook::on_train_batch_end>;
+  std::vector<watch_row>* rows;
+  void on_train_batch_end(auto& ctx, const auto&) {
+    auto& p = ctx.precision();
+    rows->push_back({ctx.global_step(), p.scale(), ctx.optimizer().lr(0), p.scaler.skipped_steps(),
+                     ctx.optimizer().step_count(0), weight_bits(ctx.model())});
+  }
+};
+
+struct blowup {
+  var<float> a{tensor<float>::full({3}, 1.0f), true}, b{tensor<float>::full({2}, 1.0f), true};
+  template <class F>
+  void for_each_child(F&& f) {
+    f("a", a);
+    f("b", b);
+  }
+  // The identity whose backward overflows: what a bad custom op or an f32 overflow deep in
+  // a backward produces while the loss itself stays finite.
+  static var<float> faulty(const var<float>& x) {
+    return autograd::record(
+        x.value().clone(),
+        [x](const tensor<float>&) {
+          x.begin_grad_write();
+          for (std::int64_t i = 0; i < x.numel(); ++i) x.grad().data()[i] = i == 1 ? INFINITY : 0.5f;
+        },
+        x);
+  }
+  var<float> training_step(auto&, const batch&) { return ops::add(ops::sum(a), ops::sum(faulty(b))); }
+  auto configure_optimizers() { return optim::sgd<float>(*this, {.lr = 0.1}); }
+};
+
+}  // namespace
+
+TEST_CASE("half GEMMs accumulate in f32 and round once (bf16, f16)") {
+  const std::int64_t m = 48, k = 784, n = 40;
+  auto a32 = test::rand_tensor<float>({m, k}, 1), b32 = test::rand_tensor<float>({k, n}, 2);
+  auto check = [&]<class H>(H, double ulp) {
+    const tensor<H> a = a32.to<H>(), b = b32.to<H>();
+    tensor<f64> ref({m, n});
+    for (std::int64_t i = 0; i < m; ++i)
+      for (std::int64_t j = 0; j < n; ++j) {
+        double s = 0;
+        for (std::int64_t p = 0; p < k; ++p) s += double(float(a(i, p))) * double(float(b(p, j)));
+        ref(i, j) = s;
+      }
+    auto y = ops::matmul(var<H>(a), var<H>(b)).value();
+    std::int64_t bad = 0;
+    // One rounding of an f32-accumulated sum: half an ulp of the result plus f32's own error.
+    const double worst = max_abs_diff(y, ref, ulp / 2, 1e-3, &bad);
+    CHECK_MESSAGE(bad == 0, "elements beyond half an ulp: ", bad, " (worst abs error ", worst, ")");
+    // accumulate mode: C += A·B rounds (C + A·B) once.
+    tensor<H> c = y.clone();
+    ops::cpu::gemm<H>(false, false, m, n, k, a.data(), k, b.data(), n, c.data(), n, grad_write::accumulate);
+    tensor<f64> ref2({m, n});
+    for (std::int64_t i = 0; i < m * n; ++i) ref2.data()[i] = double(float(y.data()[i])) + ref.data()[i];
+    bad = 0;
+    max_abs_diff(c, ref2, ulp / 2, 2e-3, &bad);
+    CHECK(bad == 0);
+  };
+  check(bf16{}, std::ldexp(1.0, -7));
+  check(f16{}, std::ldexp(1.0, -10));
+}
+
+TEST_CASE("stochastic rounding to bf16 is unbiased, exact on bf16 values, and passes inf/NaN through") {
+  const philox_stream rs{42, 0};
+  // 1 + 0.3 ulp: rounds up with probability 0.3.
+  const float ulp = std::ldexp(1.0f, -7);
+  const float x = 1.0f + 0.3f * ulp;
+  double sum = 0;
+  int ups = 0;
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) {
+    const float r = float(Eigen::numext::bit_cast<bf16>(ops::fn::bf16_bits_stochastic(x, rs.bits(i))));
+    CHECK((r == 1.0f || r == 1.0f + ulp));
+    ups += r != 1.0f;
+    sum += r;
+  }
+  CHECK(std::abs(double(ups) / n - 0.3) < 0.015);
+  CHECK(std::abs(sum / n - double(x)) < 2e-4 * ulp * 100);
+  for (float v : {1.0f, -2.5f, 0.0f, 3.140625f})
+    for (std::uint32_t r : {0u, 0xFFFFu, 0x1234u})
+      CHECK(float(Eigen::numext::bit_cast<bf16>(ops::fn::bf16_bits_stochastic(v, r))) == v);
+  CHECK(std::isinf(float(Eigen::numext::bit_cast<bf16>(
+      ops::fn::bf16_bits_stochastic(std::numeric_limits<float>::infinity(), 0xFFFFu)))));
+  CHECK(std::isnan(float(Eigen::numext::bit_cast<bf16>(
+      ops::fn::bf16_bits_stochastic(std::numeric_limits<float>::quiet_NaN(), 0u)))));
+  // The largest finite bf16 never rounds up to infinity.
+  const float big = float(Eigen::numext::bit_cast<bf16>(std::uint16_t{0x7F7F}));
+  CHECK(std::isfinite(float(Eigen::numext::bit_cast<bf16>(ops::fn::bf16_bits_stochastic(big * 1.0039f, 0xFFFFu)))));
+}
+
+TEST_CASE("updates below half a bf16 ulp: lost by bf16_true, kept by bf16_mixed's master, unbiased under stochastic "
+          "rounding") {
+  // AdamW with no decay moves each weight by ~lr per step: 200 steps of 1e-4 from 1.0,
+  // where a bf16 ulp is 2^-7 = 0.0078, so round-to-nearest undoes every single update.
+  auto train = [](auto& policy, ones& m) {
+    policy.setup(m);
+    auto opt = policy.adapt(optim::adamw<bf16>(m, {.lr = 1e-4, .weight_decay = 0}));
+    for (int s = 0; s < 200; ++s) {
+      opt.zero_grad();
+      auto loss = ops::sum(ops::cast<float>(m.w));  // dL/dw = 1 everywhere
+      policy.backward(loss, 1.0, m);
+      policy.unscale(m, 1.0);
+      policy.step(opt, m);
+    }
+    double mean = 0;
+    for (std::int64_t i = 0; i < 4096; ++i) mean += double(float(m.w.value().data()[i]));
+    return mean / 4096;
+  };
+  {
+    ones m;
+    precision::bf16_true p;
+    CHECK(train(p, m) == 1.0);  // every update lost
+  }
+  {
+    ones m;
+    precision::bf16_true p;
+    p.stochastic_rounding = true;
+    CHECK(std::abs(train(p, m) - 0.98) < 1e-3);
+  }
+  {
+    ones m;
+    precision::bf16_mixed p;
+    const double mean = train(p, m);
+    CHECK(std::abs(mean - 0.98) < 4e-3);  // the master moved by 0.02; bf16 spacing at 0.98 is 2^-8
+    CHECK(std::abs(double(p.masters().links()[0].master.value().data()[0]) - 0.98) < 1e-5);
+  }
+}
+
+TEST_CASE("bf16_mixed and f16_mixed track fp32's loss trajectory; bf16_true and f16_true train") {
+  auto fit = [](auto tag, double* final_loss) {
+    using P = decltype(tag);
+    const auto root = test::temp_dir("prec", std::string("track_") + P::name);
+    manual_seed(3);
+    clf<precision::param_t<P>> model;
+    data_module dm;
+    run<P> t(options(root, 3));
+    if constexpr (P::name == std::string_view("f16_mixed")) {
+      // The default 2^16 overflows this model's f16 gradients in its first steps, which are
+      // skipped (as DeepSpeed and torch's GradScaler do): start where nothing is skipped, so
+      // the two trajectories see the same steps.
+      t.precision().scaler = precision::dynamic_loss_scaler({.initial_scale_power = 8});
+    }
+    auto r = t.fit(model, dm);
+    if constexpr (P::name == std::string_view("f16_mixed")) CHECK(t.precision().scaler.skipped_steps() == 0);
+    *final_loss = r.metrics.at("val/loss");
+    return model.losses;
+  };
+  double l32, lb, lf, ltb, ltf;
+  const auto ref = fit(precision::fp32{}, &l32);
+  const auto b = fit(precision::bf16_mixed{}, &lb);
+  const auto f = fit(precision::f16_mixed<>{}, &lf);
+  const auto tb = fit(precision::bf16_true{}, &ltb);
+  const auto tf = fit(precision::f16_true{}, &ltf);
+  REQUIRE(ref.size() == b.size());
+  REQUIRE(ref.size() == f.size());
+  double worst_b = 0, worst_f = 0;
+  for (auto& [i, v] : ref) {
+    worst_b = std::max(worst_b, double(std::abs(b.at(i) - v)));
+    worst_f = std::max(worst_f, double(std::abs(f.at(i) - v)));
+  }
+  MESSAGE("largest per-batch loss gap to fp32 over 45 batches: bf16_mixed ", worst_b, ", f16_mixed ", worst_f,
+          "; final val/loss fp32 ", l32, " bf16_mixed ", lb, " f16_mixed ", lf, " bf16_true ", ltb, " f16_true ",
+          ltf);
+  CHECK(worst_b < 0.01);   // bf16 keeps 8 bits: ~0.4% per rounding of the logits
+  CHECK(worst_f < 0.002);  // f16 keeps 11
+  CHECK(std::abs(lb - l32) < 0.005);
+  CHECK(std::abs(lf - l32) < 0.001);
+  const double first = ref.begin()->second;
+  CHECK(ltb < first * 0.8);  // the 16-bit-only policies still learn
+  CHECK(ltf < first * 0.8);
+}
+
+TEST_CASE("gradients are unscaled before on_before_optimizer_step: f16_mixed's masters see fp32's gradients") {
+  auto norms = [](auto tag) {
+    using P = decltype(tag);
+    const auto root = test::temp_dir("prec", std::string("unscale_") + P::name);
+    manual_seed(3);
+    clf<precision::param_t<P>> model;
+    data_module dm;
+    std::vector<double> out;
+    trainer<clf<precision::param_t<P>>, strategy::single_device<cpu>, P, grad_probe> t(
+        [&] {
+          auto o = options(root, 1);
+          o.max_steps = 3;
+          return o;
+        }(),
+        grad_probe{&out});
+    if constexpr (P::name == std::string_view("f16_mixed"))
+      t.precision().scaler = precision::dynamic_loss_scaler({.initial_scale_power = 10});  // 1024: no overflow here
+    t.fit(model, dm);
+    if constexpr (P::name == std::string_view("f16_mixed")) CHECK(t.precision().scaler.skipped_steps() == 0);
+    return out;
+  };
+  const auto a = norms(precision::fp32{}), b = norms(precision::f16_mixed<>{}), c = norms(precision::bf16_mixed{});
+  REQUIRE(a.size() == 3);
+  REQUIRE(b.size() == 3);
+  for (std::size_t i = 0; i < 3; ++i) {
+    CHECK(b[i] == doctest::Approx(a[i]).epsilon(0.01));  // not 65536 times larger
+    CHECK(c[i] == doctest::Approx(a[i]).epsilon(0.05));
+  }
+}
+
+TEST_CASE("f16_mixed: injected overflows skip their steps, back the scale off, and it regrows after the window") {
+  const auto root = test::temp_dir("prec", "overflow");
+  manual_seed(3);
+  clf<f16> model;
+  model.overflow_at = {2, 3, 9};
+  data_module dm;
+  std::vector<watch_row> rows;
+  using P = precision::f16_mixed<>;
+  trainer<clf<f16>, strategy::single_device<cpu>, P, watch> t(
+      [&] {
+        auto o = options(root, 1);
+        o.accumulate_grad_batches = 1;
+        o.max_steps = 14;
+        return o;
+      }(),
+      watch{&rows});
+  t.precision().scaler = precision::dynamic_loss_scaler({.initial_scale_power = 10, .window = 4, .hysteresis = 2});
+  t.fit(model, dm);
+  REQUIRE(rows.size() == 14);
+  // rows[s] is after optimizer step s (global_step s + 1).
+  // Step 2: first overflow, absorbed by hysteresis (scale kept); step 3: backoff to 512.
+  CHECK(rows[1].scale == 1024.0);
+  CHECK(rows[2].scale == 1024.0);
+  CHECK(rows[3].scale == 512.0);
+  // Regrowth: 4 clean steps after the last overflow (step 3) → at iteration 7.
+  CHECK(rows[6].scale == 512.0);
+  CHECK(rows[7].scale == 1024.0);
+  // Step 9 overflows again: the restored allowance absorbs it.
+  CHECK(rows[9].scale == 1024.0);
+  CHECK(rows[13].scale == 2048.0);  // 4 clean steps after step 9
+  CHECK(rows[13].skipped == 3);
+  for (std::int64_t s : {2, 3, 9}) {
+    CHECK(rows[s].w == rows[s - 1].w);                    // skipped: the weights did not move
+    CHECK(rows[s].adam_steps == rows[s - 1].adam_steps);  // nor did AdamW's step count
+    CHECK(rows[s].lr == rows[s - 1].lr);                  // nor the schedule
+  }
+  CHECK(rows[4].w != rows[3].w);
+  CHECK(rows[13].adam_steps == 11);
+  CHECK(rows[13].step == 14);  // skipped steps still count as optimizer steps (DeepSpeed's global_steps)
+}
+
+TEST_CASE("a non-finite loss or gradient under fp32 and bf16 names the first offending parameter") {
+  {  // a NaN weight: the loss is NaN and the error names the weight
+    const auto root = test::temp_dir("prec", "nan_weight");
+    manual_seed(3);
+    clf<bf16> model;
+    model.fc2.weight.value().data()[5] = bf16(std::numeric_limits<float>::quiet_NaN());
+    data_module dm;
+    run<precision::bf16_mixed> t(options(root, 1));
+    std::string what;
+    try {
+      t.fit(model, dm);
+    } catch (const error& e) {
+      what = e.what();
+    }
+    CHECK(what.find("bf16_mixed: the training loss is nan") != std::string::npos);
+    CHECK(what.find("parameter 'fc2.weight' (element 5 = nan)") != std::string::npos);
+    CHECK(what.find("at epoch 0, global step 0, batch 0") != std::string::npos);
+  }
+  {  // a finite loss whose backward overflows in one parameter only
+    const auto root = test::temp_dir("prec", "inf_grad");
+    blowup model;
+    data_module dm;
+    trainer<blowup, strategy::single_device<cpu>, precision::fp32> t(options(root, 1));
+    std::string what;
+    try {
+      t.fit(model, dm);
+    } catch (const error& e) {
+      what = e.what();
+    }
+    CHECK(what.find("fp32: non-finite gradient in parameter 'b'") != std::string::npos);
+    CHECK(what.find("at epoch 0, global step 0") != std::string::npos);
+    // check_finite = false lets it run.
+    blowup m2;
+    trainer<blowup, strategy::single_device<cpu>, precision::fp32> t2(options(root / "2", 1));
+    t2.precision().check_finite = false;
+    CHECK_NOTHROW(t2.fit(m2, dm));
+  }
+}
+
+TEST_CASE("resume under f16_mixed and bf16_mixed (stochastic rounding) is bit-exact, loss-scaler state included") {
+  auto check = [](auto tag, std::int64_t at, std::set<std::int64_t> overflows) {
+    using P = decltype(tag);
+    using T = precision::param_t<P>;
+    const auto root = test::temp_dir("prec", std::string("resume_") + P::name + std::to_string(at));
+    const auto ck = root / "mid.ckpt";
+    auto configure = [](auto& t) {
+      if constexpr (std::is_same_v<P, precision::bf16_mixed>) {
+        t.precision().stochastic_rounding = true;
+      } else {
+        t.precision().scaler =
+            precision::dynamic_loss_scaler({.initial_scale_power = 12, .window = 5, .hysteresis = 2});
+      }
+    };
+    // Uninterrupted, saving on the way.
+    manual_seed(3);
+    clf<T> a;
+    a.overflow_at = overflows;
+    data_module dm;
+    trainer<clf<T>, strategy::single_device<cpu>, P, save_at> ta(options(root / "a", 3), save_at{at, ck});
+    configure(ta);
+    ta.fit(a, dm);
+    // Resumed in a fresh model and trainer (different initial weights: the checkpoint must set them).
+    manual_seed(99);
+    clf<T> b;
+    b.overflow_at = overflows;
+    data_module dm2;
+    trainer<clf<T>, strategy::single_device<cpu>, P> tb(options(root / "b", 3));
+    configure(tb);
+    tb.fit(b, dm2, ck.string());
+    std::int64_t compared = 0;
+    for (auto& [i, v] : b.losses) {
+      REQUIRE(a.losses.count(i));
+      CHECK_MESSAGE(bits_of(a.losses.at(i)) == bits_of(v), P::name, " micro-batch ", i);
+      ++compared;
+    }
+    CHECK(compared == 45 - at);
+    CHECK(weight_bits(a) == weight_bits(b));
+    CHECK(weight_bits(ta.precision().master_parameters(a)) == weight_bits(tb.precision().master_parameters(b)));
+    if constexpr (!std::is_same_v<P, precision::bf16_mixed>) {
+      CHECK(ta.precision().scaler.state_json().dump() == tb.precision().scaler.state_json().dump());
+      CHECK(ta.precision().scaler.skipped_steps() == std::int64_t(overflows.size()));
+    }
+  };
+  // Inside an accumulation window (micro-batch 7 of 15: odd) and at a window's end.
+  check(precision::f16_mixed<>{}, 7, {1, 2, 10});
+  check(precision::f16_mixed<>{}, 8, {1, 2, 10});
+  check(precision::bf16_mixed{}, 7, {});
+  check(precision::bf16_mixed{}, 30, {});
+}
+
+TEST_CASE("a bf16_mixed checkpoint (f32 optimizer state) is refused by a bf16_true trainer, naming file and tensor") {
+  const auto root = test::temp_dir("prec", "policy_mismatch");
+  manual_seed(3);
+  clf<bf16> a;
+  data_module dm;
+  trainer<clf<bf16>, strategy::single_device<cpu>, precision::bf16_mixed, save_at> ta(options(root / "a", 1),
+                                                                                        save_at{4, root / "m.ckpt"});
+  ta.fit(a, dm);
+  // bf16_true has the same parameter dtype but keeps no masters: the optimizer state is bf16.
+  clf<bf16> b;
+  trainer<clf<bf16>, strategy::single_device<cpu>, precision::bf16_true> tb(options(root / "b", 1));
+  std::string what;
+  try {
+    tb.fit(b, dm, (root / "m.ckpt").string());
+  } catch (const error& e) {
+    what = e.what();
+  }
+  CHECK_MESSAGE(what.find("m.ckpt") != std::string::npos, what);
+  CHECK_MESSAGE(what.find("tensor 'optimizer.0/fc1.weight.exp_avg' has dtype F32, expected BF16") != std::string::npos,
+                what);
+}
