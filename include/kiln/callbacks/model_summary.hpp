@@ -3,8 +3,10 @@
 // Spec: at on_fit_start (when trainer_options::enable_model_summary) prints a table like
 // Lightning's ModelSummary: one row per submodule down to max_depth (its dotted name,
 // type, parameter shapes, parameter count), then trainable, frozen and total parameter
-// counts and the parameters' size in MB. summarize(module, max_depth) returns the same
-// table as a string, for tests, docs and logs.
+// counts and the parameters' size in MB, then the model states the run holds (parameters,
+// gradients, master weights, optimizer state: trainer.memory_states(), the formulas of
+// train/memory_plan.hpp). summarize(module, max_depth) returns the table without the
+// model states, for tests, docs and logs.
 #pragma once
 
 #include <cstdio>
@@ -86,7 +88,18 @@ struct model_summary {
 
   void on_fit_start(auto& ctx) {
     if (!ctx.options().enable_model_summary) return;
-    const std::string s = summarize(ctx.model(), max_depth);
+    std::string s = summarize(ctx.model(), max_depth);
+    if constexpr (requires { ctx.trainer().memory_states(); }) {
+      const auto m = ctx.trainer().memory_states();
+      char buf[256];
+      std::snprintf(buf, sizeof buf,
+                    "%.3f  model states (MiB, %s): parameters %.3f, gradients %.3f, master weights %.3f, optimizer "
+                    "state %.3f\n",
+                    double(m.model_states()) / 1048576.0, ctx.precision().name, double(m.parameters) / 1048576.0,
+                    double(m.gradients) / 1048576.0, double(m.master_weights) / 1048576.0,
+                    double(m.optimizer_state) / 1048576.0);
+      s += buf;
+    }
     std::fputs(s.c_str(), stream ? stream : stdout);
     std::fflush(stream ? stream : stdout);
   }

@@ -88,6 +88,15 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
     rounding_ = r;
   }
   const param_rounding& rounding() const { return rounding_; }
+  // Every state tensor the optimizer holds (the memory planner counts them).
+  template <class F>
+  void for_each_state_tensor(F&& f) const {
+    for (auto& g : groups_)
+      for (std::size_t i = 0; i < g.params.size(); ++i) {
+        f(g.exp_avg[i]);
+        f(g.exp_avg_sq[i]);
+      }
+  }
 
   void step() {
     cpu_runtime::ensure_initialised();

@@ -70,6 +70,13 @@ class sgd : public group_owner<detail::sgd_group<T, Dev>> {
   sgd<U, D2> rebind(Map&& map) const {
     return sgd<U, D2>(this->template mapped_groups<U, D2>(map), defaults_);
   }
+  // Every state tensor the optimizer holds (momentum buffers exist from construction).
+  template <class F>
+  void for_each_state_tensor(F&& f) const {
+    for (auto& g : groups_)
+      for (auto& b : g.momentum_buffer)
+        if (b.defined()) f(b);
+  }
 
   void step() {
     cpu_runtime::ensure_initialised();

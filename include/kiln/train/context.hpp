@@ -82,6 +82,8 @@ class context {
   stage current_stage() const { return st().current_stage; }
   bool sanity_checking() const { return st().loop == loop_kind::sanity; }
   bool training() const { return st().loop == loop_kind::train; }
+  // True inside trainer.plan()'s dry run of training_step (nothing will be stepped).
+  bool planning() const { return t_->planning_; }
   std::int64_t accumulate_grad_batches() const { return st().accumulate_grad_batches; }
   // Changes the accumulation factor from the next accumulation window on.
   void set_accumulate_grad_batches(std::int64_t n) {

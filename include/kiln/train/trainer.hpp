@@ -46,6 +46,7 @@
 #include "kiln/train/checkpointing.hpp"
 #include "kiln/train/context.hpp"
 #include "kiln/train/optimizers.hpp"
+#include "kiln/train/planner.hpp"
 
 namespace kiln {
 
@@ -217,6 +218,28 @@ class trainer {
     return out;
   }
 
+  // ---- memory ----
+
+  // The bytes of parameters, gradients, master weights, optimizer state, activations and
+  // batches per device, before the first step (train/memory_plan.hpp has the formulas):
+  // model states from the optimizers fit() would build, activations from a dry run of one
+  // training step on the loader's first batch (RNG streams restored, nothing stepped).
+  template <train::loader L>
+  train::memory_plan plan(Module& model, L& loader) {
+    model_ = &model;
+    return train::planner<trainer>::plan(*this, model, loader);
+  }
+  template <train::datamodule DM>
+  train::memory_plan plan(Module& model, DM& dm) {
+    if constexpr (requires { dm.setup(train::stage::fit); }) dm.setup(train::stage::fit);
+    return plan(model, dm.train_loader());
+  }
+  // The model states of the running fit (what model_summary prints at on_fit_start).
+  train::device_memory memory_states() {
+    KILN_CHECK(optimizers_.has_value() && model_ != nullptr, "trainer.memory_states(): only during or after fit()");
+    return train::planner<trainer>::model_states(*this, *model_, precision_, *optimizers_);
+  }
+
   // ---- accessors ----
   const train::trainer_options& options() const { return options_; }
   const train::loop_state& state() const { return state_; }
@@ -236,6 +259,7 @@ class trainer {
  private:
   friend class train::context<trainer>;
   friend struct train::checkpointing<trainer>;
+  friend struct train::planner<trainer>;
   using codec = train::checkpointing<trainer>;
 
   void load_weights_for_eval(Module& model, std::string_view which) {
@@ -856,6 +880,7 @@ class trainer {
   std::int64_t accum_count_ = 0;
   double window_items_ = 0;
   bool defer_saves_ = false;
+  bool planning_ = false;  // inside plan()'s dry run
   std::vector<std::pair<std::filesystem::path, bool>> pending_saves_;
   context_type ctx_;
 };

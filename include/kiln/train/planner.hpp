@@ -1,0 +1,186 @@
+// kiln/train/planner.hpp — how trainer.plan() fills a memory_plan (train/memory_plan.hpp
+// has the formulas); a friend of the trainer, like checkpointing.
+#pragma once
+
+#include <iterator>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "kiln/autograd/grad_mode.hpp"
+#include "kiln/core/philox.hpp"
+#include "kiln/core/type_name.hpp"
+#include "kiln/nn/module.hpp"
+#include "kiln/train/concepts.hpp"
+#include "kiln/train/memory_plan.hpp"
+#include "kiln/train/optimizers.hpp"
+
+namespace kiln::train {
+
+namespace detail {
+template <class T, class D>
+std::int64_t tensor_block(const tensor<T, D>& t) {
+  return block_bytes(t.numel() * static_cast<std::int64_t>(sizeof(T)));
+}
+// The allocator bytes of one batch: bytes() when the batch says, else its x and y
+// tensors, else the batch itself when it is a tensor.
+template <class B>
+std::int64_t batch_bytes(const B& b) {
+  if constexpr (requires { b.bytes(); })
+    return b.bytes();
+  else if constexpr (requires { tensor_block(b.x) + tensor_block(b.y); })
+    return tensor_block(b.x) + tensor_block(b.y);
+  else if constexpr (requires { tensor_block(b); })
+    return tensor_block(b);
+  else
+    return 0;
+}
+// Batches a loader holds at once: the one in use plus what its workers build ahead.
+template <class L>
+std::int64_t resident_batches(const L& l) {
+  if constexpr (requires { l.options().num_workers * l.options().prefetch_factor; })
+    return 1 + static_cast<std::int64_t>(l.options().num_workers) * l.options().prefetch_factor;
+  else
+    return 1;
+}
+}  // namespace detail
+
+template <class Trainer>
+struct planner {
+  using module_type = typename Trainer::module_type;
+  using precision_type = typename Trainer::precision_type;
+
+  // Parameters, gradients, master weights and optimizer state of `model` with the
+  // precision policy `prec` (set up) and the optimizers `opts` (a pack as the trainer keeps it).
+  template <class Opts>
+  static device_memory model_states(const Trainer& t, module_type& model, precision_type& prec, Opts& opts) {
+    device_memory d;
+    nn::visit_parameters(model, [&](const std::string&, auto& p) {
+      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+      const std::int64_t b = detail::block_bytes(p.numel() * static_cast<std::int64_t>(sizeof(T)));
+      d.parameters += b;
+      if (p.requires_grad()) d.gradients += b;
+    });
+    if constexpr (requires { precision_type::keeps_masters; }) {
+      nn::visit_parameters(prec.master_parameters(model), [&](const std::string&, auto& m) {
+        d.master_weights += 2 * detail::block_bytes(m.numel() * 4);
+      });
+    }
+    std::apply(
+        [&](auto&... so) {
+          (
+              [&](auto& o) {
+                if constexpr (requires { o.for_each_state_tensor([](const auto&) {}); })
+                  o.for_each_state_tensor([&](const auto& ten) { d.optimizer_state += detail::tensor_block(ten); });
+                else
+                  for (auto& [name, ten] : o.state().tensors) d.optimizer_state += detail::tensor_block(ten);
+              }(so.optimizer),
+              ...);
+        },
+        opts);
+    shard(t, d);
+    return d;
+  }
+
+  // The whole plan; see memory_plan.hpp.
+  template <class L>
+  static memory_plan plan(Trainer& t, module_type& model, L& loader) {
+    static_assert(Trainer::automatic,
+                  "kiln::trainer::plan: the dry run drives training_step with automatic optimisation; a module with "
+                  "automatic_optimization = false is not supported yet");
+    memory_plan p;
+    p.strategy = type_name<typename Trainer::strategy_type>();
+    p.precision = precision_type::name;
+    const auto counts = nn::count_parameters(model);
+    p.parameter_count = counts.total;
+    p.trainable_count = counts.trainable;
+
+    // The model states as fit() builds them, with a copy of the policy's knobs.
+    precision_type prec = t.precision_;
+    prec.setup(model);
+    using raw = std::remove_cvref_t<decltype(model.configure_optimizers())>;
+    auto opts = detail::adapted_pack<typename detail::optim_pack<raw>::type, precision_type>::make(
+        detail::optim_pack<raw>::make(model.configure_optimizers()), prec);
+    device_memory d = model_states(t, model, prec, opts);
+
+    // Gradient buffers exist before the measurement (they are model states, not activations).
+    auto allocate_grads = [](auto& m) {
+      nn::visit_parameters(m, [](const std::string&, auto& q) {
+        if (q.requires_grad()) {
+          if (!q.has_grad()) {
+            q.begin_grad_write();
+            q.zero_grad();
+          }
+        }
+      });
+    };
+    allocate_grads(model);
+    allocate_grads(prec.master_parameters(model));
+
+    // Dry run of one step on the first batch, RNG streams saved and restored.
+    std::vector<std::pair<philox_generator*, std::pair<std::uint64_t, std::uint64_t>>> streams;
+    streams.push_back({&default_generator(), {default_generator().seed(), default_generator().offset()}});
+    nn::visit_modules(model, [&](const std::string&, auto& sub) {
+      if constexpr (requires { sub.generator.offset(); })
+        if constexpr (std::is_same_v<std::remove_cvref_t<decltype(sub.generator)>, philox_generator>)
+          streams.push_back({&sub.generator, {sub.generator.seed(), sub.generator.offset()}});
+    });
+    auto& alloc = caching_allocator<cpu>::instance();
+    {
+      using B = batch_of<L>;
+      std::vector<B> first;
+      {
+        auto&& range = loader.epoch(0, 0);
+        auto it = std::begin(range);
+        KILN_CHECK(it != std::end(range), "trainer.plan: the loader yields no batch to measure a step with");
+        first.push_back(*it);
+      }
+      d.batches = detail::batch_bytes(first.front()) * detail::resident_batches(loader);
+      const bool was_planning = std::exchange(t.planning_, true);
+      const auto saved_loop = t.state_.loop;
+      t.state_.loop = loop_kind::train;
+      const std::size_t base = alloc.stats().in_use;
+      alloc.reset_peak();
+      try {
+        enable_grad eg;
+        nn::train(model);
+        auto out = model.training_step(t.ctx_, first.front());
+        auto loss = [&] {
+          if constexpr (is_step_output<decltype(out)>::value)
+            return out.loss;
+          else
+            return out;
+        }();
+        prec.backward(loss, 1.0, model);
+        prec.unscale(model, 1.0);
+      } catch (...) {
+        t.planning_ = was_planning;
+        t.state_.loop = saved_loop;
+        throw;
+      }
+      d.activations = static_cast<std::int64_t>(alloc.stats().peak_in_use - base);
+      t.planning_ = was_planning;
+      t.state_.loop = saved_loop;
+    }
+    nn::zero_grad(model);
+    nn::zero_grad(prec.master_parameters(model));
+    for (auto& [g, s] : streams) g->set_state(s.first, s.second);
+    t.train_metrics_.reset_entries();
+    p.devices.push_back(d);
+    return p;
+  }
+
+ private:
+  static void shard(const Trainer& t, device_memory& d) {
+    if constexpr (requires { t.strategy_.memory_sharding(); }) {
+      const memory_sharding s = t.strategy_.memory_sharding();
+      d.rank = t.strategy_.rank();
+      const std::int64_t w = s.world_size;
+      if (s.optimizer_state) d.optimizer_state = (d.optimizer_state + w - 1) / w, d.master_weights = (d.master_weights + w - 1) / w;
+      if (s.gradients) d.gradients = (d.gradients + w - 1) / w;
+      if (s.parameters) d.parameters = (d.parameters + w - 1) / w;
+    }
+  }
+};
+
+}  // namespace kiln::train
