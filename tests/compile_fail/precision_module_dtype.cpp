@@ -16,6 +16,4 @@ struct net {
   auto configure_optimizers() { return kiln::optim::adamw<T>(*this); }
 };
 
-int main() {
-  kiln::trainer<net<float>, kiln::strategy::single_device<kiln::cpu>, kiln::precision::bf16_mixed> t;
-}
+int main() { kiln::trainer<net<float>, kiln::strategy::single_device<kiln::cpu>, kiln::precision::bf16_mixed> t; }

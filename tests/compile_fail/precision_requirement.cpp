@@ -21,6 +21,4 @@ struct net {
   auto configure_optimizers() { return kiln::optim::adamw<T>(*this); }
 };
 
-int main() {
-  kiln::trainer<net<kiln::f16>, kiln::strategy::single_device<kiln::cpu>, kiln::precision::f16_mixed<>> t;
-}
+int main() { kiln::trainer<net<kiln::f16>, kiln::strategy::single_device<kiln::cpu>, kiln::precision::f16_mixed<>> t; }

@@ -13,6 +13,12 @@ __global__ void philox_fill(float* x, int n, kiln::philox_stream s) {
   if (i < n) x[i] = s.uniform(static_cast<unsigned long long>(i));
 }
 
+// Stochastic rounding to bf16, the functor the optimizers use on the host.
+__global__ void round_bf16(const float* x, unsigned short* y, int n, kiln::philox_stream s) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = kiln::ops::fn::bf16_bits_stochastic(x[i], s.bits(static_cast<unsigned long long>(i)));
+}
+
 int host_side() {
   kiln::var<float> a(kiln::tensor<float>::ones({2, 2}), true);
   auto l = kiln::sum(kiln::matmul(a, a));
@@ -41,4 +47,27 @@ double trainer_side(kiln::data::data_loader<kiln::data::tensor_dataset>& loader)
                 kiln::callbacks::early_stopping, kiln::loggers::csv>
       t({.max_epochs = 1});
   return static_cast<double>(t.fit(m, loader).global_step);
+}
+
+// A mixed-precision trainer (bf16 module, f32 masters) and its memory plan, under nvcc.
+template <class T>
+struct nvcc_mixed {
+  kiln::nn::linear<T> lin{4, 3};
+  template <class F>
+  void for_each_child(F&& f) {
+    f("lin", lin);
+  }
+  kiln::var<float> training_step(auto&, const kiln::data::labelled_batch& b) {
+    return kiln::cross_entropy(kiln::ops::cast<float>(lin(kiln::var<T>(b.x.template to<T>()))), b.y);
+  }
+  auto configure_optimizers() { return kiln::optim::adamw<T>(*this); }
+};
+
+double mixed_side(kiln::data::data_loader<kiln::data::tensor_dataset>& loader) {
+  using P = kiln::precision::bf16_mixed;
+  nvcc_mixed<kiln::precision::param_t<P>> m;
+  kiln::trainer<nvcc_mixed<kiln::precision::param_t<P>>, kiln::strategy::single_device<kiln::cpu>, P> t(
+      {.max_epochs = 1});
+  const auto plan = t.plan(m, loader);
+  return static_cast<double>(t.fit(m, loader).global_step + plan.devices.at(0).total());
 }

@@ -145,17 +145,18 @@ TEST_CASE("stochastic rounding to bf16 is unbiased, exact on bf16 values, and pa
   for (float v : {1.0f, -2.5f, 0.0f, 3.140625f})
     for (std::uint32_t r : {0u, 0xFFFFu, 0x1234u})
       CHECK(float(Eigen::numext::bit_cast<bf16>(ops::fn::bf16_bits_stochastic(v, r))) == v);
-  CHECK(std::isinf(float(Eigen::numext::bit_cast<bf16>(
-      ops::fn::bf16_bits_stochastic(std::numeric_limits<float>::infinity(), 0xFFFFu)))));
-  CHECK(std::isnan(float(Eigen::numext::bit_cast<bf16>(
-      ops::fn::bf16_bits_stochastic(std::numeric_limits<float>::quiet_NaN(), 0u)))));
+  CHECK(std::isinf(float(
+      Eigen::numext::bit_cast<bf16>(ops::fn::bf16_bits_stochastic(std::numeric_limits<float>::infinity(), 0xFFFFu)))));
+  CHECK(std::isnan(float(
+      Eigen::numext::bit_cast<bf16>(ops::fn::bf16_bits_stochastic(std::numeric_limits<float>::quiet_NaN(), 0u)))));
   // The largest finite bf16 never rounds up to infinity.
   const float big = float(Eigen::numext::bit_cast<bf16>(std::uint16_t{0x7F7F}));
   CHECK(std::isfinite(float(Eigen::numext::bit_cast<bf16>(ops::fn::bf16_bits_stochastic(big * 1.0039f, 0xFFFFu)))));
 }
 
-TEST_CASE("updates below half a bf16 ulp: lost by bf16_true, kept by bf16_mixed's master, unbiased under stochastic "
-          "rounding") {
+TEST_CASE(
+    "updates below half a bf16 ulp: lost by bf16_true, kept by bf16_mixed's master, unbiased under stochastic "
+    "rounding") {
   // AdamW with no decay moves each weight by ~lr per step: 200 steps of 1e-4 from 1.0,
   // where a bf16 ulp is 2^-7 = 0.0078, so round-to-nearest undoes every single update.
   auto train = [](auto& policy, ones& m) {
@@ -225,8 +226,7 @@ TEST_CASE("bf16_mixed and f16_mixed track fp32's loss trajectory; bf16_true and 
     worst_f = std::max(worst_f, double(std::abs(f.at(i) - v)));
   }
   MESSAGE("largest per-batch loss gap to fp32 over 45 batches: bf16_mixed ", worst_b, ", f16_mixed ", worst_f,
-          "; final val/loss fp32 ", l32, " bf16_mixed ", lb, " f16_mixed ", lf, " bf16_true ", ltb, " f16_true ",
-          ltf);
+          "; final val/loss fp32 ", l32, " bf16_mixed ", lb, " f16_mixed ", lf, " bf16_true ", ltb, " f16_true ", ltf);
   CHECK(worst_b < 0.01);   // bf16 keeps 8 bits: ~0.4% per rounding of the logits
   CHECK(worst_f < 0.002);  // f16 keeps 11
   CHECK(std::abs(lb - l32) < 0.005);
@@ -403,7 +403,7 @@ TEST_CASE("a bf16_mixed checkpoint (f32 optimizer state) is refused by a bf16_tr
   clf<bf16> a;
   data_module dm;
   trainer<clf<bf16>, strategy::single_device<cpu>, precision::bf16_mixed, save_at> ta(options(root / "a", 1),
-                                                                                        save_at{4, root / "m.ckpt"});
+                                                                                      save_at{4, root / "m.ckpt"});
   ta.fit(a, dm);
   // bf16_true has the same parameter dtype but keeps no masters: the optimizer state is bf16.
   clf<bf16> b;

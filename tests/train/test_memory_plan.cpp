@@ -43,8 +43,7 @@ struct mlp_clf {
 template <class R, floating_element T>
 struct tiny_gpt {
   nn::gpt2<ops::mask::causal, R, T> net;
-  tiny_gpt()
-      : net(nn::gpt2_config{.vocab_size = 256, .n_positions = 64, .n_embd = 64, .n_layer = 2, .n_head = 4}) {}
+  tiny_gpt() : net(nn::gpt2_config{.vocab_size = 256, .n_positions = 64, .n_embd = 64, .n_layer = 2, .n_head = 4}) {}
   template <class F>
   void for_each_child(F&& f) {
     f("net", net);
@@ -199,8 +198,8 @@ TEST_CASE("memory plan vs the allocator's measured peak during fit: within 10%")
   {
     manual_seed(1);
     tiny_gpt<nn::recompute::none, f32> m;
-    check_plan<trainer<tiny_gpt<nn::recompute::none, f32>, strategy::single_device<cpu>, precision::fp32>>(
-        "gpt fp32", m, lm);
+    check_plan<trainer<tiny_gpt<nn::recompute::none, f32>, strategy::single_device<cpu>, precision::fp32>>("gpt fp32",
+                                                                                                           m, lm);
   }
   {
     manual_seed(1);

@@ -64,8 +64,8 @@ class token_bin_view {
       KILN_CHECK(h[1] == token_bin_version_u32, n, ": header field \"version\" is ", h[1], ", expected ",
                  token_bin_version_u32, " for magic ", token_bin_magic_u32, " (uint32 tokens)");
     } else {
-      kiln::detail::fail(n, ": header field \"magic\" is ", h[0], ", expected ", token_bin_magic_u16, " (uint16 tokens) or ",
-                   token_bin_magic_u32, " (uint32 tokens): not an llm.c token file");
+      kiln::detail::fail(n, ": header field \"magic\" is ", h[0], ", expected ", token_bin_magic_u16,
+                         " (uint16 tokens) or ", token_bin_magic_u32, " (uint32 tokens): not an llm.c token file");
     }
     KILN_CHECK(h[2] >= 0, n, ": header field \"count\" is ", h[2], ", expected a token count >= 0");
     for (int k = 3; k < 256; ++k)
@@ -153,7 +153,8 @@ inline void write_token_bin(const std::filesystem::path& path, std::span<const s
   h[2] = static_cast<std::int32_t>(tokens.size());
   io::write_atomically(path, [&](std::FILE* f) {
     const auto put = [&](const void* p, std::size_t n) {
-      if (std::fwrite(p, 1, n, f) != n) kiln::detail::fail("failed writing ", path.string(), ": ", std::strerror(errno));
+      if (std::fwrite(p, 1, n, f) != n)
+        kiln::detail::fail("failed writing ", path.string(), ": ", std::strerror(errno));
     };
     put(h, sizeof h);
     constexpr std::size_t chunk = 1 << 16;

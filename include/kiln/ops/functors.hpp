@@ -176,7 +176,6 @@ struct sgd_update {
   }
 };
 
-
 // f32 → bf16 with stochastic rounding (Gupta et al. 2015; "Revisiting BFloat16 Training",
 // Zamirai et al. 2020): x rounds up to the next bf16 with probability equal to its
 // distance from the lower one, so E[round(x)] = x and many small updates to a bf16

@@ -83,8 +83,8 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
   }
   // bf16 parameters only: see param_rounding.
   void set_rounding(param_rounding r) {
-    KILN_CHECK(!r.stochastic || (std::is_same_v<T, bf16>), "adamw: stochastic rounding applies to bf16 parameters, not ",
-               dtype_name(dtype_of<T>));
+    KILN_CHECK(!r.stochastic || (std::is_same_v<T, bf16>),
+               "adamw: stochastic rounding applies to bf16 parameters, not ", dtype_name(dtype_of<T>));
     rounding_ = r;
   }
   const param_rounding& rounding() const { return rounding_; }

@@ -147,8 +147,9 @@ class mixed {
     const io::json* pol = j.find("policy");
     KILN_CHECK(pol != nullptr, file, ": the checkpoint holds no ", Derived::name,
                " state (no f32 master weights): it was written under another precision policy");
-    KILN_CHECK(pol->as_string("precision.policy") == Derived::name, file, ": the checkpoint was written under precision::",
-               pol->as_string(), ", this trainer uses precision::", Derived::name);
+    KILN_CHECK(pol->as_string("precision.policy") == Derived::name, file,
+               ": the checkpoint was written under precision::", pol->as_string(),
+               ", this trainer uses precision::", Derived::name);
     const std::int64_t pub = j.at("publishes").as_int("precision.publishes");
     const bool overflow = j.at("overflow").as_bool("precision.overflow");
     for (auto& l : masters_.links()) {

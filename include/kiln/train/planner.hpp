@@ -38,7 +38,7 @@ std::int64_t batch_bytes(const B& b) {
 // Batches a loader holds at once: the one in use plus what its workers build ahead.
 template <class L>
 std::int64_t resident_batches(const L& l) {
-  if constexpr (requires { l.options().num_workers * l.options().prefetch_factor; })
+  if constexpr (requires { l.options().num_workers* l.options().prefetch_factor; })
     return 1 + static_cast<std::int64_t>(l.options().num_workers) * l.options().prefetch_factor;
   else
     return 1;
@@ -176,7 +176,8 @@ struct planner {
       const memory_sharding s = t.strategy_.memory_sharding();
       d.rank = t.strategy_.rank();
       const std::int64_t w = s.world_size;
-      if (s.optimizer_state) d.optimizer_state = (d.optimizer_state + w - 1) / w, d.master_weights = (d.master_weights + w - 1) / w;
+      if (s.optimizer_state)
+        d.optimizer_state = (d.optimizer_state + w - 1) / w, d.master_weights = (d.master_weights + w - 1) / w;
       if (s.gradients) d.gradients = (d.gradients + w - 1) / w;
       if (s.parameters) d.parameters = (d.parameters + w - 1) / w;
     }

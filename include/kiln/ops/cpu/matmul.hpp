@@ -50,11 +50,10 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
 // add: a 784-long dot product in bf16 keeps ~2 significant digits). Costs one widening
 // pass over A and B and one narrowing pass over C, O(MK + KN + MN) against 2MNK FLOPs.
 template <class T>
-requires(std::is_same_v<T, bf16> || std::is_same_v<T, f16>) void gemm_half(bool trans_a, bool trans_b, std::int64_t m,
-                                                                            std::int64_t n, std::int64_t k, const T* a,
-                                                                            std::int64_t lda, const T* b,
-                                                                            std::int64_t ldb, T* c, std::int64_t ldc,
-                                                                            grad_write mode) {
+requires(std::is_same_v<T, bf16> ||
+         std::is_same_v<T, f16>) void gemm_half(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n,
+                                                std::int64_t k, const T* a, std::int64_t lda, const T* b,
+                                                std::int64_t ldb, T* c, std::int64_t ldc, grad_write mode) {
   thread_local std::vector<float> wa, wb, wc;
   detail::widen(a, trans_a ? k : m, trans_a ? m : k, lda, wa);
   detail::widen(b, trans_b ? n : k, trans_b ? k : n, ldb, wb);
