@@ -28,6 +28,7 @@
 // signal that the loss scaler handles.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <sstream>
@@ -35,6 +36,7 @@
 #include <type_traits>
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/error.hpp"
 #include "kiln/nn/module.hpp"
 
@@ -105,10 +107,18 @@ std::optional<std::pair<std::int64_t, double>> first_non_finite(const tensor<T, 
   static_assert(Dev::is_host, "precision: non-finite scans run on host tensors");
   const T* d = t.data();
   const std::int64_t n = t.numel();
-  float probe = 0;  // x * 0 is 0 for finite x and NaN otherwise: one vectorisable pass
+  // x * 0 is 0 for finite x and NaN otherwise: one vectorisable pass, split over the team
+  // for large tensors (~19 µs for 269k f32 on one core, ~1.4% of an MLP step).
+  std::atomic<bool> bad{false};
+  std::atomic<bool>* flag = &bad;
+  cpu_runtime::parallel_for(n, 1 << 16, [d, flag](std::int64_t b, std::int64_t e) {
+    const T* __restrict p = d;
+    float probe = 0;
 #pragma omp simd reduction(+ : probe)
-  for (std::int64_t i = 0; i < n; ++i) probe += static_cast<float>(d[i]) * 0.0f;
-  if (std::isfinite(probe)) return std::nullopt;
+    for (std::int64_t i = b; i < e; ++i) probe += static_cast<float>(p[i]) * 0.0f;
+    if (!std::isfinite(probe)) flag->store(true, std::memory_order_relaxed);
+  });
+  if (!bad.load()) return std::nullopt;
   for (std::int64_t i = 0; i < n; ++i)
     if (!std::isfinite(static_cast<double>(d[i]))) return std::make_pair(i, static_cast<double>(d[i]));
   return std::nullopt;
