@@ -17,7 +17,7 @@
 //
 // Usage: 03_mixed_precision [--epochs N] [--batch B] [--lr X] [--threads N] [--seed S]
 //                           [--data DIR] [--out DIR] [--limit-batches N] [--max-gap P]
-//                           [--policies fp32,bf16_mixed,f16_mixed,bf16_true]
+//                           [--policies fp32,bf16_mixed,f16_mixed,bf16_true] [--json]
 //        (exit 1 if a mixed policy's test accuracy is more than P points below fp32's).
 #include <chrono>
 #include <cstdio>
@@ -46,6 +46,7 @@ struct options {
   std::int64_t limit_batches = -1;
   double max_gap = -1;  // points; < 0: no check
   std::string policies = "fp32,bf16_mixed,f16_mixed,bf16_true";
+  bool json = false;  // also print one JSON line per policy (bench/run_precision_vs_torch.sh reads them)
 };
 
 options parse(int argc, char** argv) {
@@ -76,10 +77,12 @@ options parse(int argc, char** argv) {
       o.max_gap = std::stod(next());
     else if (a == "--policies")
       o.policies = next();
+    else if (a == "--json")
+      o.json = true;
     else
       throw kiln::error("unknown flag '" + a +
                         "' (expected --epochs, --batch, --lr, --threads, --seed, --data, --out, --limit-batches, "
-                        "--max-gap, --policies)");
+                        "--max-gap, --policies, --json)");
   }
   return o;
 }
@@ -184,6 +187,12 @@ outcome train_under(const options& opt, fashion_mnist_data& data) {
     std::printf(", %lld steps skipped on overflow, final loss scale %g", static_cast<long long>(o.skipped),
                 o.final_scale);
   std::printf("\nlogs: %s\n", std::filesystem::absolute(trainer.state().log_dir).string().c_str());
+  if (opt.json)
+    std::printf(
+        "{\"impl\": \"kiln\", \"policy\": \"%s\", \"seconds\": %.4f, \"test_acc\": %.6f, \"epochs\": %lld, "
+        "\"skipped_steps\": %lld, \"plan_total_bytes\": %lld, \"threads\": %d}\n",
+        P::name, o.seconds, o.accuracy, static_cast<long long>(fit.epochs), static_cast<long long>(o.skipped),
+        static_cast<long long>(plan.devices.at(0).total()), opt.threads);
   return o;
 }
 

@@ -12,28 +12,14 @@
 #include <string>
 
 #include "../helpers.hpp"
-#include "kiln/data/data_loader.hpp"
-#include "kiln/train/trainer.hpp"
+#include "../io/resume_fixture.hpp"
 
 namespace kiln::test::prec {
 
-using batch = data::labelled_batch;
+using resume::batch;
 
-inline data::tensor_dataset make_data(std::int64_t n, std::uint64_t seed) {
-  tensor<float> x({n, 8});
-  tensor<i64> y({n});
-  const philox_stream st{seed, 0};
-  for (std::int64_t i = 0; i < n; ++i) {
-    float s = 0;
-    for (int j = 0; j < 8; ++j) {
-      const float v = st.uniform(static_cast<std::uint64_t>(i * 8 + j)) * 2 - 1;
-      x(i, j) = v;
-      s += v * float(j % 3 - 1);
-    }
-    y(i) = s > 0.3f ? 2 : s < -0.3f ? 0 : 1;
-  }
-  return {x, y};
-}
+// The data, loaders and loop options of the resume fixture (tests/io/resume_fixture.hpp).
+using resume::data_module;
 
 template <floating_element T>
 struct clf {
@@ -68,22 +54,8 @@ struct clf {
   }
 };
 
-struct data_module {
-  data::data_loader<data::tensor_dataset> train{make_data(240, 11),
-                                                {.batch_size = 16, .shuffle = true, .seed = 5, .num_workers = 1}};
-  data::data_loader<data::tensor_dataset> val{make_data(64, 12), {.batch_size = 32}};
-  auto& train_loader() { return train; }
-  auto& val_loader() { return val; }
-};
-
 inline train::trainer_options options(const std::filesystem::path& root, std::int64_t epochs = 2) {
-  train::trainer_options o{.max_epochs = epochs,
-                           .seed = 3,
-                           .default_root_dir = root.string(),
-                           .enable_progress_bar = false,
-                           .enable_model_summary = false};
-  o.accumulate_grad_batches = 2;  // 15 batches per epoch: every epoch ends with a window of one
-  o.val_check_interval = 0.5;
+  auto o = resume::options(root, epochs);  // accumulation over 2 of 15 batches, validation twice per epoch
   o.num_sanity_val_steps = 0;
   return o;
 }
