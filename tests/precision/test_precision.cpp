@@ -12,30 +12,42 @@ using namespace kiln::test::prec;
 
 namespace {
 
-template <class P>
-using run = trainer<clf<precision::param_t<P>>, strategy::single_device<cpu>, P>;
-
-template <class M>
-double grad_norm_of(M& m) {
-  return optim::grad_norm(m);
-}
-
-// Records the norm of the gradients the optimizer will step, at on_before_optimizer_step.
-struct grad_probe {
-  using hooks = hook_list<hook::on_before_optimizer_step>;
-  std::vector<double>* norms = nullptr;
-  void on_before_optimizer_step(auto& ctx) { norms->push_back(optim::grad_norm(ctx.master_parameters())); }
+struct watch_row {
+  std::int64_t step;
+  double scale, lr;
+  std::int64_t skipped, adam_steps;
+  std::map<std::string, std::vector<std::uint8_t>> w;
 };
 
-// Saves a checkpoint after micro-batch `at`.
-struct save_at {
-  using hooks = hook_list<hook::on_train_batch_end>;
-  std::int64_t at = -1;
+// One callback for every probe the tests need (one trainer type per policy keeps this
+// file's compile time down): the norm of the gradients the optimizer will step, a row of
+// loop state after each batch, a checkpoint after micro-batch `save_at`.
+struct probe {
+  using hooks = hook_list<hook::on_before_optimizer_step, hook::on_train_batch_end>;
+  std::vector<double>* norms = nullptr;
+  std::vector<watch_row>* rows = nullptr;
+  std::int64_t save_at = -1;
   std::filesystem::path path;
+  void on_before_optimizer_step(auto& ctx) {
+    if (norms) norms->push_back(optim::grad_norm(ctx.master_parameters()));
+  }
   void on_train_batch_end(auto& ctx, const auto&) {
-    if (ctx.micro_batches() == at) ctx.save_checkpoint(path);  // micro_batches counts this one already
+    if (ctx.micro_batches() == save_at) ctx.save_checkpoint(path);  // micro_batches counts this one already
+    if (!rows) return;
+    auto& p = ctx.precision();
+    std::int64_t skipped = 0;
+    double scale = 1;
+    if constexpr (requires { p.scaler.skipped_steps(); }) {
+      skipped = p.scaler.skipped_steps();
+      scale = p.scale();
+    }
+    rows->push_back({ctx.global_step(), scale, ctx.optimizer().lr(0), skipped, ctx.optimizer().step_count(0),
+                     weight_bits(ctx.model())});
   }
 };
+
+template <class P>
+using run = trainer<clf<precision::param_t<P>>, strategy::single_device<cpu>, P, probe>;
 
 template <class T>
 double max_abs_diff(const tensor<T>& a, const tensor<f64>& ref, double rel, double abs, std::int64_t* bad) {
@@ -56,21 +68,6 @@ struct ones {
   }
 };
 
-struct watch_row {
-  std::int64_t step;
-  double scale, lr;
-  std::int64_t skipped, adam_steps;
-  std::map<std::string, std::vector<std::uint8_t>> w;
-};
-struct watch {
-  using hooks = hook_list<hook::on_train_batch_end>;
-  std::vector<watch_row>* rows;
-  void on_train_batch_end(auto& ctx, const auto&) {
-    auto& p = ctx.precision();
-    rows->push_back({ctx.global_step(), p.scale(), ctx.optimizer().lr(0), p.scaler.skipped_steps(),
-                     ctx.optimizer().step_count(0), weight_bits(ctx.model())});
-  }
-};
 
 struct blowup {
   var<float> a{tensor<float>::full({3}, 1.0f), true}, b{tensor<float>::full({2}, 1.0f), true};
@@ -244,13 +241,13 @@ TEST_CASE("gradients are unscaled before on_before_optimizer_step: f16_mixed's m
     clf<precision::param_t<P>> model;
     data_module dm;
     std::vector<double> out;
-    trainer<clf<precision::param_t<P>>, strategy::single_device<cpu>, P, grad_probe> t(
+    run<P> t(
         [&] {
           auto o = options(root, 1);
           o.max_steps = 3;
           return o;
         }(),
-        grad_probe{&out});
+        probe{.norms = &out});
     if constexpr (P::name == std::string_view("f16_mixed"))
       t.precision().scaler = precision::dynamic_loss_scaler({.initial_scale_power = 10});  // 1024: no overflow here
     t.fit(model, dm);
@@ -274,14 +271,14 @@ TEST_CASE("f16_mixed: injected overflows skip their steps, back the scale off, a
   data_module dm;
   std::vector<watch_row> rows;
   using P = precision::f16_mixed<>;
-  trainer<clf<f16>, strategy::single_device<cpu>, P, watch> t(
+  run<P> t(
       [&] {
         auto o = options(root, 1);
         o.accumulate_grad_batches = 1;
         o.max_steps = 14;
         return o;
       }(),
-      watch{&rows});
+      probe{.rows = &rows});
   t.precision().scaler = precision::dynamic_loss_scaler({.initial_scale_power = 10, .window = 4, .hysteresis = 2});
   t.fit(model, dm);
   REQUIRE(rows.size() == 14);
@@ -365,7 +362,7 @@ TEST_CASE("resume under f16_mixed and bf16_mixed (stochastic rounding) is bit-ex
     clf<T> a;
     a.overflow_at = overflows;
     data_module dm;
-    trainer<clf<T>, strategy::single_device<cpu>, P, save_at> ta(options(root / "a", 3), save_at{at, ck});
+    run<P> ta(options(root / "a", 3), probe{.save_at = at, .path = ck});
     configure(ta);
     ta.fit(a, dm);
     // Resumed in a fresh model and trainer (different initial weights: the checkpoint must set them).
@@ -373,7 +370,7 @@ TEST_CASE("resume under f16_mixed and bf16_mixed (stochastic rounding) is bit-ex
     clf<T> b;
     b.overflow_at = overflows;
     data_module dm2;
-    trainer<clf<T>, strategy::single_device<cpu>, P> tb(options(root / "b", 3));
+    run<P> tb(options(root / "b", 3));
     configure(tb);
     tb.fit(b, dm2, ck.string());
     std::int64_t compared = 0;
@@ -402,12 +399,11 @@ TEST_CASE("a bf16_mixed checkpoint (f32 optimizer state) is refused by a bf16_tr
   manual_seed(3);
   clf<bf16> a;
   data_module dm;
-  trainer<clf<bf16>, strategy::single_device<cpu>, precision::bf16_mixed, save_at> ta(options(root / "a", 1),
-                                                                                      save_at{4, root / "m.ckpt"});
+  run<precision::bf16_mixed> ta(options(root / "a", 1), probe{.save_at = 4, .path = root / "m.ckpt"});
   ta.fit(a, dm);
   // bf16_true has the same parameter dtype but keeps no masters: the optimizer state is bf16.
   clf<bf16> b;
-  trainer<clf<bf16>, strategy::single_device<cpu>, precision::bf16_true> tb(options(root / "b", 1));
+  run<precision::bf16_true> tb(options(root / "b", 1));
   std::string what;
   try {
     tb.fit(b, dm, (root / "m.ckpt").string());
