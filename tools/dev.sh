@@ -53,7 +53,11 @@ format_check() {
   local files
   files=$(git ls-files '*.hpp' '*.cpp' '*.cu' '*.cuh' 2>/dev/null || find include tests examples bench kernels -name '*.[ch]pp')
   # shellcheck disable=SC2086
-  clang-format --dry-run -Werror $files
+  # (called as `format_check || status=1`, where set -e is off: return the status explicitly)
+  if ! clang-format --dry-run -Werror $files; then
+    echo "kiln: format check FAILED (run clang-format -i on the files above)"
+    return 1
+  fi
   echo "kiln: format check passed ($(echo "$files" | wc -w) files)"
 }
 

@@ -68,7 +68,6 @@ struct ones {
   }
 };
 
-
 struct blowup {
   var<float> a{tensor<float>::full({3}, 1.0f), true}, b{tensor<float>::full({2}, 1.0f), true};
   template <class F>
