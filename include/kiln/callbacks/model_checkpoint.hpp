@@ -115,6 +115,7 @@ struct model_checkpoint {
   // Saves now (at the loop's next quiet point) under the template's name.
   void save(auto& ctx) {
     if (ctx.global_step() == last_step_saved) return;
+    writer_ = ctx.is_global_zero();  // only the rank that writes checkpoints deletes them
     const auto d = dir(ctx);
     std::optional<double> score;
     bool skip_top_k = false;
@@ -302,11 +303,12 @@ struct model_checkpoint {
     const std::string p = k[i].path;
     k.erase(k.begin() + static_cast<std::ptrdiff_t>(i));
     std::error_code ec;
-    if (p != keep && p != last_model_path) std::filesystem::remove(p, ec);
+    if (writer_ && p != keep && p != last_model_path) std::filesystem::remove(p, ec);
   }
 
   std::chrono::steady_clock::time_point last_time_ = std::chrono::steady_clock::now();
   std::int64_t validated_epoch_ = -1;
+  bool writer_ = true;
 };
 
 }  // namespace kiln::callbacks

@@ -118,6 +118,24 @@ class data_loader {
     return opt_.drop_last ? num_samples_ / opt_.batch_size : (num_samples_ + opt_.batch_size - 1) / opt_.batch_size;
   }
   std::int64_t num_samples() const { return num_samples_; }
+
+  // Rank `rank` of `world` from now on: the sampler becomes a distributed_sampler over the
+  // whole dataset that keeps this loader's shuffle, seed and drop_last (the trainer calls
+  // this under a multi-rank strategy). Uneven sizes: without drop_last the epoch's order
+  // is padded by repeating its first indices to a multiple of world, so every rank has
+  // the same number of samples (and batches); with drop_last the tail is dropped.
+  // A loader already given a distributed_sampler keeps it, if it is for this rank.
+  void distribute(int rank, int world) {
+    if (auto* d = std::get_if<distributed_sampler>(&sampler_)) {
+      KILN_CHECK(d->rank == rank && d->world == world, "data_loader.distribute: the loader's distributed_sampler is ",
+                 "for rank ", d->rank, " of ", d->world, ", but this process is rank ", rank, " of ", world);
+      return;
+    }
+    const bool shuffle = std::holds_alternative<random_sampler>(sampler_);
+    sampler_ = distributed_sampler(static_cast<std::int64_t>(shared_->ds.size()), rank, world, shuffle, opt_.seed,
+                                   opt_.drop_last);
+    num_samples_ = std::visit([](auto& x) { return x.size(); }, sampler_);
+  }
   const D& dataset() const { return shared_->ds; }
   const loader_options& options() const { return opt_; }
 

@@ -94,7 +94,8 @@ class group_owner {
   // The groups with their parameters replaced by map(named_parameter) and their own
   // learning rates and decay kept: what an optimizer's rebind() builds the same
   // optimizer over other parameters from (mixed precision moves a bf16 model's optimizer
-  // onto the f32 master copies this way).
+  // onto the f32 master copies this way). A map returning std::optional drops the
+  // parameters it returns nullopt for (ZeRO keeps only its rank's shard).
   template <floating_element U, device D2, class Map>
   std::vector<param_group<U, D2>> mapped_groups(Map&& map) const {
     std::vector<param_group<U, D2>> out;
@@ -102,7 +103,13 @@ class group_owner {
       param_group<U, D2> ng;
       ng.lr = g.lr;
       ng.weight_decay = g.weight_decay;
-      for (auto& np : g.params) ng.params.push_back({np.name, map(np)});
+      for (auto& np : g.params) {
+        if constexpr (requires { map(np).has_value(); }) {
+          if (auto v = map(np)) ng.params.push_back({np.name, std::move(*v)});
+        } else {
+          ng.params.push_back({np.name, map(np)});
+        }
+      }
       out.push_back(std::move(ng));
     }
     return out;

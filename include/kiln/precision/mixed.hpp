@@ -105,6 +105,16 @@ class mixed {
     if (!masters_.overflow() && f != 1.0) optim::scale_gradients(masters_, f);
     unscaled_ = true;
   }
+  // Folds the window's last micro-batch: the master gradients are then complete (the
+  // trainer calls it before a strategy reduces them across ranks).
+  template <class M>
+  void finish_gradients(M&) {
+    masters_.fold();
+  }
+  // Whether a non-finite gradient was folded in this window; ranks agree on it after a
+  // reduction through mark_non_finite_gradients, so they all skip (or throw) together.
+  bool non_finite_gradients() const { return masters_.overflow(); }
+  void mark_non_finite_gradients() { masters_.mark_overflow(); }
   master_weights<Half>& master_parameters(auto&) { return masters_; }
   const master_weights<Half>& masters() const { return masters_; }
   bool overflowed() const { return scaled && masters_.overflow(); }

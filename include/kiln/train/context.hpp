@@ -141,6 +141,11 @@ class context {
   // --- precision ---
   // The precision policy (loss scale, overflow state, master weights).
   auto& precision() const { return t_->precision_; }
+  // The strategy, and where this process sits in it (rank 0 of 1 on single_device).
+  auto& strategy() const { return t_->strategy_; }
+  int global_rank() const { return t_->strategy_.rank(); }
+  int world_size() const { return t_->strategy_.world_size(); }
+  bool is_global_zero() const { return t_->strategy_.is_global_zero(); }
   // The parameters the optimizer steps: the model itself, or under bf16_mixed/f16_mixed
   // its f32 master copies (same names), whose gradients at on_before_optimizer_step are
   // the unscaled, normalised ones the step and the clipping use.

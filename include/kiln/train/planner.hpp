@@ -99,8 +99,10 @@ struct planner {
     precision_type prec = t.precision_;
     prec.setup(model);
     using raw = std::remove_cvref_t<decltype(model.configure_optimizers())>;
-    auto opts = detail::adapted_pack<typename detail::optim_pack<raw>::type, precision_type>::make(
-        detail::optim_pack<raw>::make(model.configure_optimizers()), prec);
+    // Unsharded: shard() below divides what a sharding strategy divides.
+    detail::unsharded none;
+    auto opts = detail::adapted_pack<typename detail::optim_pack<raw>::type, precision_type, detail::unsharded>::make(
+        detail::optim_pack<raw>::make(model.configure_optimizers()), prec, none);
     device_memory d = model_states(t, model, prec, opts);
 
     // Gradient buffers exist before the measurement (they are model states, not activations).

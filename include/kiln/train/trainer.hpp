@@ -91,13 +91,24 @@ class trainer {
                 "must be a callback, i.e. declare `using hooks = kiln::hook_list<...>`");
   static_assert(std::is_class_v<Module>, "kiln::trainer: the first parameter must be the module type");
   static_assert((Precision::template check_module<Module>(), true));
+  static_assert(
+      [] {
+        if constexpr (requires {
+                        Strategy::shards_gradients;
+                        Precision::scaled;
+                      })
+          return !(Strategy::shards_gradients && Precision::scaled);
+        return true;
+      }(),
+      "kiln::trainer: strategy::zero<2> shards gradients, and a loss-scaling precision (f16_mixed) would test "
+      "unreduced gradients for overflow; use zero<1> with f16_mixed, or bf16_mixed with zero<2>");
 
  public:
   using module_type = Module;
   using strategy_type = Strategy;
   using precision_type = Precision;
   using context_type = train::context<trainer>;
-  using optimizers_type = typename train::detail::optimizers_of<Module, Precision>::type;
+  using optimizers_type = typename train::detail::optimizers_of<Module, Precision, Strategy>::type;
   static constexpr std::size_t num_optimizers = std::tuple_size_v<optimizers_type>;
   static constexpr bool automatic = train::automatic_optimization_of<Module>();
 
@@ -271,13 +282,26 @@ class trainer {
 
   void write_checkpoint(const std::filesystem::path& path, bool weights_only, std::int64_t epoch,
                         std::int64_t next_batch) {
-    if (!strategy_.is_global_zero()) return;
+    // Every rank captures (a sharded optimizer gathers its state); rank 0 writes.
     io::checkpoint_writer w;
     codec::capture(*this, w, weights_only, epoch, next_batch);
-    w.write(path);
+    if (strategy_.is_global_zero()) w.write(path);
   }
   // Writes the checkpoints requested since the last quiet point, at position (epoch, next_batch).
   void flush_pending_saves(std::int64_t epoch, std::int64_t next_batch) {
+    if constexpr (requires { strategy_.broadcast_string(std::declval<std::string&>()); }) {
+      // Rank 0's requests decide: every rank then joins the same captures.
+      if (strategy_.world_size() > 1) {
+        std::string list;
+        for (auto& [p, w] : pending_saves_) list += (w ? "1" : "0") + p.string() + '\n';
+        strategy_.broadcast_string(list);
+        pending_saves_.clear();
+        for (std::size_t a = 0, b; a < list.size(); a = b + 1) {
+          b = list.find('\n', a);
+          pending_saves_.emplace_back(list.substr(a + 1, b - a - 1), list[a] == '1');
+        }
+      }
+    }
     if (pending_saves_.empty()) return;
     auto saves = std::move(pending_saves_);
     pending_saves_.clear();
@@ -344,13 +368,37 @@ class trainer {
     fire<hook::on_log>(rec);
   }
 
+  // ---- ranks ----
+  // Gives the loader this rank's shard when there are several ranks; loaders without
+  // distribute() (a user's own) must shard themselves.
+  template <class L>
+  void distribute(L& l) {
+    if (strategy_.world_size() == 1) return;
+    if constexpr (requires { l.distribute(0, 1); }) l.distribute(strategy_.rank(), strategy_.world_size());
+  }
+  // Rank 0's answer on every rank (which checkpoint to resume from).
+  std::optional<std::filesystem::path> agreed(std::optional<std::filesystem::path> p) {
+    if constexpr (requires(std::string & x) { strategy_.broadcast_string(x); }) {
+      if (strategy_.world_size() > 1) {
+        std::string x = p ? p->string() : std::string();
+        strategy_.broadcast_string(x);
+        return x.empty() ? std::nullopt : std::optional<std::filesystem::path>(x);
+      }
+    }
+    return p;
+  }
+
   // ---- set-up shared by the entry points ----
   void begin_stage(train::stage s) {
     state_ = train::loop_state{};
     state_.current_stage = s;
     state_.accumulate_grad_batches = options_.accumulate_grad_batches;
     state_.loggers_enabled = options_.fast_dev_run == 0;
-    if (log_dir_.empty()) log_dir_ = next_version_dir();  // one run directory per trainer, all stages
+    if (log_dir_.empty()) {  // one run directory per trainer, all stages: rank 0's
+      log_dir_ = next_version_dir();
+      if constexpr (requires { strategy_.broadcast_string(log_dir_); })
+        if (strategy_.world_size() > 1) strategy_.broadcast_string(log_dir_);
+    }
     state_.log_dir = log_dir_;
     board_.clear();
     train_metrics_.reset_entries();
@@ -514,7 +562,7 @@ class trainer {
     // Resume: the checkpoint is opened and verified before anything runs or changes.
     std::optional<io::checkpoint_reader> resume;
     if (!ckpt_path.empty()) {
-      if (auto p = find_checkpoint(ckpt_path))
+      if (auto p = agreed(find_checkpoint(ckpt_path)))
         resume.emplace(io::checkpoint_reader::open(*p));
       else
         std::fprintf(stderr, "kiln: ckpt_path \"%.*s\": no checkpoint found under %s; training from scratch\n",
@@ -523,6 +571,9 @@ class trainer {
     typename codec::rollback undo;  // holds the RNG state from before begin_stage reseeds it
     model_ = &model;
     begin_stage(train::stage::fit);
+    distribute(tl);  // each rank a disjoint shard of every epoch (no-op on one rank)
+    if constexpr (!std::is_same_v<VLPtr, std::nullptr_t>)
+      if (vl) distribute(*vl);
     pending_saves_.clear();
     const auto t0 = std::chrono::steady_clock::now();
     train::fit_result result;
@@ -531,15 +582,16 @@ class trainer {
       fire<hook::setup>(train::stage::fit);
       fire<hook::configure_model>();
       if (resume) codec::restore_modules(*this, *resume, undo);
+      strategy_.setup(model);  // replicas agree (rank 0's weights) before masters are taken
       precision_.setup(model);
       optimizers_.reset();
       {
         using raw = std::remove_cvref_t<decltype(model.configure_optimizers())>;
-        optimizers_.emplace(train::detail::adapted_pack<typename train::detail::optim_pack<raw>::type, Precision>::make(
-            train::detail::optim_pack<raw>::make(model.configure_optimizers()), precision_));
+        optimizers_.emplace(
+            train::detail::adapted_pack<typename train::detail::optim_pack<raw>::type, Precision, Strategy>::make(
+                train::detail::optim_pack<raw>::make(model.configure_optimizers()), precision_, strategy_));
       }
       std::apply([](auto&... so) { (bind_schedule(so), ...); }, *optimizers_);
-      strategy_.setup(model);
       nn::train(model);
       fire<hook::on_fit_start>();
       if (resume) {
@@ -607,6 +659,7 @@ class trainer {
       pending_saves_.clear();
       codec::undo(*this, undo);  // a failed resume leaves the model and callbacks as they were
       fire<hook::on_exception>(e);
+      if constexpr (requires { strategy_.abort_job(e); }) strategy_.abort_job(e);  // multi-rank: end the job
       throw;
     }
     result.epochs = state_.epoch;
@@ -780,7 +833,7 @@ class trainer {
   void optimizer_step_automatic() {
     auto& so = std::get<0>(*optimizers_);
     const bool accumulated = window_items_ > 0 && accum_count_ > 0 && state_.accumulate_grad_batches > 1;
-    strategy_.reduce_gradients(*model_);
+    reduce_gradients();
     precision_.unscale(*model_, accumulated ? 1.0 / window_items_ : 1.0);
     fire<hook::on_before_optimizer_step>();
     clip();
@@ -790,6 +843,21 @@ class trainer {
     ++state_.global_step;
     // A step skipped on a loss-scale overflow leaves the schedules where they are (DeepSpeed).
     if (stepped) step_schedules(optim::interval::step);
+  }
+
+  // The window's gradients, complete and combined across ranks (identity on one rank);
+  // ranks agree on whether any is non-finite, so an f16 overflow skips everywhere.
+  void reduce_gradients() {
+    if constexpr (requires { precision_.finish_gradients(*model_); }) precision_.finish_gradients(*model_);
+    strategy_.reduce_gradients(precision_.master_parameters(*model_));
+    if constexpr (requires {
+                    precision_.non_finite_gradients();
+                    precision_.mark_non_finite_gradients();
+                  }) {
+      if (strategy_.world_size() > 1 &&
+          strategy_.reduce(precision_.non_finite_gradients() ? 1.0 : 0.0, train::reduce::max) > 0)
+        precision_.mark_non_finite_gradients();
+    }
   }
 
   template <class O>
@@ -809,14 +877,18 @@ class trainer {
   void clip() {
     if (options_.gradient_clip_val <= 0) return;
     auto& target = precision_.master_parameters(*model_);
-    if (options_.gradient_clip_algorithm == train::clip_algorithm::norm)
-      optim::clip_grad_norm(target, options_.gradient_clip_val);
-    else
+    if (options_.gradient_clip_algorithm == train::clip_algorithm::norm) {
+      if constexpr (requires { strategy_.clip_grad_norm(target, 1.0); })
+        strategy_.clip_grad_norm(target, options_.gradient_clip_val);  // sharded gradients: a global norm
+      else
+        optim::clip_grad_norm(target, options_.gradient_clip_val);
+    } else
       optim::clip_grad_value(target, options_.gradient_clip_val);
   }
 
   template <std::size_t I>
   void manual_optimizer_step() {
+    reduce_gradients();
     fire<hook::on_before_optimizer_step>();
     precision_step(std::get<I>(*optimizers_).optimizer);
     ++state_.global_step;

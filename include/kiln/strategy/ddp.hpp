@@ -1,0 +1,242 @@
+// kiln/strategy/ddp.hpp — data parallelism: every rank holds the whole model.
+//
+// Spec: ddp<Comm> keeps a full replica of the model on every rank of Comm (comm::mpi on
+// CPU). At setup it broadcasts rank 0's parameters, so every replica starts identical
+// whatever each rank's seed did. The trainer calls reduce_gradients once per optimizer
+// step, after the last backward of an accumulation window (the micro-steps before it
+// communicate nothing: no_sync is the default, not an option), on the gradients the
+// optimizer steps (the f32 masters under mixed precision). Gradients are packed into
+// f32 buckets of at most bucket_cap_mb (25 MB, PyTorch's default) in reverse parameter
+// order, each bucket's all-reduce is posted as soon as it is packed, and the average
+// over ranks is written back; a parameter no rank produced a gradient for keeps none.
+// Every rank then takes the same optimizer step on the same averaged gradients, so the
+// replicas stay identical. With each rank's loader sharded by the trainer
+// (distributed_sampler: rank r takes elements r, r + world, ... of the epoch's order), a
+// global batch of world·b reproduces single_device's batch of the same size up to the
+// order of the floating-point sum.
+// Logging and checkpoints: only rank 0 logs and writes; every rank joins the capture
+// (so sharded strategies can gather). log(..., sync_dist = true) all-reduces the value:
+// mean, sum, max or min over ranks of each rank's value.
+// On CPU the all-reduce runs after backward: the autograd tape has no per-parameter
+// ready hooks yet, and with every core computing there is no idle core to overlap on.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kiln/comm/communicator.hpp"
+#include "kiln/core/device.hpp"
+#include "kiln/nn/module.hpp"
+#include "kiln/train/memory_plan.hpp"
+#include "kiln/train/metrics.hpp"
+
+namespace kiln::strategy {
+
+namespace detail {
+
+// One parameter as the reducers see it, whatever its element type.
+struct grad_slot {
+  std::string name;
+  std::int64_t numel = 0;
+  std::function<bool()> has_grad;
+  std::function<void(float*)> pack;                // gradient → f32 (zeros when it has none)
+  std::function<void(const float*, float)> store;  // f32 · factor → gradient (creating it)
+};
+
+template <class M>
+std::vector<grad_slot> grad_slots(M& target) {
+  std::vector<grad_slot> out;
+  nn::visit_parameters(target, [&](const std::string& name, auto& p) {
+    if (!p.requires_grad()) return;
+    using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+    auto v = p;  // a handle: shares the parameter's state
+    grad_slot s;
+    s.name = name;
+    s.numel = v.numel();
+    s.has_grad = [v] { return v.has_grad(); };
+    s.pack = [v](float* dst) {
+      const std::int64_t n = v.numel();
+      if (!v.has_grad()) {
+        std::fill(dst, dst + n, 0.0f);
+        return;
+      }
+      const T* g = v.grad().data();
+      if constexpr (std::is_same_v<T, float>)
+        std::memcpy(dst, g, static_cast<std::size_t>(n) * sizeof(float));
+      else
+        for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(g[i]);
+    };
+    s.store = [v](const float* src, float f) {
+      v.begin_grad_write();
+      T* g = v.grad().data();
+      const std::int64_t n = v.numel();
+      for (std::int64_t i = 0; i < n; ++i) g[i] = static_cast<T>(src[i] * f);
+    };
+    out.push_back(std::move(s));
+  });
+  return out;
+}
+
+// The base of every multi-rank strategy: rank queries, metric reduction, broadcasts.
+template <comm::communicator Comm>
+class distributed {
+ public:
+  using communicator_type = Comm;
+  int rank() const { return comm_.rank(); }
+  int world_size() const { return comm_.world_size(); }
+  bool is_global_zero() const { return comm_.rank() == 0; }
+  Comm& communicator() { return comm_; }
+
+  double reduce(double v, train::reduce r) {
+    const comm::op o = r == train::reduce::max   ? comm::op::max
+                       : r == train::reduce::min ? comm::op::min
+                                                 : comm::op::sum;
+    comm_.all_reduce(&v, 1, o, "log(sync_dist)");
+    if (r == train::reduce::mean) v /= world_size();
+    return v;
+  }
+  void barrier() { comm_.barrier("barrier"); }
+  // Rank 0's string on every rank (checkpoint requests, so every rank joins a capture).
+  void broadcast_string(std::string& s) {
+    std::int64_t n = static_cast<std::int64_t>(s.size());
+    comm_.broadcast(reinterpret_cast<std::byte*>(&n), sizeof n, 0, "broadcast_string.size");
+    s.resize(static_cast<std::size_t>(n));
+    if (n > 0) comm_.broadcast(reinterpret_cast<std::byte*>(s.data()), n, 0, "broadcast_string");
+  }
+  // A fit that failed on this rank ends the job (the trainer calls it after on_exception):
+  // the other ranks would otherwise wait in their next collective until the watchdog.
+  void abort_job(const std::exception& e) {
+    if constexpr (requires { comm_.abort(1, std::string_view{}); })
+      if (world_size() > 1) comm_.abort(1, std::string("fit failed: ") + e.what());
+  }
+  // Rank 0's parameter values on every rank, bit for bit.
+  template <class M>
+  void broadcast_parameters(M& model) {
+    nn::visit_parameters(model, [&](const std::string& name, auto& p) {
+      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+      auto& v = p.value();
+      KILN_CHECK(v.is_contiguous(), "strategy: parameter '", name, "' is not contiguous");
+      comm_.broadcast(reinterpret_cast<std::byte*>(v.data()), v.numel() * std::int64_t(sizeof(T)), 0,
+                      "broadcast of parameter " + name);
+    });
+  }
+
+ protected:
+  Comm comm_{};
+};
+
+// Bucketed all-reduce of the gradients of `target`, averaged over ranks.
+template <class Comm>
+class gradient_reducer {
+ public:
+  explicit gradient_reducer(double bucket_cap_mb = 25.0) : cap_mb_(bucket_cap_mb) {}
+
+  template <class M>
+  void all_reduce_mean(Comm& c, M& target) {
+    if (c.world_size() == 1) return;
+    auto slots = grad_slots(target);
+    bind(slots);
+    // Which parameters some rank has a gradient for (a branch one rank skipped still
+    // gets the others' average; one no rank used keeps no gradient, as on one rank).
+    used_.assign(slots_.size(), 0);
+    for (std::size_t i = 0; i < slots_.size(); ++i) used_[i] = slots_[i].has_grad() ? 1 : 0;
+    c.all_reduce(used_.data(), static_cast<std::int64_t>(used_.size()), comm::op::max, "ddp: which gradients exist");
+    using handle = decltype(c.iall_reduce(static_cast<float*>(nullptr), std::int64_t{}, comm::op::sum, ""));
+    std::vector<handle> pending;
+    pending.reserve(buckets_.size());
+    for (std::size_t b = 0; b < buckets_.size(); ++b) {
+      auto& bk = buckets_[b];
+      for (std::size_t k = 0; k < bk.slots.size(); ++k) slots_[bk.slots[k]].pack(bk.data.data() + bk.offsets[k]);
+      pending.push_back(
+          c.iall_reduce(bk.data.data(), static_cast<std::int64_t>(bk.data.size()), comm::op::sum,
+                        "ddp gradient bucket " + std::to_string(b + 1) + "/" + std::to_string(buckets_.size())));
+    }
+    const float inv = 1.0f / static_cast<float>(c.world_size());
+    for (std::size_t b = 0; b < buckets_.size(); ++b) {
+      pending[b].wait();
+      auto& bk = buckets_[b];
+      for (std::size_t k = 0; k < bk.slots.size(); ++k)
+        if (used_[bk.slots[k]]) slots_[bk.slots[k]].store(bk.data.data() + bk.offsets[k], inv);
+    }
+  }
+  std::size_t num_buckets() const { return buckets_.size(); }
+
+ private:
+  struct bucket {
+    std::vector<std::size_t> slots;
+    std::vector<std::int64_t> offsets;
+    std::vector<float> data;
+  };
+  // Buckets are laid out once per set of parameters (the same names in the same order).
+  void bind(std::vector<grad_slot>& slots) {
+    bool same = slots.size() == slots_.size();
+    for (std::size_t i = 0; same && i < slots.size(); ++i)
+      same = slots[i].name == slots_[i].name && slots[i].numel == slots_[i].numel;
+    slots_ = std::move(slots);
+    if (same && !buckets_.empty()) return;
+    buckets_.clear();
+    const auto cap = std::max<std::int64_t>(1, static_cast<std::int64_t>(cap_mb_ * 1024 * 1024 / sizeof(float)));
+    bucket cur;
+    std::int64_t fill = 0;
+    for (std::size_t i = slots_.size(); i-- > 0;) {  // reverse: the order backward finishes them
+      if (fill > 0 && fill + slots_[i].numel > cap) {
+        cur.data.resize(static_cast<std::size_t>(fill));
+        buckets_.push_back(std::move(cur));
+        cur = {};
+        fill = 0;
+      }
+      cur.slots.push_back(i);
+      cur.offsets.push_back(fill);
+      fill += slots_[i].numel;
+    }
+    if (fill > 0) {
+      cur.data.resize(static_cast<std::size_t>(fill));
+      buckets_.push_back(std::move(cur));
+    }
+  }
+  double cap_mb_;
+  std::vector<grad_slot> slots_;
+  std::vector<bucket> buckets_;
+  std::vector<std::int64_t> used_;
+};
+
+}  // namespace detail
+
+// Options of ddp: bucket size; set them before fit through trainer.strategy().
+struct ddp_options {
+  double bucket_cap_mb = 25.0;
+};
+
+template <comm::communicator Comm, device Dev = cpu>
+class ddp : public detail::distributed<Comm> {
+  static_assert(Dev::is_host, "kiln::strategy::ddp: only the cpu device has a backend so far (comm::nccl: CUDA issue)");
+
+ public:
+  using device_type = Dev;
+  static constexpr const char* name = "ddp";
+
+  ddp() = default;
+  explicit ddp(ddp_options o) : opt_(o), reducer_(o.bucket_cap_mb) {}
+
+  template <class M>
+  void setup(M& model) {
+    this->broadcast_parameters(model);
+  }
+  template <class M>
+  void reduce_gradients(M& target) {
+    reducer_.all_reduce_mean(this->comm_, target);
+  }
+  train::memory_sharding memory_sharding() const { return {this->world_size(), false, false, false}; }
+  const ddp_options& options() const { return opt_; }
+  std::size_t num_buckets() const { return reducer_.num_buckets(); }
+
+ private:
+  ddp_options opt_{};
+  detail::gradient_reducer<Comm> reducer_{opt_.bucket_cap_mb};
+};
+
+}  // namespace kiln::strategy

@@ -1,0 +1,436 @@
+// kiln/strategy/zero.hpp — ZeRO: optimizer state (stage 1) and gradients (stage 2)
+// sharded over the ranks.
+//
+// Spec: zero<Stage, Comm, Offload> is ddp whose optimizer is cut into world shards.
+// Layout: the parameters the optimizer steps (group order, as it lists them) are laid
+// end to end in one flat index space of N elements; rank r owns elements
+// [r·S, min((r+1)·S, N)), S = ceil(N / world) — DeepSpeed's flat partition, so each
+// rank's optimizer state is N/world elements whatever the tensor sizes (PyTorch's
+// ZeroRedundancyOptimizer shards whole tensors instead, and balances worse). The user's
+// optimizer is rebuilt (rebind) over this rank's *segments*: 1-D views of the parts of
+// each parameter inside the rank's range, with the parameter's group, rate and decay.
+//   stage 1: gradients are all-reduced (averaged) exactly as ddp does; each rank steps
+//            its segments; an all-gather of the updated parameters makes the replicas
+//            whole again.
+//   stage 2: gradients are reduce-scattered: each rank receives only the average of its
+//            own range (half of all-reduce's traffic) and writes it into its segments;
+//            the rest of each gradient buffer still holds this rank's local gradient and
+//            is not used by the step. Norm clipping is computed over the shards and
+//            all-reduced (clip_grad_norm below), so it equals ddp's.
+// Since every rank's update of its range is the update single_device would make on those
+// elements (AdamW and SGD are elementwise), the trajectory is ddp's up to float order.
+// Checkpoints: the optimizer's state() gathers every shard into whole tensors named as
+// the unsharded optimizer names them ("net.0.weight.exp_avg"), counters taken as the
+// maximum over ranks; load_state() takes this rank's slice of whole tensors. So a
+// checkpoint of zero<S> on W ranks loads into any world size and any strategy
+// (single_device, ddp, the other stage) — the reshard is the load. Rank 0 writes it.
+// Offload: offload::none keeps the shards where the model is; offload::cpu keeps them and
+// their update on the host (ZeRO-Offload). On the cpu device the two are the same place.
+// Requires: N >= world; the optimizer has rebind() (adamw and sgd do); under stage 2 no
+// loss scaling (the overflow test would read unreduced gradients: compile error).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <set>
+#include <vector>
+
+#include "kiln/optim/clip.hpp"
+#include "kiln/optim/optimizer.hpp"
+#include "kiln/strategy/ddp.hpp"
+
+namespace kiln::strategy {
+
+namespace offload {
+struct none {
+  static constexpr const char* name = "none";
+};
+struct cpu {
+  static constexpr const char* name = "cpu";
+};
+}  // namespace offload
+
+namespace detail {
+
+template <class S>
+struct state_types;
+template <class T, class D>
+struct state_types<optim::optimizer_state<T, D>> {
+  using element = T;
+  using device_type = D;
+};
+
+// Named parameters as a module (for the visitors).
+template <class T, class D>
+struct param_list {
+  std::vector<nn::named_parameter<T, D>>* params;
+  template <class F>
+  void for_each_child(F&& f) {
+    for (auto& np : *params) f(std::string_view(np.name), np.param);
+  }
+};
+
+// The flat partition of an optimizer's parameters, shared by the optimizer (which steps
+// and gathers) and the strategy (which reduces gradients into it).
+template <class T, class D>
+struct shard_layout {
+  std::vector<nn::named_parameter<T, D>> params;
+  std::vector<std::int64_t> offset;
+  std::int64_t total = 0, shard = 0;
+  int rank = 0, world = 1;
+  std::vector<float> flat, mine;         // stage 2: the reduce-scatter buffers
+  std::vector<std::byte> gather_buffer;  // the parameter all-gather
+  std::vector<std::int64_t> used;
+
+  std::int64_t begin() const { return std::min(total, std::int64_t(rank) * shard); }
+  std::int64_t end() const { return std::min(total, std::int64_t(rank + 1) * shard); }
+  // The part [lo, hi) of parameter i inside this rank's range, in the parameter's own
+  // element indices; empty when lo == hi.
+  std::pair<std::int64_t, std::int64_t> owned(std::size_t i) const {
+    const std::int64_t a = offset[i], b = a + params[i].param.numel();
+    const std::int64_t lo = std::max(a, begin()), hi = std::min(b, end());
+    return lo < hi ? std::pair{lo - a, hi - a} : std::pair{std::int64_t(0), std::int64_t(0)};
+  }
+};
+
+template <class T, class D>
+tensor<T, D> flat_view(const tensor<T, D>& t, std::int64_t lo, std::int64_t hi) {
+  return t.reshape({-1}).slice(0, lo, hi);
+}
+
+}  // namespace detail
+
+// The user's optimizer O over this rank's shard; satisfies optim::optimizer.
+template <class O, class Comm>
+class sharded_optimizer {
+  using state_type = std::remove_cvref_t<decltype(std::declval<const O&>().state())>;
+  using T = typename detail::state_types<state_type>::element;
+  using D = typename detail::state_types<state_type>::device_type;
+  using layout = detail::shard_layout<T, D>;
+
+  static auto make_inner(const O& o, layout& L, std::vector<std::pair<std::size_t, var<T, D>>>& segs) {
+    static_assert(
+        requires { o.template rebind<T, D>([](const nn::named_parameter<T, D>&) { return var<T, D>{}; }); },
+        "kiln::strategy::zero: the optimizer needs rebind<T, Dev>(map) to be sharded (adamw and sgd have it)");
+    std::size_t i = 0;
+    auto map = [&](const nn::named_parameter<T, D>&) -> std::optional<var<T, D>> {
+      const std::size_t k = i++;
+      const auto [lo, hi] = L.owned(k);
+      if (lo == hi) return std::nullopt;
+      var<T, D> v(detail::flat_view(L.params[k].param.value(), lo, hi), true);
+      segs.emplace_back(k, v);
+      return v;
+    };
+    return o.template rebind<T, D>(map);
+  }
+
+ public:
+  using inner_type = decltype(make_inner(std::declval<const O&>(), std::declval<layout&>(),
+                                         std::declval<std::vector<std::pair<std::size_t, var<T, D>>>&>()));
+  static constexpr auto kind = O::kind;
+
+  sharded_optimizer(const O& o, Comm& c, int stage)
+      : L_(init_layout(o, c)), comm_(&c), stage_(stage), inner_(make_inner(o, *L_, segs_)) {
+    if constexpr (requires { o.rounding(); }) inner_.set_rounding(o.rounding());
+  }
+
+  // Each rank steps its segments on the averaged gradient, then the ranks exchange the
+  // updated ranges.
+  void step() {
+    bool any = false;
+    for (auto& [k, v] : segs_) {
+      auto& p = L_->params[k].param;
+      const auto [lo, hi] = L_->owned(k);
+      v.value() = detail::flat_view(p.value(), lo, hi);
+      if (p.has_grad()) {
+        v.grad() = detail::flat_view(p.grad(), lo, hi);
+        v.begin_grad_write();  // same shape: keeps the view, marks it valid
+        any = true;
+      } else {
+        v.zero_grad();
+      }
+    }
+    (void)any;
+    inner_.step();
+    gather_parameters();
+  }
+  void zero_grad() {
+    for (auto& np : L_->params) np.param.zero_grad();
+    inner_.zero_grad();
+  }
+  std::size_t num_groups() const { return inner_.num_groups(); }
+  double lr(std::size_t g) const { return inner_.lr(g); }
+  void set_lr(std::size_t g, double lr) { inner_.set_lr(g, lr); }
+  template <class F>
+  void for_each_parameter(F&& f) const {
+    for (auto& np : L_->params) f(np);
+  }
+  template <class F>
+  void for_each_state_tensor(F&& f) const {
+    inner_.for_each_state_tensor(f);
+  }
+  void set_rounding(optim::param_rounding r) requires requires(inner_type& i) { i.set_rounding(r); }
+  { inner_.set_rounding(r); }
+  const inner_type& shard_optimizer() const { return inner_; }
+  std::int64_t shard_elements() const { return L_->end() - L_->begin(); }
+  std::int64_t total_elements() const { return L_->total; }
+  std::shared_ptr<layout> shared_layout() const { return L_; }
+
+  // Whole tensors gathered from every rank (a collective: every rank calls it).
+  state_type state() const {
+    const state_type mine = inner_.state();
+    const int w = L_->world;
+    // Slots: the suffixes this rank's first segment has ("exp_avg", "exp_avg_sq").
+    std::vector<std::string> slots;
+    if (!segs_.empty()) {
+      const std::string& first = L_->params[segs_.front().first].name;
+      for (auto& [n, t] : mine.tensors)
+        if (n.size() > first.size() && n.compare(0, first.size(), first) == 0 && n[first.size()] == '.')
+          slots.push_back(n.substr(first.size() + 1));
+    }
+    state_type out;
+    std::vector<T> buf(static_cast<std::size_t>(L_->shard * w));
+    for (auto& slot : slots) {
+      std::fill(buf.begin(), buf.end(), T(0));
+      T* part = buf.data() + static_cast<std::size_t>(L_->rank) * static_cast<std::size_t>(L_->shard);
+      for (auto& [k, v] : segs_) {
+        const auto* t = mine.find(L_->params[k].name + "." + slot);
+        KILN_CHECK(t != nullptr, "zero: optimizer state of '", L_->params[k].name, "' has no slot '", slot, "'");
+        const auto [lo, hi] = L_->owned(k);
+        std::memcpy(part + (L_->offset[k] + lo - L_->begin()), t->data(),
+                    static_cast<std::size_t>(hi - lo) * sizeof(T));
+      }
+      comm_->all_gather(reinterpret_cast<std::byte*>(buf.data()), L_->shard * std::int64_t(sizeof(T)),
+                        "zero: gather optimizer state '" + slot + "'");
+      for (std::size_t k = 0; k < L_->params.size(); ++k) {
+        const auto& p = L_->params[k].param;
+        tensor<T, D> full(p.shape());
+        std::memcpy(full.data(), buf.data() + L_->offset[k], static_cast<std::size_t>(p.numel()) * sizeof(T));
+        out.tensors.emplace_back(L_->params[k].name + "." + slot, std::move(full));
+      }
+    }
+    // Counters (per-group step counts): a rank without a segment in a group never stepped
+    // it; the maximum is the group's count.
+    std::vector<std::int64_t> values;
+    for (auto& [n, c] : mine.counters) values.push_back(c);
+    comm_->all_reduce(values.data(), static_cast<std::int64_t>(values.size()), comm::op::max, "zero: counters");
+    std::size_t i = 0;
+    for (auto& [n, c] : mine.counters) out.counters[n] = values[i++];
+    return out;
+  }
+  // This rank's slices of whole tensors; checks every tensor before changing anything.
+  void load_state(const state_type& full) {
+    state_type mine;
+    mine.counters = full.counters;
+    std::set<std::string> slots;
+    for (auto& [n, t] : full.tensors)
+      for (auto& np : L_->params)
+        if (n.size() > np.name.size() && n.compare(0, np.name.size(), np.name) == 0 && n[np.name.size()] == '.')
+          slots.insert(n.substr(np.name.size() + 1));
+    for (auto& [k, v] : segs_) {
+      const auto& np = L_->params[k];
+      const auto [lo, hi] = L_->owned(k);
+      for (auto& slot : slots) {
+        const auto* t = full.find(np.name + "." + slot);
+        if (!t) continue;  // the shard optimizer's load_state names what is missing
+        KILN_CHECK(t->shape() == np.param.shape(), "zero load_state: state tensor '", np.name, ".", slot,
+                   "' has shape ", t->shape().str(), ", expected ", np.param.shape().str());
+        mine.tensors.emplace_back(np.name + "." + slot, detail::flat_view(*t, lo, hi).contiguous());
+      }
+    }
+    inner_.load_state(mine);
+  }
+
+ private:
+  static std::shared_ptr<layout> init_layout(const O& o, Comm& c) {
+    auto L = std::make_shared<layout>();
+    o.for_each_parameter([&](const nn::named_parameter<T, D>& np) {
+      L->offset.push_back(L->total);
+      L->total += np.param.numel();
+      L->params.push_back(np);
+    });
+    L->rank = c.rank();
+    L->world = c.world_size();
+    KILN_CHECK(L->total >= L->world, "strategy::zero: the optimizer steps ", L->total, " elements, fewer than the ",
+               L->world, " ranks to shard them over");
+    L->shard = (L->total + L->world - 1) / L->world;
+    return L;
+  }
+  // Every rank's updated range into every replica, bit for bit.
+  void gather_parameters() {
+    auto& L = *L_;
+    const std::int64_t S = L.shard;
+    L.gather_buffer.resize(static_cast<std::size_t>(S * L.world) * sizeof(T));
+    T* buf = reinterpret_cast<T*>(L.gather_buffer.data());
+    for (std::size_t k = 0; k < L.params.size(); ++k) {
+      const auto [lo, hi] = L.owned(k);
+      if (lo != hi)
+        std::memcpy(buf + (L.offset[k] + lo), L.params[k].param.value().data() + lo,
+                    static_cast<std::size_t>(hi - lo) * sizeof(T));
+    }
+    comm_->all_gather(L.gather_buffer.data(), S * std::int64_t(sizeof(T)), "zero: all-gather of updated parameters");
+    for (std::size_t k = 0; k < L.params.size(); ++k) {
+      auto& v = L.params[k].param.value();
+      std::memcpy(v.data(), buf + L.offset[k], static_cast<std::size_t>(v.numel()) * sizeof(T));
+    }
+  }
+
+  std::shared_ptr<layout> L_;
+  Comm* comm_;
+  int stage_;
+  std::vector<std::pair<std::size_t, var<T, D>>> segs_;
+  inner_type inner_;
+};
+
+template <int Stage, comm::communicator Comm, class Offload = offload::none, device Dev = cpu>
+class zero : public detail::distributed<Comm> {
+  static_assert(Stage == 1 || Stage == 2,
+                "kiln::strategy::zero<Stage, ...>: Stage must be 1 (optimizer state) or 2 (and gradients); "
+                "stage 3 (parameters) is not implemented yet");
+  static_assert(std::is_same_v<Offload, offload::none> || std::is_same_v<Offload, offload::cpu>,
+                "kiln::strategy::zero: Offload must be offload::none or offload::cpu");
+  static_assert(Dev::is_host, "kiln::strategy::zero: only the cpu device has a backend so far");
+
+ public:
+  using device_type = Dev;
+  using offload_type = Offload;
+  static constexpr int stage = Stage;
+  static constexpr const char* name = Stage == 1 ? "zero1" : "zero2";
+  // The trainer refuses loss scaling with sharded gradients (see the spec).
+  static constexpr bool shards_gradients = Stage >= 2;
+
+  template <class O>
+  using optimizer_t = sharded_optimizer<std::remove_cvref_t<O>, Comm>;
+
+  // Called by the trainer on each optimizer after the precision policy adapted it.
+  template <class O>
+  optimizer_t<O> adapt(O&& o) {
+    optimizer_t<O> s(o, this->comm_, Stage);
+    std::erase_if(reducers_, [](auto& r) { return r.alive.expired(); });
+    auto L = s.shared_layout();
+    reducers_.push_back({L, [this, w = std::weak_ptr(L)] { reduce_into(*w.lock()); },
+                         [this, w = std::weak_ptr(L)] { return shard_norm_sq(*w.lock()); },
+                         [w = std::weak_ptr(L)](double f) { scale_shard(*w.lock(), f); }});
+    return s;
+  }
+
+  template <class M>
+  void setup(M& model) {
+    this->broadcast_parameters(model);
+  }
+  // Gradients of every sharded optimizer: all-reduced (stage 1) or reduce-scattered (2).
+  template <class M>
+  void reduce_gradients(M&) {
+    for (auto& r : reducers_)
+      if (!r.alive.expired()) r.reduce();
+  }
+  // Global L2 norm of the averaged gradients and clipping to max_norm (torch semantics);
+  // stage 1 has whole gradients and clips them as single_device does.
+  template <class M>
+  double clip_grad_norm(M& target, double max_norm) {
+    if constexpr (Stage == 1) {
+      return optim::clip_grad_norm(target, max_norm);
+    } else {
+      KILN_CHECK(max_norm > 0, "clip_grad_norm: max_norm = ", max_norm, ", expected > 0");
+      double sq = 0;
+      for (auto& r : reducers_)
+        if (!r.alive.expired()) sq += r.norm_sq();
+      this->comm_.all_reduce(&sq, 1, comm::op::sum, "zero: gradient norm");
+      const double norm = std::sqrt(sq);
+      if (norm > max_norm)
+        for (auto& r : reducers_)
+          if (!r.alive.expired()) r.scale(max_norm / (norm + 1e-6));
+      return norm;
+    }
+  }
+  train::memory_sharding memory_sharding() const { return {this->world_size(), true, Stage >= 2, false}; }
+
+ private:
+  struct reducer {
+    std::weak_ptr<void> alive;
+    std::function<void()> reduce;
+    std::function<double()> norm_sq;
+    std::function<void(double)> scale;
+  };
+
+  template <class L>
+  void reduce_into(L& lay) {
+    if (this->world_size() == 1) return;
+    auto list = make_list(lay);
+    if constexpr (Stage == 1) {
+      ddp_reducer_.all_reduce_mean(this->comm_, list);
+    } else {
+      reduce_scatter(lay);
+    }
+  }
+  template <class L>
+  static auto make_list(L& lay) {
+    using NP = typename decltype(lay.params)::value_type;
+    using V = decltype(NP::param);
+    return detail::param_list<typename V::value_type, typename V::device_type>{&lay.params};
+  }
+  template <class L>
+  void reduce_scatter(L& lay) {
+    const std::int64_t S = lay.shard, W = lay.world;
+    lay.flat.assign(static_cast<std::size_t>(S * W), 0.0f);
+    lay.mine.resize(static_cast<std::size_t>(S));
+    lay.used.assign(lay.params.size(), 0);
+    for (std::size_t k = 0; k < lay.params.size(); ++k) {
+      auto& p = lay.params[k].param;
+      if (!p.has_grad()) continue;
+      lay.used[k] = 1;
+      const auto* g = p.grad().data();
+      float* dst = lay.flat.data() + lay.offset[k];
+      for (std::int64_t i = 0, n = p.numel(); i < n; ++i) dst[i] = static_cast<float>(g[i]);
+    }
+    this->comm_.all_reduce(lay.used.data(), static_cast<std::int64_t>(lay.used.size()), comm::op::max,
+                           "zero: which gradients exist");
+    this->comm_.reduce_scatter(lay.flat.data(), lay.mine.data(), S, comm::op::sum, "zero: gradient reduce-scatter");
+    const float inv = 1.0f / static_cast<float>(W);
+    for (std::size_t k = 0; k < lay.params.size(); ++k) {
+      auto& p = lay.params[k].param;
+      if (!lay.used[k]) continue;
+      const auto [lo, hi] = lay.owned(k);
+      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+      if (!p.has_grad()) {  // no local gradient: start from zeros, then write the owned range
+        p.begin_grad_write();
+        std::fill(p.grad().data(), p.grad().data() + p.numel(), T(0));
+      }
+      T* g = p.grad().data();
+      const float* src = lay.mine.data() + (lay.offset[k] + lo - lay.begin());
+      for (std::int64_t i = lo; i < hi; ++i) g[i] = static_cast<T>(src[i - lo] * inv);
+    }
+  }
+  template <class L>
+  static double shard_norm_sq(L& lay) {
+    double sq = 0;
+    for (std::size_t k = 0; k < lay.params.size(); ++k) {
+      auto& p = lay.params[k].param;
+      if (!p.has_grad()) continue;
+      const auto [lo, hi] = lay.owned(k);
+      const auto* g = p.grad().data();
+      for (std::int64_t i = lo; i < hi; ++i) sq += double(g[i]) * double(g[i]);
+    }
+    return sq;
+  }
+  template <class L>
+  static void scale_shard(L& lay, double f) {
+    for (std::size_t k = 0; k < lay.params.size(); ++k) {
+      auto& p = lay.params[k].param;
+      if (!p.has_grad()) continue;
+      const auto [lo, hi] = lay.owned(k);
+      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+      T* g = p.grad().data();
+      for (std::int64_t i = lo; i < hi; ++i) g[i] = static_cast<T>(static_cast<double>(g[i]) * f);
+    }
+  }
+
+  std::vector<reducer> reducers_;
+  detail::gradient_reducer<Comm> ddp_reducer_{};
+};
+
+}  // namespace kiln::strategy
