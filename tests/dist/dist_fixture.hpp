@@ -1,0 +1,118 @@
+// A small classification run shared by the multi-rank tests: the same global batch on
+// one rank (single_device, batch B) and on W ranks (batch B / W each), so the loss
+// trajectories and final weights can be compared.
+#pragma once
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "kiln/callbacks/model_checkpoint.hpp"
+#include "kiln/comm/mpi.hpp"
+#include "kiln/data/data_loader.hpp"
+#include "kiln/kiln.hpp"
+#include "kiln/strategy/ddp.hpp"
+#include "kiln/strategy/zero.hpp"
+#include "kiln/train/trainer.hpp"
+
+namespace kiln::test::dist {
+
+using batch = data::labelled_batch;
+constexpr std::int64_t global_batch = 12;  // divisible by 1, 2, 3 and 4 ranks
+constexpr std::int64_t samples = 240;
+
+inline data::tensor_dataset make_data(std::int64_t n, std::uint64_t seed) {
+  tensor<float> x({n, 8});
+  tensor<i64> y({n});
+  const philox_stream st{seed, 0};
+  for (std::int64_t i = 0; i < n; ++i) {
+    float s = 0;
+    for (int j = 0; j < 8; ++j) {
+      const float v = st.uniform(static_cast<std::uint64_t>(i * 8 + j)) * 2 - 1;
+      x(i, j) = v;
+      s += v * float(j % 3 - 1);
+    }
+    y(i) = s > 0.3f ? 2 : s < -0.3f ? 0 : 1;
+  }
+  return {x, y};
+}
+
+template <class T = float>
+struct net {
+  nn::linear<T> fc1{8, 32};
+  nn::linear<T> fc2{32, 3};
+  bool use_sgd = false;
+  std::vector<double> losses;  // per optimizer step: this rank's mean loss over its batch
+
+  template <class F>
+  void for_each_child(F&& f) {
+    f("fc1", fc1);
+    f("fc2", fc2);
+  }
+  var<float> forward(const tensor<float>& x) {
+    if constexpr (std::is_same_v<T, float>)
+      return fc2(ops::relu(fc1(var<float>(x))));
+    else
+      return ops::cast<float>(fc2(ops::relu(fc1(var<T>(x.template to<T>())))));
+  }
+  var<float> training_step(auto& ctx, const batch& b) {
+    auto loss = cross_entropy(forward(b.x), b.y);
+    losses.push_back(static_cast<double>(loss.value().flat(0)));
+    ctx.log("train/loss", loss, {.on_epoch = true, .sync_dist = true});
+    return loss;
+  }
+  void validation_step(auto& ctx, const batch& b) {
+    ctx.log("val/loss", cross_entropy(forward(b.x), b.y), {.sync_dist = true});
+  }
+  auto configure_optimizers() {
+    return optim::with_schedule(optim::adamw<T>(*this, {.lr = 2e-2, .weight_decay = 0.01}),
+                                optim::warmup<optim::cosine>{.steps = 3, .then = {.total_steps = 60}});
+  }
+};
+
+struct data_module {
+  data::data_loader<data::tensor_dataset> train, val;
+  explicit data_module(std::int64_t batch)
+      : train(make_data(samples, 11), {.batch_size = batch, .shuffle = true, .seed = 5}),
+        val(make_data(48, 12), {.batch_size = 8}) {}
+  auto& train_loader() { return train; }
+  auto& val_loader() { return val; }
+};
+
+inline train::trainer_options options(const std::filesystem::path& root, std::int64_t epochs = 2) {
+  return {.max_epochs = epochs,
+          .seed = 3,
+          .default_root_dir = root.string(),
+          .enable_progress_bar = false,
+          .enable_model_summary = false};
+}
+
+// Every parameter value, flattened in visit order.
+template <class M>
+std::vector<double> weights(M& m) {
+  std::vector<double> out;
+  nn::visit_parameters(m, [&](const std::string&, auto& p) {
+    for (std::int64_t i = 0; i < p.numel(); ++i) out.push_back(static_cast<double>(p.value().flat(i)));
+  });
+  return out;
+}
+
+inline double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  if (a.size() != b.size()) return INFINITY;
+  double d = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) d = std::max(d, std::abs(a[i] - b[i]));
+  return d;
+}
+
+// The mean over ranks of each rank's per-step losses: the loss of the global batch.
+template <class C>
+std::vector<double> global_losses(C& comm, std::vector<double> local) {
+  comm.all_reduce(local.data(), static_cast<std::int64_t>(local.size()), comm::op::sum, "test: losses");
+  for (auto& v : local) v /= comm.world_size();
+  return local;
+}
+
+}  // namespace kiln::test::dist
