@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "../io/resume_fixture.hpp"
 #include "kiln/callbacks/model_checkpoint.hpp"
 #include "kiln/comm/mpi.hpp"
 #include "kiln/data/data_loader.hpp"
@@ -24,27 +25,15 @@ using batch = data::labelled_batch;
 constexpr std::int64_t global_batch = 12;  // divisible by 1, 2, 3 and 4 ranks
 constexpr std::int64_t samples = 240;
 
-inline data::tensor_dataset make_data(std::int64_t n, std::uint64_t seed) {
-  tensor<float> x({n, 8});
-  tensor<i64> y({n});
-  const philox_stream st{seed, 0};
-  for (std::int64_t i = 0; i < n; ++i) {
-    float s = 0;
-    for (int j = 0; j < 8; ++j) {
-      const float v = st.uniform(static_cast<std::uint64_t>(i * 8 + j)) * 2 - 1;
-      x(i, j) = v;
-      s += v * float(j % 3 - 1);
-    }
-    y(i) = s > 0.3f ? 2 : s < -0.3f ? 0 : 1;
-  }
-  return {x, y};
-}
+// The resume fixture's synthetic 3-class data (8 features).
+using resume::make_data;
 
 template <class T = float>
 struct net {
   nn::linear<T> fc1{8, 32};
   nn::linear<T> fc2{32, 3};
-  bool use_sgd = false;
+  int stop_rank = -1;  // this rank alone asks the loop to stop at optimizer step stop_at
+  std::int64_t stop_at = -1;
   std::vector<double> losses;  // per optimizer step: this rank's mean loss over its batch
 
   template <class F>
@@ -61,6 +50,7 @@ struct net {
   var<float> training_step(auto& ctx, const batch& b) {
     auto loss = cross_entropy(forward(b.x), b.y);
     losses.push_back(static_cast<double>(loss.value().flat(0)));
+    if (ctx.global_rank() == stop_rank && ctx.global_step() == stop_at) ctx.stop("rank-local stop");
     ctx.log("train/loss", loss, {.on_epoch = true, .sync_dist = true});
     return loss;
   }

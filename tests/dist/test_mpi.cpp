@@ -278,3 +278,19 @@ TEST_CASE("only rank 0 writes logs and checkpoints; every rank resolves the same
   for (auto& e : std::filesystem::directory_iterator(dir / "ckpt")) files += e.path().extension() == ".ckpt";
   CHECK(files == 2);  // last + the best one: no rank deleted what rank 0 kept
 }
+
+TEST_CASE("a stop asked for by one rank stops every rank at the same step") {
+  trainer<net<float>, strategy::ddp<comm::mpi>, precision::fp32> t(options(scratch("stop"), 3));
+  manual_seed(7);
+  net<float> m;
+  m.stop_rank = 1;
+  m.stop_at = 7;
+  data_module dm(global_batch / world().world_size());
+  const auto r = t.fit(m, dm);
+  CHECK(r.global_step == 8);  // the batch that asked still steps, as on one rank
+  CHECK(r.stop_reason == (world().rank() == 1 ? "rank-local stop" : "another rank requested a stop"));
+  std::int64_t lo = r.global_step, hi = r.global_step;
+  world().all_reduce(&lo, 1, comm::op::min);
+  world().all_reduce(&hi, 1, comm::op::max);
+  CHECK(lo == hi);
+}

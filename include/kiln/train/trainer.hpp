@@ -289,6 +289,7 @@ class trainer {
   }
   // Writes the checkpoints requested since the last quiet point, at position (epoch, next_batch).
   void flush_pending_saves(std::int64_t epoch, std::int64_t next_batch) {
+    agree_across_ranks();
     if constexpr (requires { strategy_.broadcast_string(std::declval<std::string&>()); }) {
       // Rank 0's requests decide: every rank then joins the same captures.
       if (strategy_.world_size() > 1) {
@@ -394,6 +395,7 @@ class trainer {
     state_.current_stage = s;
     state_.accumulate_grad_batches = options_.accumulate_grad_batches;
     state_.loggers_enabled = options_.fast_dev_run == 0;
+    agreed_time_up_ = false;
     if (log_dir_.empty()) {  // one run directory per trainer, all stages: rank 0's
       log_dir_ = next_version_dir();
       if constexpr (requires { strategy_.broadcast_string(log_dir_); })
@@ -675,7 +677,22 @@ class trainer {
   bool can_stop_early() const {
     return state_.epoch >= options_.min_epochs && state_.global_step >= options_.min_steps;
   }
-  bool time_up() const { return options_.max_time && ctx_.elapsed_seconds() >= options_.max_time->count(); }
+  // With several ranks, what agree_across_ranks() last decided (each rank's clock differs).
+  bool time_up() const {
+    if (strategy_.world_size() > 1) return agreed_time_up_;
+    return options_.max_time && ctx_.elapsed_seconds() >= options_.max_time->count();
+  }
+  // Stop decisions are taken together: any rank's stop request (early stopping on its
+  // own metrics, a hook's control::stop) or max_time on any rank's clock stops every rank
+  // at the same batch; called at each quiet point of fit.
+  void agree_across_ranks() {
+    if (strategy_.world_size() == 1) return;
+    const bool local_time = options_.max_time && ctx_.elapsed_seconds() >= options_.max_time->count();
+    const auto any_stop = strategy_.reduce(state_.should_stop ? 1.0 : 0.0, train::reduce::max);
+    const auto any_time = strategy_.reduce(local_time ? 1.0 : 0.0, train::reduce::max);
+    agreed_time_up_ = any_time > 0;
+    if (any_stop > 0 && !state_.should_stop) ctx_.stop("another rank requested a stop");
+  }
   bool fit_done(std::int64_t max_epochs) {
     if (options_.max_steps >= 0 && state_.global_step >= options_.max_steps) return true;
     if (max_epochs >= 0 && state_.epoch >= max_epochs) return true;
@@ -953,6 +970,7 @@ class trainer {
   double window_items_ = 0;
   bool defer_saves_ = false;
   bool planning_ = false;  // inside plan()'s dry run
+  bool agreed_time_up_ = false;
   std::vector<std::pair<std::filesystem::path, bool>> pending_saves_;
   context_type ctx_;
 };
