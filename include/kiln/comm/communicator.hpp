@@ -15,6 +15,8 @@
 // Element types: f32, f64, std::int64_t, and std::byte (all_gather / broadcast only:
 // bytes move any dtype, bf16 and f16 included, bit for bit).
 // Every operation takes an optional label that the watchdog prints ("ddp bucket 2/5").
+// `host_memory` says where the buffers live: true for comm::local and comm::mpi (host
+// pointers), false for comm::nccl (device pointers).
 // Engines: comm::local (one rank, the identity; what a single-process run or a unit test
 // composes), comm::mpi (Open MPI; CPU ranks), comm::nccl (GPU, bootstrapped through MPI:
 // the CUDA issue).
@@ -43,8 +45,11 @@ inline const char* op_name(op o) {
 }
 
 template <class C>
-concept communicator = requires(C& c, float* f, const float* cf, double* d, std::int64_t* i, std::byte* b,
-                                std::int64_t n, std::string_view label) {
+concept communicator = requires {
+  bool(C::host_memory);
+}
+&&requires(C& c, float* f, const float* cf, double* d, std::int64_t* i, std::byte* b, std::int64_t n,
+           std::string_view label) {
   { c.rank() } -> std::convertible_to<int>;
   { c.world_size() } -> std::convertible_to<int>;
   c.all_reduce(f, n, op::sum, label);
@@ -63,6 +68,7 @@ concept communicator = requires(C& c, float* f, const float* cf, double* d, std:
 // One rank: every collective is the identity (reduce_scatter copies block 0).
 struct local {
   static constexpr const char* name = "local";
+  static constexpr bool host_memory = true;
   struct handle {
     void wait() {}
   };

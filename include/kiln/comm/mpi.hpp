@@ -136,6 +136,7 @@ inline std::string describe(const op_record& r) {
 class mpi {
  public:
   static constexpr const char* name = "mpi";
+  static constexpr bool host_memory = true;
 
   // A posted collective; wait() completes it under the watchdog.
   class handle {

@@ -213,7 +213,10 @@ struct ddp_options {
 
 template <comm::communicator Comm, device Dev = cpu>
 class ddp : public detail::distributed<Comm> {
-  static_assert(Dev::is_host, "kiln::strategy::ddp: only the cpu device has a backend so far (comm::nccl: CUDA issue)");
+  static_assert(Dev::is_host, "kiln::strategy::ddp: only the cpu device has a backend so far");
+  static_assert(Comm::host_memory,
+                "kiln::strategy::ddp: this communicator moves device buffers (comm::nccl); ddp on GPU ranks arrives "
+                "with the CUDA backend's device tensors — on CPU ranks use comm::mpi");
 
  public:
   using device_type = Dev;

@@ -294,6 +294,9 @@ class zero : public detail::distributed<Comm> {
   static_assert(std::is_same_v<Offload, offload::none> || std::is_same_v<Offload, offload::cpu>,
                 "kiln::strategy::zero: Offload must be offload::none or offload::cpu");
   static_assert(Dev::is_host, "kiln::strategy::zero: only the cpu device has a backend so far");
+  static_assert(Comm::host_memory,
+                "kiln::strategy::zero: this communicator moves device buffers (comm::nccl); zero on GPU ranks arrives "
+                "with the CUDA backend's device tensors — on CPU ranks use comm::mpi");
 
  public:
   using device_type = Dev;
