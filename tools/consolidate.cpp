@@ -2,18 +2,22 @@
 //
 //   kiln-consolidate CHECKPOINT OUT.safetensors [--masters] [--with-optimizer]
 //
-// A kiln checkpoint is already whole whatever strategy wrote it: zero<1|2> gathers every
-// rank's optimizer shard into whole tensors at save time, so no rank count or layout is
-// needed to read it (DeepSpeed needs its zero_to_fp32.py for this). This tool validates
-// the checkpoint (format, version, every tensor's CRC-32C) and writes its "model/"
-// tensors under their own names ("net.0.weight"), in their dtype, with metadata
-// {"format": "pt"} — what Hugging Face loaders and kiln::io::load_weights read.
+// Model weights are whole in a kiln checkpoint whatever strategy wrote it; under zero<1|2>
+// the optimizer state is one file per rank beside it, with the layout in the checkpoint,
+// so no rank count or script is needed to reassemble it (DeepSpeed needs its offline
+// zero_to_fp32.py). This tool validates the checkpoint (format, version, every tensor's
+// CRC-32C, and every shard's) and writes its "model/" tensors under their own names
+// ("net.0.weight"), in their dtype, with metadata {"format": "pt"} — what Hugging Face
+// loaders and kiln::io::load_weights read.
 //   --masters         the f32 master weights of a mixed-precision run instead of the
 //                     16-bit model weights (precision/master/<name>)
-//   --with-optimizer  also the optimizer's tensors, as "optimizer.<i>/<name>.<slot>"
+//   --with-optimizer  also the optimizer's whole tensors, as "optimizer.<i>/<name>.<slot>"
+//                     (reassembled from the rank shards of a zero checkpoint)
 // Writes atomically; errors name the file and the tensor.
 #include <cstdio>
+#include <map>
 #include <string>
+#include <vector>
 
 #include "kiln/io/checkpoint.hpp"
 
@@ -59,6 +63,18 @@ int main(int argc, char** argv) try {
     }
     w.add_raw(name, e.dtype, e.shape, f.bytes(e));
   }
+  // Optimizer state written as rank shards beside the checkpoint: reassembled whole.
+  std::vector<std::map<std::string, kiln::tensor<float>>> assembled;
+  if (optimizer)
+    if (const auto* opts = r.state().find("optimizers"))
+      for (std::size_t i = 0; i < opts->as_array().size(); ++i)
+        if (const auto* sh = opts->as_array()[i].find("shards")) {
+          assembled.push_back(kiln::io::load_optimizer_shards<float>(r, *sh, in + ": optimizer " + std::to_string(i)));
+          for (auto& [name, t] : assembled.back()) {
+            w.add("optimizer." + std::to_string(i) + "/" + name, t);
+            ++states;
+          }
+        }
   KILN_CHECK(weights > 0, in, ": no tensors under '", section, "'",
              masters ? " (the run kept no f32 master weights: it was not under a mixed precision policy)" : "");
   w.write(out);

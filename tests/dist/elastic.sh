@@ -12,4 +12,11 @@ rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
 grep -q "rank 1 killed at step 13" fault.txt
 grep -q "restarting from the last checkpoint (1 of 2)" elastic.log
 grep -q "resumed from" elastic.log
-echo "elastic: killed at step 13, restarted once, final state bit-identical to the uninterrupted run"
+# The same under zero<2>, whose checkpoints are one file per rank beside last.ckpt.
+rm -f fault.txt
+"$run" 2 "$child" train --strategy zero2 --epochs 2 --root zref --every 5 --out zref.txt
+"$elastic" --max-restarts 2 -- "$run" 2 "$child" train --strategy zero2 --epochs 2 --root zjob --every 5 \
+  --resume last --fault-at-step 13 --fault-marker fault.txt --expect zref.txt --tol 0 2>&1 | tee zelastic.log
+grep -q "restarting from the last checkpoint (1 of 2)" zelastic.log
+ls zjob/checkpoints/last.ckpt.*.rank1-of-2.safetensors >/dev/null
+echo "elastic: ddp and zero<2> killed at step 13, restarted once, final state bit-identical to the uninterrupted run"

@@ -14,6 +14,9 @@ rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
 "$run" 3 "$child" train --strategy zero2 --epochs 1 --root first2 --save z2_w3.ckpt
 "$child" train --strategy single --epochs 2 --root single --resume z2_w3.ckpt --expect full.txt --tol 1e-5
 "$consolidate" z2_w3.ckpt z2_w3.safetensors
+# With the optimizer: the three rank shards reassembled into whole tensors (2 slots x 4 parameters).
+"$consolidate" z2_w3.ckpt z2_w3.full.safetensors --with-optimizer | tee consolidate.log
+grep -q "4 weight tensors, 8 optimizer tensors" consolidate.log
 "$child" weights --resume z2_w3.ckpt --out from_ckpt.txt
 "$child" weights --resume z2_w3.safetensors --out from_st.txt
 cmp from_ckpt.txt from_st.txt

@@ -3,6 +3,7 @@
 // out in the watchdog (KILN_COLLECTIVE_TIMEOUT is short in the test environment).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <numeric>
 
 #include "dist_fixture.hpp"
@@ -293,4 +294,59 @@ TEST_CASE("a stop asked for by one rank stops every rank at the same step") {
   world().all_reduce(&lo, 1, comm::op::min);
   world().all_reduce(&hi, 1, comm::op::max);
   CHECK(lo == hi);
+}
+
+TEST_CASE("zero checkpoints: each rank writes its own shard; a new save replaces the old shards") {
+  const auto dir = scratch("shards");
+  const auto ckpt = dir / "z.ckpt";
+  trainer<net<float>, strategy::zero<1, comm::mpi>, precision::fp32> t(options(dir, 1));
+  manual_seed(7);
+  net<float> m;
+  data_module dm(global_batch / world().world_size());
+  t.fit(m, dm);
+  t.save_checkpoint(ckpt);
+  world().barrier("test: saved");
+  auto shard_files = [&] {
+    std::vector<std::filesystem::path> v;
+    for (auto& e : std::filesystem::directory_iterator(dir))
+      if (e.path().filename().string().starts_with("z.ckpt.")) v.push_back(e.path());
+    std::sort(v.begin(), v.end());
+    return v;
+  };
+  const auto first = shard_files();
+  REQUIRE(first.size() == static_cast<std::size_t>(world().world_size()));
+  {
+    // The checkpoint itself holds no optimizer tensor; this rank's file holds its range.
+    auto r = io::checkpoint_reader::open(ckpt);
+    CHECK(r.names_in("optimizer.0").empty());
+    const std::string mine = "rank" + std::to_string(world().rank()) + "-of-" + std::to_string(world().world_size());
+    for (auto& f : first) {
+      if (f.string().find(mine) == std::string::npos) continue;
+      auto s = io::checkpoint_reader::open(f);
+      const std::int64_t n = s.state().at("end").as_int() - s.state().at("begin").as_int();
+      CHECK(s.file().template load<float>("exp_avg").numel() == n);
+      const std::int64_t total = 8 * 32 + 32 + 32 * 3 + 3, w = world().world_size();
+      CHECK(n <= (total + w - 1) / w);
+    }
+  }
+  world().barrier("test: read");
+  t.save_checkpoint(ckpt);  // again: new tag, the first save's shards are gone
+  world().barrier("test: saved again");
+  const auto second = shard_files();
+  CHECK(second.size() == first.size());
+  for (auto& f : first) CHECK(std::find(second.begin(), second.end(), f) == second.end());
+  // A missing shard is named on load, before anything changes.
+  world().barrier("test: listed");
+  if (world().rank() == 0) std::filesystem::remove(second.back());
+  world().barrier("test: removed");
+  trainer<net<float>, strategy::single_device<cpu>, precision::fp32> single(options(dir / "single", 2));
+  net<float> fresh;
+  data_module dm1(global_batch);
+  std::string what;
+  try {
+    single.fit(fresh, dm1, ckpt.string());
+  } catch (const kiln::error& e) {
+    what = e.what();
+  }
+  CHECK(what.find("is missing: a sharded checkpoint's files must stay together") != std::string::npos);
 }

@@ -303,7 +303,10 @@ struct model_checkpoint {
     const std::string p = k[i].path;
     k.erase(k.begin() + static_cast<std::ptrdiff_t>(i));
     std::error_code ec;
-    if (writer_ && p != keep && p != last_model_path) std::filesystem::remove(p, ec);
+    if (writer_ && p != keep && p != last_model_path) {
+      std::filesystem::remove(p, ec);
+      io::remove_checkpoint_shards(p);  // a sharded (ZeRO) checkpoint's optimizer shards
+    }
   }
 
   std::chrono::steady_clock::time_point last_time_ = std::chrono::steady_clock::now();

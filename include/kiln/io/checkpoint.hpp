@@ -21,7 +21,10 @@
 #pragma once
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <map>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -65,6 +68,19 @@ class checkpoint_writer {
   safetensors_writer st_;
   json state_;
   json crc_ = json::object();
+};
+
+// Files written beside a checkpoint, one set per rank: ZeRO's optimizer shards. Each is a
+// checkpoint-format file of its own (atomic, CRC-32C per tensor) named
+// "<checkpoint file name>.<tag>.<what>.safetensors", the tag unique to one save, so a new
+// save never overwrites the shards an older checkpoint still points to.
+struct checkpoint_shards {
+  std::filesystem::path main;                                              // the checkpoint being written
+  std::string tag;                                                         // the same on every rank
+  std::vector<std::pair<std::filesystem::path, checkpoint_writer>> files;  // this rank's, to write
+  std::string file_name(std::string_view what) const {
+    return main.filename().string() + "." + tag + "." + std::string(what) + ".safetensors";
+  }
 };
 
 class checkpoint_reader {
@@ -125,6 +141,76 @@ class checkpoint_reader {
   safetensors_file file_;
   json state_;
 };
+
+// Whole state tensors ("<param>.<slot>") reassembled from a sharded optimizer's files:
+// every file is opened and verified (format, CRC-32C), its rank, world and range checked
+// against the layout, and its flat slots copied into place. Any world size, any strategy.
+template <class T>
+std::map<std::string, tensor<T>> load_optimizer_shards(const checkpoint_reader& r, const json& sh,
+                                                       const std::string& where) {
+  const std::filesystem::path dir = std::filesystem::path(r.name()).parent_path();
+  const std::int64_t world = sh.at("world").as_int(where + " shards.world");
+  const std::int64_t total = sh.at("total").as_int(where + " shards.total");
+  const auto& files = sh.at("files").as_array(where + " shards.files");
+  KILN_CHECK(static_cast<std::int64_t>(files.size()) == world, where, ": ", files.size(), " shard files listed for ",
+             world, " ranks");
+  std::vector<std::string> slots;
+  for (auto& v : sh.at("slots").as_array()) slots.push_back(v.as_string(where + " shards.slots"));
+  std::map<std::string, std::vector<T>> flat;
+  for (auto& sl : slots) flat[sl].assign(static_cast<std::size_t>(total), T(0));
+  std::int64_t covered = 0;
+  for (std::int64_t rk = 0; rk < world; ++rk) {
+    const auto p = dir / files[static_cast<std::size_t>(rk)].as_string(where + " shards.files");
+    KILN_CHECK(std::filesystem::exists(p), where, ": optimizer shard ", p.string(), " (rank ", rk, " of ", world,
+               ") is missing: a sharded checkpoint's files must stay together in one directory");
+    const auto f = checkpoint_reader::open(p);
+    const json& st = f.state();
+    KILN_CHECK(st.at("rank").as_int() == rk && st.at("world").as_int() == world, p.string(), ": holds rank ",
+               st.at("rank").as_int(), " of ", st.at("world").as_int(), ", the checkpoint lists it as rank ", rk,
+               " of ", world);
+    const std::int64_t b = st.at("begin").as_int(), e = st.at("end").as_int();
+    KILN_CHECK(b == covered && e >= b && e <= total, p.string(), ": range [", b, ", ", e, ") does not continue [0, ",
+               covered, ") of ", total, " elements");
+    covered = e;
+    for (auto& sl : slots) {
+      KILN_CHECK(f.file().contains(sl), p.string(), ": missing slot '", sl, "'");
+      const auto t = f.file().template load<T>(sl);
+      KILN_CHECK(t.numel() == e - b, p.string(), ": slot '", sl, "' has ", t.numel(), " elements, the range ", e - b);
+      std::memcpy(flat[sl].data() + b, t.data(), static_cast<std::size_t>(e - b) * sizeof(T));
+    }
+  }
+  KILN_CHECK(covered == total, where, ": the shards cover ", covered, " of ", total, " elements");
+  std::map<std::string, tensor<T>> out;
+  for (auto& pj : sh.at("params").as_array()) {
+    const std::string name = pj.at("name").as_string(where + " shards.params.name");
+    const std::int64_t off = pj.at("offset").as_int(where + " shards.params.offset");
+    std::vector<std::int64_t> dims;
+    for (auto& d : pj.at("shape").as_array()) dims.push_back(d.as_int(where + " shards.params.shape"));
+    const kiln::shape shp{std::span<const std::int64_t>(dims)};
+    KILN_CHECK(off >= 0 && off + shp.numel() <= total, where, ": parameter '", name, "' lies outside the shards");
+    for (auto& sl : slots) {
+      tensor<T> t(shp);
+      std::memcpy(t.data(), flat[sl].data() + off, static_cast<std::size_t>(shp.numel()) * sizeof(T));
+      out.emplace(name + "." + sl, std::move(t));
+    }
+  }
+  return out;
+}
+
+// Removes the shard files written beside checkpoint `main` ("<name>.<tag>.*.rank*.safetensors"),
+// except those of tag `keep`.
+inline void remove_checkpoint_shards(const std::filesystem::path& main, const std::string& keep = {}) {
+  namespace fs = std::filesystem;
+  const std::string prefix = main.filename().string() + ".", kept = prefix + keep + ".";
+  const fs::path dir = main.parent_path().empty() ? fs::path(".") : main.parent_path();
+  std::error_code ec;
+  for (auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.starts_with(prefix) && n.ends_with(".safetensors") && n.find(".rank") != std::string::npos &&
+        (keep.empty() || !n.starts_with(kept)))
+      fs::remove(e.path(), ec);
+  }
+}
 
 // ---- module weights ----
 

@@ -19,11 +19,13 @@
 //            all-reduced (clip_grad_norm below), so it equals ddp's.
 // Since every rank's update of its range is the update single_device would make on those
 // elements (AdamW and SGD are elementwise), the trajectory is ddp's up to float order.
-// Checkpoints: the optimizer's state() gathers every shard into whole tensors named as
-// the unsharded optimizer names them ("net.0.weight.exp_avg"), counters taken as the
-// maximum over ranks; load_state() takes this rank's slice of whole tensors. So a
-// checkpoint of zero<S> on W ranks loads into any world size and any strategy
-// (single_device, ddp, the other stage) — the reshard is the load. Rank 0 writes it.
+// Checkpoints: each rank writes its own range of the optimizer state to a file beside
+// the checkpoint (save_sharded: nothing is gathered); the checkpoint records the layout,
+// and loading reassembles whole tensors from all the shards and takes this rank's slice
+// (load_state). So a checkpoint of zero<S> on W ranks loads into any world size and any
+// strategy (single_device, ddp, the other stage) — the reshard is the load. state()
+// still gathers whole tensors (named as the unsharded optimizer names them,
+// "net.0.weight.exp_avg"; a collective: every rank calls it) for code that wants them.
 // Offload: offload::none keeps the shards where the model is; offload::cpu keeps them and
 // their update on the host (ZeRO-Offload). On the cpu device the two are the same place.
 // Requires: N >= world; the optimizer has rebind() (adamw and sgd do); under stage 2 no
@@ -39,6 +41,7 @@
 #include <set>
 #include <vector>
 
+#include "kiln/io/checkpoint.hpp"
 #include "kiln/optim/clip.hpp"
 #include "kiln/optim/optimizer.hpp"
 #include "kiln/strategy/ddp.hpp"
@@ -184,14 +187,7 @@ class sharded_optimizer {
   state_type state() const {
     const state_type mine = inner_.state();
     const int w = L_->world;
-    // Slots: the suffixes this rank's first segment has ("exp_avg", "exp_avg_sq").
-    std::vector<std::string> slots;
-    if (!segs_.empty()) {
-      const std::string& first = L_->params[segs_.front().first].name;
-      for (auto& [n, t] : mine.tensors)
-        if (n.size() > first.size() && n.compare(0, first.size(), first) == 0 && n[first.size()] == '.')
-          slots.push_back(n.substr(first.size() + 1));
-    }
+    const std::vector<std::string> slots = slot_names(mine);
     state_type out;
     std::vector<T> buf(static_cast<std::size_t>(L_->shard * w));
     for (auto& slot : slots) {
@@ -222,6 +218,68 @@ class sharded_optimizer {
     for (auto& [n, c] : mine.counters) out.counters[n] = values[i++];
     return out;
   }
+  // A checkpoint without a gather: this rank writes its own range of every state slot
+  // (flat, "exp_avg" [end - begin]) to a file beside the checkpoint; `j` gets the counters
+  // (maximum over ranks) and the layout a reader needs to reassemble whole tensors
+  // (train/checkpointing.hpp), whatever world size or strategy loads them.
+  void save_sharded(io::json& j, io::checkpoint_shards& sh, std::size_t index) const {
+    const state_type mine = inner_.state();
+    const auto& L = *L_;
+    std::vector<std::string> slots = slot_names(mine);
+    io::checkpoint_writer w;
+    const std::int64_t b = L.begin(), e = L.end();
+    for (auto& slot : slots) {
+      tensor<T, D> flat({e - b});
+      for (auto& [k, v] : segs_) {
+        const auto* t = mine.find(L.params[k].name + "." + slot);
+        KILN_CHECK(t != nullptr, "zero: optimizer state of '", L.params[k].name, "' has no slot '", slot, "'");
+        const auto [lo, hi] = L.owned(k);
+        std::memcpy(flat.data() + (L.offset[k] + lo - b), t->data(), static_cast<std::size_t>(hi - lo) * sizeof(T));
+      }
+      w.add(slot, flat);
+    }
+    const std::string world = std::to_string(L.world);
+    auto name_of = [&](int r) {
+      return sh.file_name("optimizer" + std::to_string(index) + ".rank" + std::to_string(r) + "-of-" + world);
+    };
+    io::json& ws = w.state();
+    ws.set("kind", "zero optimizer shard");
+    ws.set("rank", std::int64_t(L.rank));
+    ws.set("world", std::int64_t(L.world));
+    ws.set("begin", b);
+    ws.set("end", e);
+    sh.files.emplace_back(sh.main.parent_path() / name_of(L.rank), std::move(w));
+
+    std::vector<std::int64_t> values;
+    for (auto& [n, c] : mine.counters) values.push_back(c);
+    comm_->all_reduce(values.data(), static_cast<std::int64_t>(values.size()), comm::op::max, "zero: counters");
+    io::json counters = io::json::object();
+    std::size_t i = 0;
+    for (auto& [n, c] : mine.counters) counters.set(n, values[i++]);
+    j.set("counters", std::move(counters));
+
+    io::json lay = io::json::object();
+    lay.set("tag", sh.tag);
+    lay.set("world", std::int64_t(L.world));
+    lay.set("total", L.total);
+    lay.set("shard", L.shard);
+    io::json sl = io::json::array(), files = io::json::array(), params = io::json::array();
+    for (auto& slot : slots) sl.push_back(slot);
+    for (int r = 0; r < L.world; ++r) files.push_back(name_of(r));
+    for (std::size_t k = 0; k < L.params.size(); ++k) {
+      io::json p = io::json::object(), shape = io::json::array();
+      p.set("name", L.params[k].name);
+      p.set("offset", L.offset[k]);
+      for (auto d : L.params[k].param.shape()) shape.push_back(std::int64_t(d));
+      p.set("shape", std::move(shape));
+      params.push_back(std::move(p));
+    }
+    lay.set("slots", std::move(sl));
+    lay.set("files", std::move(files));
+    lay.set("params", std::move(params));
+    j.set("shards", std::move(lay));
+  }
+
   // This rank's slices of whole tensors; checks every tensor before changing anything.
   void load_state(const state_type& full) {
     state_type mine;
@@ -246,6 +304,18 @@ class sharded_optimizer {
   }
 
  private:
+  // The state slots: the suffixes this rank's first segment has ("exp_avg", "exp_avg_sq");
+  // every rank owns at least one segment (N >= world) of the same optimizer type.
+  std::vector<std::string> slot_names(const state_type& mine) const {
+    std::vector<std::string> slots;
+    if (!segs_.empty()) {
+      const std::string& first = L_->params[segs_.front().first].name;
+      for (auto& [n, t] : mine.tensors)
+        if (n.size() > first.size() && n.compare(0, first.size(), first) == 0 && n[first.size()] == '.')
+          slots.push_back(n.substr(first.size() + 1));
+    }
+    return slots;
+  }
   static std::shared_ptr<layout> init_layout(const O& o, Comm& c) {
     auto L = std::make_shared<layout>();
     o.for_each_parameter([&](const nn::named_parameter<T, D>& np) {

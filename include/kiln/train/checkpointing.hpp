@@ -21,8 +21,11 @@
 
 #include <charconv>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
+#include <map>
 #include <optional>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -189,7 +192,8 @@ struct checkpointing {
     io::json opts = io::json::array();
     if (t.optimizers_) {
       std::size_t i = 0;
-      std::apply([&](auto&... so) { (opts.push_back(save_optimizer(w, so, i++)), ...); }, *t.optimizers_);
+      std::apply([&](auto&... so) { (opts.push_back(save_optimizer(w, so, i++, t.capture_shards_)), ...); },
+                 *t.optimizers_);
     }
     doc.set("optimizers", std::move(opts));
 
@@ -479,18 +483,29 @@ struct checkpointing {
     return out;
   }
 
+  // A sharded optimizer (ZeRO) with a place for shards writes its own range beside the
+  // checkpoint (save_sharded); otherwise its whole state goes into the file.
   template <class SO>
-  static io::json save_optimizer(io::checkpoint_writer& w, SO& so, std::size_t i) {
+  static io::json save_optimizer(io::checkpoint_writer& w, SO& so, std::size_t i, io::checkpoint_shards* shards) {
     io::json j = io::json::object();
     auto& o = so.optimizer;
     using O = std::remove_cvref_t<decltype(o)>;
     if constexpr (requires { O::kind; }) j.set("kind", std::string(O::kind));
-    const auto st = o.state();
-    const std::string prefix = "optimizer." + std::to_string(i) + "/";
-    for (auto& [name, ten] : st.tensors) w.add(prefix + name, ten);
-    io::json counters = io::json::object();
-    for (auto& [k, v] : st.counters) counters.set(k, v);
-    j.set("counters", std::move(counters));
+    bool sharded = false;
+    if constexpr (requires(io::json & jj, io::checkpoint_shards & sh) { o.save_sharded(jj, sh, i); }) {
+      if (shards) {
+        o.save_sharded(j, *shards, i);
+        sharded = true;
+      }
+    }
+    if (!sharded) {
+      const auto st = o.state();
+      const std::string prefix = "optimizer." + std::to_string(i) + "/";
+      for (auto& [name, ten] : st.tensors) w.add(prefix + name, ten);
+      io::json counters = io::json::object();
+      for (auto& [k, v] : st.counters) counters.set(k, v);
+      j.set("counters", std::move(counters));
+    }
     io::json lrs = io::json::array();
     for (std::size_t g = 0; g < o.num_groups(); ++g) lrs.push_back(o.lr(g));
     j.set("lr", std::move(lrs));
@@ -537,15 +552,23 @@ struct checkpointing {
     using T = typename std::remove_cvref_t<decltype(s.state.tensors)>::value_type::second_type::value_type;
     const std::string prefix = "optimizer." + std::to_string(i) + "/";
     const auto expected = o.state();
-    KILN_CHECK(r.names_in("optimizer." + std::to_string(i)).size() == expected.tensors.size(), where, " has ",
-               r.names_in("optimizer." + std::to_string(i)).size(), " state tensors, the optimizer expects ",
-               expected.tensors.size(), " (a different model or optimizer configuration?)");
+    // Whole tensors: from the file, or reassembled from the shard files beside it.
+    std::map<std::string, tensor<T>> whole;
+    if (const io::json* sh = j.find("shards")) {
+      whole = io::load_optimizer_shards<T>(r, *sh, where);
+    } else {
+      for (auto& n : r.names_in("optimizer." + std::to_string(i)))
+        whole.emplace(n, r.file().template load<T>(prefix + n));
+    }
+    KILN_CHECK(whole.size() == expected.tensors.size(), where, " has ", whole.size(),
+               " state tensors, the optimizer expects ", expected.tensors.size(),
+               " (a different model or optimizer configuration?)");
     for (auto& [name, ten] : expected.tensors) {
-      KILN_CHECK(r.file().contains(prefix + name), where, ": missing state tensor '", prefix + name, "'");
-      auto loaded = r.file().template load<T>(prefix + name);
-      KILN_CHECK(loaded.shape() == ten.shape(), where, ": state tensor '", prefix + name, "' has shape ",
-                 loaded.shape().str(), ", expected ", ten.shape().str());
-      s.state.tensors.emplace_back(name, std::move(loaded));
+      auto it = whole.find(name);
+      KILN_CHECK(it != whole.end(), where, ": missing state tensor '", prefix + name, "'");
+      KILN_CHECK(it->second.shape() == ten.shape(), where, ": state tensor '", prefix + name, "' has shape ",
+                 it->second.shape().str(), ", expected ", ten.shape().str());
+      s.state.tensors.emplace_back(name, std::move(it->second));
     }
     for (auto& [k, v] : j.at("counters").as_object()) s.state.counters[k] = v.as_int(where + " counter " + k);
     for (auto& [k, v] : expected.counters) KILN_CHECK(s.state.counters.count(k), where, ": missing counter '", k, "'");

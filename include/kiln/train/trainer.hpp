@@ -282,10 +282,37 @@ class trainer {
 
   void write_checkpoint(const std::filesystem::path& path, bool weights_only, std::int64_t epoch,
                         std::int64_t next_batch) {
-    // Every rank captures (a sharded optimizer gathers its state); rank 0 writes.
+    // Every rank captures; a sharded optimizer writes its own range to a file beside the
+    // checkpoint, and once every rank has, rank 0 writes the checkpoint, then drops shard
+    // files of earlier saves to the same path. A crash at any point leaves the previous
+    // checkpoint and the shards it names intact (each file is written atomically, and
+    // the tag is new each time).
     io::checkpoint_writer w;
-    codec::capture(*this, w, weights_only, epoch, next_batch);
-    if (strategy_.is_global_zero()) w.write(path);
+    io::checkpoint_shards shards{path, shard_tag()};
+    capture_shards_ = &shards;
+    try {
+      codec::capture(*this, w, weights_only, epoch, next_batch);
+    } catch (...) {
+      capture_shards_ = nullptr;
+      throw;
+    }
+    capture_shards_ = nullptr;
+    for (auto& [p, sw] : shards.files) sw.write(p);
+    if (strategy_.world_size() > 1) strategy_.barrier();
+    if (!strategy_.is_global_zero()) return;
+    w.write(path);
+    if (!shards.files.empty()) io::remove_checkpoint_shards(path, shards.tag);
+  }
+  // A tag no earlier save used, the same on every rank (rank 0's).
+  std::string shard_tag() {
+    const auto now = std::chrono::system_clock::now().time_since_epoch().count();
+    char buf[48];
+    std::snprintf(buf, sizeof buf, "step%lld-%llx", static_cast<long long>(state_.global_step),
+                  static_cast<unsigned long long>(now) & 0xffffffffffULL);
+    std::string tag = buf;
+    if constexpr (requires { strategy_.broadcast_string(tag); })
+      if (strategy_.world_size() > 1) strategy_.broadcast_string(tag);
+    return tag;
   }
   // Writes the checkpoints requested since the last quiet point, at position (epoch, next_batch).
   void flush_pending_saves(std::int64_t epoch, std::int64_t next_batch) {
@@ -971,6 +998,7 @@ class trainer {
   bool defer_saves_ = false;
   bool planning_ = false;  // inside plan()'s dry run
   bool agreed_time_up_ = false;
+  io::checkpoint_shards* capture_shards_ = nullptr;  // where sharded optimizers write, during a capture
   std::vector<std::pair<std::filesystem::path, bool>> pending_saves_;
   context_type ctx_;
 };
