@@ -552,23 +552,27 @@ struct checkpointing {
     using T = typename std::remove_cvref_t<decltype(s.state.tensors)>::value_type::second_type::value_type;
     const std::string prefix = "optimizer." + std::to_string(i) + "/";
     const auto expected = o.state();
-    // Whole tensors: from the file, or reassembled from the shard files beside it.
+    // Whole tensors: from the file, or reassembled from the shard files beside it; read
+    // and checked in the optimizer's order, so the first problem is the one named.
     std::map<std::string, tensor<T>> whole;
-    if (const io::json* sh = j.find("shards")) {
-      whole = io::load_optimizer_shards<T>(r, *sh, where);
-    } else {
-      for (auto& n : r.names_in("optimizer." + std::to_string(i)))
-        whole.emplace(n, r.file().template load<T>(prefix + n));
-    }
-    KILN_CHECK(whole.size() == expected.tensors.size(), where, " has ", whole.size(),
-               " state tensors, the optimizer expects ", expected.tensors.size(),
-               " (a different model or optimizer configuration?)");
+    const io::json* sh = j.find("shards");
+    if (sh) whole = io::load_optimizer_shards<T>(r, *sh, where);
+    const std::size_t stored = sh ? whole.size() : r.names_in("optimizer." + std::to_string(i)).size();
+    KILN_CHECK(stored == expected.tensors.size(), where, " has ", stored, " state tensors, the optimizer expects ",
+               expected.tensors.size(), " (a different model or optimizer configuration?)");
     for (auto& [name, ten] : expected.tensors) {
-      auto it = whole.find(name);
-      KILN_CHECK(it != whole.end(), where, ": missing state tensor '", prefix + name, "'");
-      KILN_CHECK(it->second.shape() == ten.shape(), where, ": state tensor '", prefix + name, "' has shape ",
-                 it->second.shape().str(), ", expected ", ten.shape().str());
-      s.state.tensors.emplace_back(name, std::move(it->second));
+      tensor<T> loaded;
+      if (sh) {
+        auto it = whole.find(name);
+        KILN_CHECK(it != whole.end(), where, ": missing state tensor '", prefix + name, "'");
+        loaded = std::move(it->second);
+      } else {
+        KILN_CHECK(r.file().contains(prefix + name), where, ": missing state tensor '", prefix + name, "'");
+        loaded = r.file().template load<T>(prefix + name);
+      }
+      KILN_CHECK(loaded.shape() == ten.shape(), where, ": state tensor '", prefix + name, "' has shape ",
+                 loaded.shape().str(), ", expected ", ten.shape().str());
+      s.state.tensors.emplace_back(name, std::move(loaded));
     }
     for (auto& [k, v] : j.at("counters").as_object()) s.state.counters[k] = v.as_int(where + " counter " + k);
     for (auto& [k, v] : expected.counters) KILN_CHECK(s.state.counters.count(k), where, ": missing counter '", k, "'");
