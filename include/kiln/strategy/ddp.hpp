@@ -100,6 +100,9 @@ class distributed {
     return v;
   }
   void barrier() { comm_.barrier("barrier"); }
+  // The maximum over ranks of each of n flags, in place (the trainer's stop and save
+  // agreement at each quiet point: one small all-reduce).
+  void agree(std::int64_t* v, int n) { comm_.all_reduce(v, n, comm::op::max, "trainer: stop/save agreement"); }
   // Rank 0's string on every rank (checkpoint requests, so every rank joins a capture).
   void broadcast_string(std::string& s) {
     std::int64_t n = static_cast<std::int64_t>(s.size());

@@ -316,13 +316,16 @@ class trainer {
   }
   // Writes the checkpoints requested since the last quiet point, at position (epoch, next_batch).
   void flush_pending_saves(std::int64_t epoch, std::int64_t next_batch) {
-    agree_across_ranks();
-    if constexpr (requires { strategy_.broadcast_string(std::declval<std::string&>()); }) {
-      // Rank 0's requests decide: every rank then joins the same captures.
-      if (strategy_.world_size() > 1) {
+    if (strategy_.world_size() > 1) {
+      // One small all-reduce agrees on stopping and on whether rank 0 has saves queued;
+      // only then are rank 0's requests broadcast, so every rank joins the same captures.
+      const bool saves_on_zero = agree_across_ranks();
+      if constexpr (requires { strategy_.broadcast_string(std::declval<std::string&>()); }) {
         std::string list;
-        for (auto& [p, w] : pending_saves_) list += (w ? "1" : "0") + p.string() + '\n';
-        strategy_.broadcast_string(list);
+        if (saves_on_zero) {
+          for (auto& [p, w] : pending_saves_) list += (w ? "1" : "0") + p.string() + '\n';
+          strategy_.broadcast_string(list);
+        }
         pending_saves_.clear();
         for (std::size_t a = 0, b; a < list.size(); a = b + 1) {
           b = list.find('\n', a);
@@ -712,13 +715,15 @@ class trainer {
   // Stop decisions are taken together: any rank's stop request (early stopping on its
   // own metrics, a hook's control::stop) or max_time on any rank's clock stops every rank
   // at the same batch; called at each quiet point of fit.
-  void agree_across_ranks() {
-    if (strategy_.world_size() == 1) return;
+  // Returns whether rank 0 has checkpoint requests queued.
+  bool agree_across_ranks() {
     const bool local_time = options_.max_time && ctx_.elapsed_seconds() >= options_.max_time->count();
-    const auto any_stop = strategy_.reduce(state_.should_stop ? 1.0 : 0.0, train::reduce::max);
-    const auto any_time = strategy_.reduce(local_time ? 1.0 : 0.0, train::reduce::max);
-    agreed_time_up_ = any_time > 0;
-    if (any_stop > 0 && !state_.should_stop) ctx_.stop("another rank requested a stop");
+    std::int64_t v[3] = {state_.should_stop, local_time,
+                         strategy_.is_global_zero() && !pending_saves_.empty() ? std::int64_t(1) : 0};
+    if constexpr (requires { strategy_.agree(v, 3); }) strategy_.agree(v, 3);
+    agreed_time_up_ = v[1] > 0;
+    if (v[0] > 0 && !state_.should_stop) ctx_.stop("another rank requested a stop");
+    return v[2] > 0;
   }
   bool fit_done(std::int64_t max_epochs) {
     if (options_.max_steps >= 0 && state_.global_step >= options_.max_steps) return true;
