@@ -87,7 +87,7 @@ struct model_summary {
   std::FILE* stream = nullptr;  // nullptr: stdout
 
   void on_fit_start(auto& ctx) {
-    if (!ctx.options().enable_model_summary) return;
+    if (!ctx.options().enable_model_summary || !ctx.is_global_zero()) return;  // rank 0 prints
     std::string s = summarize(ctx.model(), max_depth);
     if constexpr (requires { ctx.trainer().memory_states(); }) {
       const auto m = ctx.trainer().memory_states();

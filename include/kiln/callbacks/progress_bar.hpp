@@ -57,19 +57,21 @@ struct progress_bar {
   std::FILE* out() const { return options.stream ? options.stream : stdout; }
   bool tty() const { return options.force_tty >= 0 ? options.force_tty == 1 : ::isatty(::fileno(out())) != 0; }
 
+  // Only global rank 0 draws (every rank would print the same bar).
+  static bool shown(auto& ctx) { return ctx.options().enable_progress_bar && ctx.is_global_zero(); }
   void start_loop(auto& ctx) {
-    if (!ctx.options().enable_progress_bar) return;
+    if (!shown(ctx)) return;
     (ctx.loop() == train::loop_kind::train ? t_train_ : t_eval_) = last_ = clock::now();
   }
   void tick(auto& ctx) {
-    if (!ctx.options().enable_progress_bar || !tty()) return;
+    if (!shown(ctx) || !tty()) return;
     const auto now = clock::now();
     if (std::chrono::duration<double>(now - last_).count() < options.refresh_seconds) return;
     last_ = now;
     draw(ctx, ctx.batch_idx() + 1);
   }
   void end_loop(auto& ctx, bool newline) {
-    if (!ctx.options().enable_progress_bar) return;
+    if (!shown(ctx)) return;
     const std::int64_t done = ctx.loop() == train::loop_kind::train ? ctx.batch_idx() : ctx.loop_batches();
     if (tty()) {
       draw(ctx, std::max<std::int64_t>(done, ctx.batch_idx()));
