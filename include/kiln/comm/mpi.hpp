@@ -28,6 +28,7 @@
 #include <thread>
 
 #include "kiln/comm/communicator.hpp"
+#include "kiln/comm/watchdog.hpp"
 #include "kiln/core/error.hpp"
 
 namespace kiln::comm {
@@ -100,16 +101,6 @@ struct mpi_environment {
   }
 };
 
-// What the watchdog reports about one collective.
-struct op_record {
-  std::int64_t seq = -1;
-  const char* kind = "";
-  std::string label;
-  std::int64_t count = 0;
-  const char* type = "";
-  const char* reduction = "";
-};
-
 struct mpi_state {
   MPI_Comm comm = MPI_COMM_NULL;
   int rank = 0, size = 1;
@@ -123,17 +114,9 @@ struct mpi_state {
   }
 };
 
-inline std::string describe(const op_record& r) {
-  if (r.seq < 0) return "none";
-  std::string s = std::string(r.kind) + " #" + std::to_string(r.seq);
-  if (!r.label.empty()) s += " [" + r.label + "]";
-  s += " (" + std::to_string(r.count) + " " + r.type + (r.reduction[0] ? std::string(", ") + r.reduction : "") + ")";
-  return s;
-}
-
 }  // namespace detail
 
-class mpi {
+class mpi : public detail::blocking_collectives<mpi> {
  public:
   static constexpr const char* name = "mpi";
   static constexpr bool host_memory = true;
@@ -164,21 +147,15 @@ class mpi {
     }
     void wait() {
       if (req_ == MPI_REQUEST_NULL) return;
-      using clock = std::chrono::steady_clock;
-      const auto t0 = clock::now();
-      int done = 0;
-      for (long spins = 0;; ++spins) {
-        MPI_Status st;
-        const int rc = MPI_Test(&req_, &done, &st);
-        if (rc != MPI_SUCCESS) fail_mpi(rc);
-        if (done) break;
-        const auto waited = clock::now() - t0;
-        if (waited > s_->timeout) watchdog(std::chrono::duration<double>(waited).count());
-        if (spins < 2000)
-          std::this_thread::yield();
-        else
-          std::this_thread::sleep_for(std::chrono::microseconds(100));
-      }
+      detail::wait_under_watchdog(
+          [&] {
+            int done = 0;
+            MPI_Status st;
+            const int rc = MPI_Test(&req_, &done, &st);
+            if (rc != MPI_SUCCESS) fail_mpi(rc);
+            return done != 0;
+          },
+          s_->timeout, [&](double waited) { watchdog(waited); });
       req_ = MPI_REQUEST_NULL;
       s_->last_done = std::move(rec_);
     }
@@ -195,16 +172,7 @@ class mpi {
                          " (the ranks entered different collectives, or a peer exited: see the other ranks' output)");
     }
     [[noreturn]] void watchdog(double waited) {
-      char host[256] = {};
-      gethostname(host, sizeof host - 1);
-      std::fprintf(stderr,
-                   "kiln: collective watchdog: rank %d of %d (pid %d on %s) has waited %.1f s in %s; "
-                   "the last collective it completed was %s. Some rank has not joined this one: it is stuck "
-                   "elsewhere, has died, or took a different path (each waiting rank prints this line). "
-                   "Aborting the job (timeout %.1f s; set KILN_COLLECTIVE_TIMEOUT=<seconds> to change it).\n",
-                   s_->rank, s_->size, static_cast<int>(getpid()), host, waited, detail::describe(rec_).c_str(),
-                   detail::describe(s_->last_done).c_str(), s_->timeout.count());
-      std::fflush(stderr);
+      detail::report_stuck(s_->rank, s_->size, "", waited, rec_, s_->last_done, s_->timeout.count());
       MPI_Abort(MPI_COMM_WORLD, 70);
       std::_Exit(70);
     }
@@ -219,13 +187,7 @@ class mpi {
     MPI_Comm_set_errhandler(s_->comm, MPI_ERRORS_RETURN);
     MPI_Comm_rank(s_->comm, &s_->rank);
     MPI_Comm_size(s_->comm, &s_->size);
-    if (const char* t = std::getenv("KILN_COLLECTIVE_TIMEOUT")) {
-      char* end = nullptr;
-      const double v = std::strtod(t, &end);
-      KILN_CHECK(end != t && *end == '\0' && v > 0, "KILN_COLLECTIVE_TIMEOUT='", t,
-                 "': expected a positive number of seconds");
-      s_->timeout = std::chrono::duration<double>(v);
-    }
+    s_->timeout = detail::timeout_from_env();
   }
 
   int rank() const { return s_->rank; }
@@ -288,23 +250,8 @@ class mpi {
     return {s_.get(), r, std::move(rec)};
   }
 
-  // ---- blocking (post, then wait under the watchdog) ----
-  template <class T>
-  void all_reduce(T* data, std::int64_t n, op o, std::string_view label = {}) {
-    iall_reduce(data, n, o, label).wait();
-  }
-  template <class T>
-  void reduce_scatter(const T* send, T* recv, std::int64_t n, op o, std::string_view label = {}) {
-    ireduce_scatter(send, recv, n, o, label).wait();
-  }
-  template <class T>
-  void all_gather(T* data, std::int64_t n, std::string_view label = {}) {
-    iall_gather(data, n, label).wait();
-  }
-  template <class T>
-  void broadcast(T* data, std::int64_t n, int root, std::string_view label = {}) {
-    ibroadcast(data, n, root, label).wait();
-  }
+  // ---- blocking (post, then wait under the watchdog): all_reduce, reduce_scatter,
+  // all_gather and broadcast come from detail::blocking_collectives ----
   void barrier(std::string_view label = {}) { ibarrier(label).wait(); }
 
  private:

@@ -96,7 +96,7 @@ struct nccl_state {
 
 }  // namespace detail
 
-class nccl {
+class nccl : public detail::blocking_collectives<nccl> {
  public:
   static constexpr const char* name = "nccl";
   static constexpr bool host_memory = false;  // buffers are device pointers
@@ -120,22 +120,17 @@ class nccl {
     }
     void wait() {
       if (!ev_) return;
-      using clock = std::chrono::steady_clock;
-      const auto t0 = clock::now();
-      for (long spins = 0;; ++spins) {
-        const cudaError_t q = cudaEventQuery(ev_);
-        if (q == cudaSuccess) break;
-        if (q != cudaErrorNotReady) fail("CUDA: ", cudaGetErrorString(q));
-        ncclResult_t async = ncclSuccess;
-        ncclCommGetAsyncError(s_->comm, &async);
-        if (async != ncclSuccess && async != ncclInProgress) fail("NCCL: ", ncclGetErrorString(async));
-        const auto waited = clock::now() - t0;
-        if (waited > s_->timeout) watchdog(std::chrono::duration<double>(waited).count());
-        if (spins < 2000)
-          std::this_thread::yield();
-        else
-          std::this_thread::sleep_for(std::chrono::microseconds(100));
-      }
+      detail::wait_under_watchdog(
+          [&] {
+            const cudaError_t q = cudaEventQuery(ev_);
+            if (q == cudaSuccess) return true;
+            if (q != cudaErrorNotReady) fail("CUDA: ", cudaGetErrorString(q));
+            ncclResult_t async = ncclSuccess;
+            ncclCommGetAsyncError(s_->comm, &async);
+            if (async != ncclSuccess && async != ncclInProgress) fail("NCCL: ", ncclGetErrorString(async));
+            return false;
+          },
+          s_->timeout, [&](double waited) { watchdog(waited); });
       cudaEventDestroy(std::exchange(ev_, nullptr));
       s_->last_done = std::move(rec_);
     }
@@ -154,16 +149,8 @@ class nccl {
                          "): ", detail::describe(rec_), " failed: ", a...);
     }
     [[noreturn]] void watchdog(double waited) {
-      char host[256] = {};
-      gethostname(host, sizeof host - 1);
-      std::fprintf(stderr,
-                   "kiln: collective watchdog: rank %d of %d (pid %d on %s, GPU %d) has waited %.1f s in %s; "
-                   "the last collective it completed was %s. Some rank has not joined this one: it is stuck "
-                   "elsewhere, has died, or took a different path (each waiting rank prints this line). "
-                   "Aborting the job (timeout %.1f s; set KILN_COLLECTIVE_TIMEOUT=<seconds> to change it).\n",
-                   s_->rank, s_->size, static_cast<int>(getpid()), host, s_->device, waited,
-                   detail::describe(rec_).c_str(), detail::describe(s_->last_done).c_str(), s_->timeout.count());
-      std::fflush(stderr);
+      detail::report_stuck(s_->rank, s_->size, ", GPU " + std::to_string(s_->device), waited, rec_, s_->last_done,
+                           s_->timeout.count());
       ncclCommAbort(s_->comm);  // stops the kernel waiting for the missing rank
       s_->comm = nullptr;
       MPI_Abort(MPI_COMM_WORLD, 70);
@@ -199,13 +186,7 @@ class nccl {
     if (s_->rank == 0) nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId");
     MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);  // the bootstrap: MPI, not a protocol of ours
     nccl_check(ncclCommInitRank(&s_->comm, s_->size, id, s_->rank), "ncclCommInitRank");
-    if (const char* t = std::getenv("KILN_COLLECTIVE_TIMEOUT")) {
-      char* end = nullptr;
-      const double v = std::strtod(t, &end);
-      KILN_CHECK(end != t && *end == '\0' && v > 0, "KILN_COLLECTIVE_TIMEOUT='", t,
-                 "': expected a positive number of seconds");
-      s_->timeout = std::chrono::duration<double>(v);
-    }
+    s_->timeout = detail::timeout_from_env();
   }
 
   int rank() const { return s_->rank; }
@@ -257,22 +238,7 @@ class nccl {
     return finish(std::move(rec));
   }
 
-  template <class T>
-  void all_reduce(T* data, std::int64_t n, op o, std::string_view label = {}) {
-    iall_reduce(data, n, o, label).wait();
-  }
-  template <class T>
-  void reduce_scatter(const T* send, T* recv, std::int64_t n, op o, std::string_view label = {}) {
-    ireduce_scatter(send, recv, n, o, label).wait();
-  }
-  template <class T>
-  void all_gather(T* data, std::int64_t n, std::string_view label = {}) {
-    iall_gather(data, n, label).wait();
-  }
-  template <class T>
-  void broadcast(T* data, std::int64_t n, int root, std::string_view label = {}) {
-    ibroadcast(data, n, root, label).wait();
-  }
+  // all_reduce, reduce_scatter, all_gather, broadcast: detail::blocking_collectives.
   // A one-element all-reduce on the device: every rank's stream reaches this point.
   void barrier(std::string_view label = {}) {
     auto rec = record<int>("barrier", label, 1, "");
