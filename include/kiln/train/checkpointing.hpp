@@ -21,6 +21,7 @@
 
 #include <charconv>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -38,6 +39,7 @@
 #include "kiln/train/checkpoint_io.hpp"
 #include "kiln/train/hooks.hpp"
 #include "kiln/train/metrics.hpp"
+#include "kiln/train/ranks.hpp"
 
 namespace kiln::train {
 
@@ -223,6 +225,34 @@ struct checkpointing {
       io::json& sec = doc.set("module", io::json::object());
       hook::on_save_checkpoint::call(model, t.ctx_, checkpoint_out(w, sec, "module/"));
     }
+  }
+
+  // Writes a checkpoint of `t` to `path`. Every rank captures; a sharded optimizer writes
+  // its own range to a file beside the checkpoint, and once every rank has, rank 0 writes
+  // the checkpoint, then drops shard files of earlier saves to the same path. A crash at
+  // any point leaves the previous checkpoint and the shards it names intact (each file is
+  // written atomically, and the tag — rank 0's, on every rank — is new each time).
+  static void write(Trainer& t, const std::filesystem::path& path, bool weights_only, std::int64_t epoch,
+                    std::int64_t next_batch) {
+    char tag[48];
+    std::snprintf(
+        tag, sizeof tag, "step%lld-%llx", static_cast<long long>(t.state_.global_step),
+        static_cast<unsigned long long>(std::chrono::system_clock::now().time_since_epoch().count()) & 0xffffffffffULL);
+    io::checkpoint_writer w;
+    io::checkpoint_shards shards{path, ranks<Trainer>::from_rank_zero(t, std::string(tag))};
+    t.capture_shards_ = &shards;
+    try {
+      capture(t, w, weights_only, epoch, next_batch);
+    } catch (...) {
+      t.capture_shards_ = nullptr;
+      throw;
+    }
+    t.capture_shards_ = nullptr;
+    for (auto& [p, sw] : shards.files) sw.write(p);
+    if (t.strategy_.world_size() > 1) t.strategy_.barrier();
+    if (!t.strategy_.is_global_zero()) return;
+    w.write(path);
+    if (!shards.files.empty()) io::remove_checkpoint_shards(path, shards.tag);
   }
 
   // ---- restore ----

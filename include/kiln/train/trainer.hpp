@@ -47,6 +47,7 @@
 #include "kiln/train/context.hpp"
 #include "kiln/train/optimizers.hpp"
 #include "kiln/train/planner.hpp"
+#include "kiln/train/ranks.hpp"
 
 namespace kiln {
 
@@ -271,7 +272,9 @@ class trainer {
   friend class train::context<trainer>;
   friend struct train::checkpointing<trainer>;
   friend struct train::planner<trainer>;
+  friend struct train::ranks<trainer>;
   using codec = train::checkpointing<trainer>;
+  using ranks = train::ranks<trainer>;
 
   void load_weights_for_eval(Module& model, std::string_view which) {
     const auto p = find_checkpoint(which);
@@ -280,59 +283,14 @@ class trainer {
     (void)report;  // strict: a mismatch has thrown
   }
 
+  // Every rank captures; rank 0 writes (train/checkpointing.hpp: write).
   void write_checkpoint(const std::filesystem::path& path, bool weights_only, std::int64_t epoch,
                         std::int64_t next_batch) {
-    // Every rank captures; a sharded optimizer writes its own range to a file beside the
-    // checkpoint, and once every rank has, rank 0 writes the checkpoint, then drops shard
-    // files of earlier saves to the same path. A crash at any point leaves the previous
-    // checkpoint and the shards it names intact (each file is written atomically, and
-    // the tag is new each time).
-    io::checkpoint_writer w;
-    io::checkpoint_shards shards{path, shard_tag()};
-    capture_shards_ = &shards;
-    try {
-      codec::capture(*this, w, weights_only, epoch, next_batch);
-    } catch (...) {
-      capture_shards_ = nullptr;
-      throw;
-    }
-    capture_shards_ = nullptr;
-    for (auto& [p, sw] : shards.files) sw.write(p);
-    if (strategy_.world_size() > 1) strategy_.barrier();
-    if (!strategy_.is_global_zero()) return;
-    w.write(path);
-    if (!shards.files.empty()) io::remove_checkpoint_shards(path, shards.tag);
-  }
-  // A tag no earlier save used, the same on every rank (rank 0's).
-  std::string shard_tag() {
-    const auto now = std::chrono::system_clock::now().time_since_epoch().count();
-    char buf[48];
-    std::snprintf(buf, sizeof buf, "step%lld-%llx", static_cast<long long>(state_.global_step),
-                  static_cast<unsigned long long>(now) & 0xffffffffffULL);
-    std::string tag = buf;
-    if constexpr (requires { strategy_.broadcast_string(tag); })
-      if (strategy_.world_size() > 1) strategy_.broadcast_string(tag);
-    return tag;
+    codec::write(*this, path, weights_only, epoch, next_batch);
   }
   // Writes the checkpoints requested since the last quiet point, at position (epoch, next_batch).
   void flush_pending_saves(std::int64_t epoch, std::int64_t next_batch) {
-    if (strategy_.world_size() > 1) {
-      // One small all-reduce agrees on stopping and on whether rank 0 has saves queued;
-      // only then are rank 0's requests broadcast, so every rank joins the same captures.
-      const bool saves_on_zero = agree_across_ranks();
-      if constexpr (requires { strategy_.broadcast_string(std::declval<std::string&>()); }) {
-        std::string list;
-        if (saves_on_zero) {
-          for (auto& [p, w] : pending_saves_) list += (w ? "1" : "0") + p.string() + '\n';
-          strategy_.broadcast_string(list);
-        }
-        pending_saves_.clear();
-        for (std::size_t a = 0, b; a < list.size(); a = b + 1) {
-          b = list.find('\n', a);
-          pending_saves_.emplace_back(list.substr(a + 1, b - a - 1), list[a] == '1');
-        }
-      }
-    }
+    ranks::agree(*this);  // stops, max_time, and rank 0's save requests on every rank
     if (pending_saves_.empty()) return;
     auto saves = std::move(pending_saves_);
     pending_saves_.clear();
@@ -399,26 +357,6 @@ class trainer {
     fire<hook::on_log>(rec);
   }
 
-  // ---- ranks ----
-  // Gives the loader this rank's shard when there are several ranks; loaders without
-  // distribute() (a user's own) must shard themselves.
-  template <class L>
-  void distribute(L& l) {
-    if (strategy_.world_size() == 1) return;
-    if constexpr (requires { l.distribute(0, 1); }) l.distribute(strategy_.rank(), strategy_.world_size());
-  }
-  // Rank 0's answer on every rank (which checkpoint to resume from).
-  std::optional<std::filesystem::path> agreed(std::optional<std::filesystem::path> p) {
-    if constexpr (requires(std::string & x) { strategy_.broadcast_string(x); }) {
-      if (strategy_.world_size() > 1) {
-        std::string x = p ? p->string() : std::string();
-        strategy_.broadcast_string(x);
-        return x.empty() ? std::nullopt : std::optional<std::filesystem::path>(x);
-      }
-    }
-    return p;
-  }
-
   // ---- set-up shared by the entry points ----
   void begin_stage(train::stage s) {
     state_ = train::loop_state{};
@@ -426,11 +364,8 @@ class trainer {
     state_.accumulate_grad_batches = options_.accumulate_grad_batches;
     state_.loggers_enabled = options_.fast_dev_run == 0;
     agreed_time_up_ = false;
-    if (log_dir_.empty()) {  // one run directory per trainer, all stages: rank 0's
-      log_dir_ = next_version_dir();
-      if constexpr (requires { strategy_.broadcast_string(log_dir_); })
-        if (strategy_.world_size() > 1) strategy_.broadcast_string(log_dir_);
-    }
+    if (log_dir_.empty())  // one run directory per trainer, all stages: rank 0's
+      log_dir_ = ranks::from_rank_zero(*this, next_version_dir());
     state_.log_dir = log_dir_;
     board_.clear();
     train_metrics_.reset_entries();
@@ -594,7 +529,7 @@ class trainer {
     // Resume: the checkpoint is opened and verified before anything runs or changes.
     std::optional<io::checkpoint_reader> resume;
     if (!ckpt_path.empty()) {
-      if (auto p = agreed(find_checkpoint(ckpt_path)))
+      if (auto p = ranks::from_rank_zero(*this, find_checkpoint(ckpt_path)))
         resume.emplace(io::checkpoint_reader::open(*p));
       else
         std::fprintf(stderr, "kiln: ckpt_path \"%.*s\": no checkpoint found under %s; training from scratch\n",
@@ -603,9 +538,9 @@ class trainer {
     typename codec::rollback undo;  // holds the RNG state from before begin_stage reseeds it
     model_ = &model;
     begin_stage(train::stage::fit);
-    distribute(tl);  // each rank a disjoint shard of every epoch (no-op on one rank)
+    ranks::distribute(*this, tl);  // each rank a disjoint shard of every epoch (no-op on one rank)
     if constexpr (!std::is_same_v<VLPtr, std::nullptr_t>)
-      if (vl) distribute(*vl);
+      if (vl) ranks::distribute(*this, *vl);
     pending_saves_.clear();
     const auto t0 = std::chrono::steady_clock::now();
     train::fit_result result;
@@ -707,23 +642,10 @@ class trainer {
   bool can_stop_early() const {
     return state_.epoch >= options_.min_epochs && state_.global_step >= options_.min_steps;
   }
-  // With several ranks, what agree_across_ranks() last decided (each rank's clock differs).
+  // With several ranks, what ranks::agree() last decided (each rank's clock differs).
   bool time_up() const {
     if (strategy_.world_size() > 1) return agreed_time_up_;
     return options_.max_time && ctx_.elapsed_seconds() >= options_.max_time->count();
-  }
-  // Stop decisions are taken together: any rank's stop request (early stopping on its
-  // own metrics, a hook's control::stop) or max_time on any rank's clock stops every rank
-  // at the same batch; called at each quiet point of fit.
-  // Returns whether rank 0 has checkpoint requests queued.
-  bool agree_across_ranks() {
-    const bool local_time = options_.max_time && ctx_.elapsed_seconds() >= options_.max_time->count();
-    std::int64_t v[3] = {state_.should_stop, local_time,
-                         strategy_.is_global_zero() && !pending_saves_.empty() ? std::int64_t(1) : 0};
-    if constexpr (requires { strategy_.agree(v, 3); }) strategy_.agree(v, 3);
-    agreed_time_up_ = v[1] > 0;
-    if (v[0] > 0 && !state_.should_stop) ctx_.stop("another rank requested a stop");
-    return v[2] > 0;
   }
   bool fit_done(std::int64_t max_epochs) {
     if (options_.max_steps >= 0 && state_.global_step >= options_.max_steps) return true;
