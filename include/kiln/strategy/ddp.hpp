@@ -81,10 +81,21 @@ std::vector<grad_slot> grad_slots(M& target) {
   return out;
 }
 
-// The base of every multi-rank strategy: rank queries, metric reduction, broadcasts.
-template <comm::communicator Comm>
+// The base of every multi-rank strategy: rank queries, metric reduction, broadcasts, and
+// setup (rank 0's weights on every rank).
+template <comm::communicator Comm, device Dev>
 class distributed {
+  static_assert(Dev::is_host, "kiln::strategy::ddp / zero: only the cpu device has a backend so far");
+  static_assert(Comm::host_memory,
+                "kiln::strategy::ddp / zero: this communicator moves device buffers (comm::nccl); the GPU strategies "
+                "arrive with the CUDA backend's device tensors — on CPU ranks use comm::mpi");
+
  public:
+  using device_type = Dev;
+  template <class M>
+  void setup(M& model) {
+    broadcast_parameters(model);
+  }
   using communicator_type = Comm;
   int rank() const { return comm_.rank(); }
   int world_size() const { return comm_.world_size(); }
@@ -141,8 +152,7 @@ class gradient_reducer {
   template <class M>
   void all_reduce_mean(Comm& c, M& target) {
     if (c.world_size() == 1) return;
-    auto slots = grad_slots(target);
-    bind(slots);
+    bind(target);
     // Which parameters some rank has a gradient for (a branch one rank skipped still
     // gets the others' average; one no rank used keeps no gradient, as on one rank).
     used_.assign(slots_.size(), 0);
@@ -174,13 +184,17 @@ class gradient_reducer {
     std::vector<std::int64_t> offsets;
     std::vector<float> data;
   };
-  // Buckets are laid out once per set of parameters (the same names in the same order).
-  void bind(std::vector<grad_slot>& slots) {
-    bool same = slots.size() == slots_.size();
-    for (std::size_t i = 0; same && i < slots.size(); ++i)
-      same = slots[i].name == slots_[i].name && slots[i].numel == slots_[i].numel;
-    slots_ = std::move(slots);
-    if (same && !buckets_.empty()) return;
+  // Slots and buckets are built once per set of parameters (the same vars in the same
+  // order): a step only checks their identities.
+  template <class M>
+  void bind(M& target) {
+    ids_.clear();
+    nn::visit_parameters(target, [&](const std::string&, auto& p) {
+      if (p.requires_grad()) ids_.push_back(p.id());
+    });
+    if (ids_ == bound_ && !buckets_.empty()) return;
+    slots_ = grad_slots(target);
+    bound_ = ids_;
     buckets_.clear();
     const auto cap = std::max<std::int64_t>(1, static_cast<std::int64_t>(cap_mb_ * 1024 * 1024 / sizeof(float)));
     bucket cur;
@@ -203,6 +217,7 @@ class gradient_reducer {
   }
   double cap_mb_;
   std::vector<grad_slot> slots_;
+  std::vector<const void*> ids_, bound_;
   std::vector<bucket> buckets_;
   std::vector<std::int64_t> used_;
 };
@@ -215,23 +230,13 @@ struct ddp_options {
 };
 
 template <comm::communicator Comm, device Dev = cpu>
-class ddp : public detail::distributed<Comm> {
-  static_assert(Dev::is_host, "kiln::strategy::ddp: only the cpu device has a backend so far");
-  static_assert(Comm::host_memory,
-                "kiln::strategy::ddp: this communicator moves device buffers (comm::nccl); ddp on GPU ranks arrives "
-                "with the CUDA backend's device tensors — on CPU ranks use comm::mpi");
-
+class ddp : public detail::distributed<Comm, Dev> {
  public:
-  using device_type = Dev;
   static constexpr const char* name = "ddp";
 
   ddp() = default;
   explicit ddp(ddp_options o) : opt_(o), reducer_(o.bucket_cap_mb) {}
 
-  template <class M>
-  void setup(M& model) {
-    this->broadcast_parameters(model);
-  }
   template <class M>
   void reduce_gradients(M& target) {
     reducer_.all_reduce_mean(this->comm_, target);

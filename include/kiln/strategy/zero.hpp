@@ -136,15 +136,13 @@ class sharded_optimizer {
                                          std::declval<std::vector<std::pair<std::size_t, var<T, D>>>&>()));
   static constexpr auto kind = O::kind;
 
-  sharded_optimizer(const O& o, Comm& c, int stage)
-      : L_(init_layout(o, c)), comm_(&c), stage_(stage), inner_(make_inner(o, *L_, segs_)) {
+  sharded_optimizer(const O& o, Comm& c) : L_(init_layout(o, c)), comm_(&c), inner_(make_inner(o, *L_, segs_)) {
     if constexpr (requires { o.rounding(); }) inner_.set_rounding(o.rounding());
   }
 
   // Each rank steps its segments on the averaged gradient, then the ranks exchange the
   // updated ranges.
   void step() {
-    bool any = false;
     for (auto& [k, v] : segs_) {
       auto& p = L_->params[k].param;
       const auto [lo, hi] = L_->owned(k);
@@ -152,12 +150,10 @@ class sharded_optimizer {
       if (p.has_grad()) {
         v.grad() = detail::flat_view(p.grad(), lo, hi);
         v.begin_grad_write();  // same shape: keeps the view, marks it valid
-        any = true;
       } else {
         v.zero_grad();
       }
     }
-    (void)any;
     inner_.step();
     gather_parameters();
   }
@@ -351,25 +347,19 @@ class sharded_optimizer {
 
   std::shared_ptr<layout> L_;
   Comm* comm_;
-  int stage_;
   std::vector<std::pair<std::size_t, var<T, D>>> segs_;
   inner_type inner_;
 };
 
 template <int Stage, comm::communicator Comm, class Offload = offload::none, device Dev = cpu>
-class zero : public detail::distributed<Comm> {
+class zero : public detail::distributed<Comm, Dev> {
   static_assert(Stage == 1 || Stage == 2,
                 "kiln::strategy::zero<Stage, ...>: Stage must be 1 (optimizer state) or 2 (and gradients); "
                 "stage 3 (parameters) is not implemented yet");
   static_assert(std::is_same_v<Offload, offload::none> || std::is_same_v<Offload, offload::cpu>,
                 "kiln::strategy::zero: Offload must be offload::none or offload::cpu");
-  static_assert(Dev::is_host, "kiln::strategy::zero: only the cpu device has a backend so far");
-  static_assert(Comm::host_memory,
-                "kiln::strategy::zero: this communicator moves device buffers (comm::nccl); zero on GPU ranks arrives "
-                "with the CUDA backend's device tensors — on CPU ranks use comm::mpi");
 
  public:
-  using device_type = Dev;
   using offload_type = Offload;
   static constexpr int stage = Stage;
   static constexpr const char* name = Stage == 1 ? "zero1" : "zero2";
@@ -382,7 +372,7 @@ class zero : public detail::distributed<Comm> {
   // Called by the trainer on each optimizer after the precision policy adapted it.
   template <class O>
   optimizer_t<O> adapt(O&& o) {
-    optimizer_t<O> s(o, this->comm_, Stage);
+    optimizer_t<O> s(o, this->comm_);
     std::erase_if(reducers_, [](auto& r) { return r.alive.expired(); });
     auto L = s.shared_layout();
     reducers_.push_back({L, [this, w = std::weak_ptr(L)] { reduce_into(*w.lock()); },
@@ -391,10 +381,6 @@ class zero : public detail::distributed<Comm> {
     return s;
   }
 
-  template <class M>
-  void setup(M& model) {
-    this->broadcast_parameters(model);
-  }
   // Gradients of every sharded optimizer: all-reduced (stage 1) or reduce-scattered (2).
   template <class M>
   void reduce_gradients(M&) {
