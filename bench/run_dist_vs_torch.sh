@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data-parallel scaling on CPU ranks: the Fashion-MNIST MLP (examples/04_distributed,
 # global batch 128, one thread per rank) on 1 process (single_device) and on 2 ranks under
-# ddp, zero<1> and zero<2> in kiln (Open MPI: shared memory between the ranks, and ddp
+# ddp, zero<1>, zero<2> and zero<3> in kiln (Open MPI: shared memory between the ranks, and ddp
 # once more over loopback TCP, gloo's transport), and the same model, data and optimizer
 # in PyTorch on 1 process and on 2 ranks under DistributedDataParallel (gloo, loopback
 # TCP), interleaved round by round (the machine is shared and noisy). Prints per
@@ -23,7 +23,7 @@ common=(--epochs "$epochs" --threads 1 --no-val --json --out bench/out/runs_dist
 for r in $(seq "$rounds"); do
   echo "== round $r/$rounds" >&2
   OMP_NUM_THREADS=1 "$ex" --strategy single "${common[@]}" | grep '^{' | tee -a "$out"
-  for s in ddp zero1 zero2; do
+  for s in ddp zero1 zero2 zero3; do
     tests/dist/mpirun.sh 2 "$ex" --strategy "$s" "${common[@]}" | grep '^{' | tee -a "$out"
   done
   KILN_MPI_BTL=self,tcp tests/dist/mpirun.sh 2 "$ex" --strategy ddp "${common[@]}" | grep '^{' |
@@ -42,7 +42,7 @@ print(f"{'configuration':<24} {'samples/s':>10} {'scaling':>8} {'kiln/torch':>10
 print(f"{'kiln single (1 proc)':<24} {ks:10.0f} {1.0:8.2f} {ks / ts:10.2f} {100 * med('kiln', 'single', 'test_acc'):8.2f}%")
 print(f"{'torch single (1 proc)':<24} {ts:10.0f} {1.0:8.2f} {'':>10} {100 * med('torch', 'single', 'test_acc'):8.2f}%")
 tdd = med("torch", "ddp")
-for s, label in (("ddp", "ddp shm"), ("zero1", "zero1 shm"), ("zero2", "zero2 shm"), ("ddp_tcp", "ddp tcp")):
+for s, label in (("ddp", "ddp shm"), ("zero1", "zero1 shm"), ("zero2", "zero2 shm"), ("zero3", "zero3 shm"), ("ddp_tcp", "ddp tcp")):
     k = med("kiln", s)
     print(f"{'kiln ' + label + ' (2 ranks)':<24} {k:10.0f} {k / ks:8.2f} {k / tdd:10.2f} {100 * med('kiln', s, 'test_acc'):8.2f}%")
 print(f"{'torch ddp tcp (2 ranks)':<24} {tdd:10.0f} {tdd / ts:8.2f} {'':>10} {100 * med('torch', 'ddp', 'test_acc'):8.2f}%")
@@ -50,4 +50,8 @@ z = [r["optimizer_state_bytes_rank0"] for r in rows if r["impl"] == "kiln" and r
 d = [r["optimizer_state_bytes_rank0"] for r in rows if r["impl"] == "kiln" and r["strategy"] == "ddp"]
 if z and d:
     print(f"optimizer state on rank 0 (plan): ddp {d[0]} B, zero {z[0]} B ({z[0] / d[0]:.3f}x)")
+for s in ("single", "ddp", "zero1", "zero2", "zero3"):
+    m = [r.get("model_state_bytes_rank0") for r in rows if r["impl"] == "kiln" and r["strategy"] == s]
+    if m and m[0] is not None:
+        print(f"model states (parameters + gradients + optimizer state) on rank 0 (plan), {s}: {m[0]} B")
 PY

@@ -1,4 +1,4 @@
-// 04 — The Fashion-MNIST classifier on several CPU processes: ddp, zero<1>, zero<2>.
+// 04 — The Fashion-MNIST classifier on several CPU processes: ddp, zero<1>, zero<2>, zero<3>.
 //
 // Why: the distributed strategy is a slot of the trainer type, like the precision. The
 // module and the data are the ones of example 01; only the type changes:
@@ -13,7 +13,10 @@
 // the run takes the same optimizer steps as one process with --batch (single_device),
 // and ddp reproduces its trajectory up to float order. zero<1> also splits AdamW's two
 // moments across the ranks (each holds 1/world), zero<2> the gradient reduction too
-// (reduce-scatter); the memory plan printed before training shows the per-rank bytes.
+// (reduce-scatter), and zero<3> the parameters: between steps each rank keeps only its
+// 1/world of them, and gathers the whole for the step (this MLP is one unit — deep
+// models wrap each block in kiln::nn::unit so only one block is whole at a time). The
+// memory plan printed before training shows the per-rank bytes.
 // Rank 0 alone logs and writes the checkpoint; --resume last continues a killed run
 // (tools/kiln-elastic restarts the whole job from it when a rank fails).
 //
@@ -21,7 +24,7 @@
 // On loopback TCP that is ~1 ms; a batch-64 step of this MLP is ~1.5 ms on one core, so
 // two ranks cannot scale by 2x here: communication is a large share of a small step.
 //
-// Usage: 04_distributed [--strategy single|ddp|zero1|zero2] [--epochs N] [--batch B]
+// Usage: 04_distributed [--strategy single|ddp|zero1|zero2|zero3] [--epochs N] [--batch B]
 //                       [--lr X] [--threads N] [--seed S] [--data DIR] [--out DIR]
 //                       [--limit-batches N] [--no-val] [--resume last|PATH]
 //                       [--min-accuracy A] [--json]
@@ -205,10 +208,11 @@ int run(const options& opt) {
       std::printf(
           "{\"impl\": \"kiln\", \"strategy\": \"%s\", \"ranks\": %d, \"threads\": %d, \"steps\": %lld, \"batch\": "
           "%lld, \"seconds\": %.4f, \"samples_per_s\": %.1f, \"test_acc\": %.6f, \"optimizer_state_bytes_rank0\": "
-          "%lld}\n",
+          "%lld, \"model_state_bytes_rank0\": %lld}\n",
           opt.strategy.c_str(), st.world_size(), opt.threads, static_cast<long long>(fit.global_step),
           static_cast<long long>(opt.batch), fit.seconds, samples / fit.seconds, acc,
-          static_cast<long long>(plan.devices.at(0).optimizer_state));
+          static_cast<long long>(plan.devices.at(0).optimizer_state),
+          static_cast<long long>(plan.devices.at(0).model_states()));
   }
   if (opt.min_accuracy >= 0 && acc < opt.min_accuracy) {
     if (zero_rank) std::fprintf(stderr, "test accuracy %.4f is below --min-accuracy %.4f\n", acc, opt.min_accuracy);
@@ -226,7 +230,8 @@ int main(int argc, char** argv) try {
   if (opt.strategy == "ddp") return run<kiln::strategy::ddp<kiln::comm::mpi>>(opt);
   if (opt.strategy == "zero1") return run<kiln::strategy::zero<1, kiln::comm::mpi>>(opt);
   if (opt.strategy == "zero2") return run<kiln::strategy::zero<2, kiln::comm::mpi>>(opt);
-  throw kiln::error("--strategy '" + opt.strategy + "': compiled into this binary: single, ddp, zero1, zero2");
+  if (opt.strategy == "zero3") return run<kiln::strategy::zero<3, kiln::comm::mpi>>(opt);
+  throw kiln::error("--strategy '" + opt.strategy + "': compiled into this binary: single, ddp, zero1, zero2, zero3");
 } catch (const std::exception& e) {
   std::fprintf(stderr, "%s\n", e.what());
   return 2;

@@ -1,5 +1,5 @@
 // The multi-rank program the mpi suite's scripts launch (tests/dist/*.sh):
-//   dist_child train --strategy single|ddp|zero1|zero2 --epochs E --root DIR
+//   dist_child train --strategy single|ddp|zero1|zero2|zero3 --epochs E --root DIR
 //              [--resume PATH|last] [--save PATH] [--every N]
 //              [--fault-at-step K --fault-marker FILE] [--out FILE] [--expect FILE --tol T]
 //     trains the fixture run; --save writes a checkpoint after fit; --every N keeps
@@ -160,7 +160,8 @@ int main(int argc, char** argv) {
       if (a.strategy == "ddp") return train<strategy::ddp<comm::mpi>>(a);
       if (a.strategy == "zero1") return train<strategy::zero<1, comm::mpi>>(a);
       if (a.strategy == "zero2") return train<strategy::zero<2, comm::mpi>>(a);
-      KILN_CHECK(false, "dist_child: --strategy ", a.strategy, ": expected single, ddp, zero1 or zero2");
+      if (a.strategy == "zero3") return train<strategy::zero<3, comm::mpi>>(a);
+      KILN_CHECK(false, "dist_child: --strategy ", a.strategy, ": expected single, ddp, zero1, zero2 or zero3");
     }
     if (a.mode == "weights") {
       net<float> m;

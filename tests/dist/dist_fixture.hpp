@@ -15,6 +15,7 @@
 #include "kiln/comm/mpi.hpp"
 #include "kiln/data/data_loader.hpp"
 #include "kiln/kiln.hpp"
+#include "kiln/nn/unit.hpp"
 #include "kiln/strategy/ddp.hpp"
 #include "kiln/strategy/zero.hpp"
 #include "kiln/train/trainer.hpp"
@@ -28,10 +29,15 @@ constexpr std::int64_t samples = 240;
 // The resume fixture's synthetic 3-class data (8 features).
 using resume::make_data;
 
-template <class T = float>
+// Units = true wraps each layer in an nn::unit (zero<3> gathers them one at a time);
+// the parameter names, initial weights and the computation are the same.
+template <class T = float, bool Units = false>
 struct net {
-  nn::linear<T> fc1{8, 32};
-  nn::linear<T> fc2{32, 3};
+  using layer = std::conditional_t<Units, nn::unit<nn::linear<T>>, nn::linear<T>>;
+  layer fc1{8, 32};
+  layer fc2{32, 3};
+  // Per forward, between the two layers: whether fc1's and fc2's weights were in memory.
+  std::vector<std::pair<bool, bool>> resident_between;
   int stop_rank = -1;  // this rank alone asks the loop to stop at optimizer step stop_at
   std::int64_t stop_at = -1;
   std::vector<double> losses;  // per optimizer step: this rank's mean loss over its batch
@@ -42,12 +48,23 @@ struct net {
     f("fc2", fc2);
   }
   var<float> forward(const tensor<float>& x) {
-    if constexpr (std::is_same_v<T, float>)
+    if constexpr (Units) {
+      static_assert(std::is_same_v<T, float>, "the unit variant is f32");
+      auto h = ops::relu(fc1(var<float>(x)));
+      resident_between.emplace_back(fc1.weight.value().storage_resident(), fc2.weight.value().storage_resident());
+      return fc2(h);
+    } else if constexpr (std::is_same_v<T, float>)
       return fc2(ops::relu(fc1(var<float>(x))));
     else
       return ops::cast<float>(fc2(ops::relu(fc1(var<T>(x.template to<T>())))));
   }
+  std::vector<std::int64_t> resident_bytes;  // per training_step: parameter bytes in memory as it began
   var<float> training_step(auto& ctx, const batch& b) {
+    std::int64_t bytes = 0;
+    nn::visit_parameters(*this, [&](const std::string&, auto& p) {
+      if (p.value().storage_resident()) bytes += static_cast<std::int64_t>(p.value().storage_bytes());
+    });
+    resident_bytes.push_back(bytes);
     auto loss = cross_entropy(forward(b.x), b.y);
     losses.push_back(static_cast<double>(loss.value().flat(0)));
     if (ctx.global_rank() == stop_rank && ctx.global_step() == stop_at) ctx.stop("rank-local stop");

@@ -24,15 +24,15 @@ struct outcome {
   train::fit_result fit;
 };
 
-template <class Strategy, class Precision = precision::fp32, class T = float>
+template <class Strategy, class Precision = precision::fp32, class T = float, class Net = net<T>>
 outcome run(const std::filesystem::path& root, std::int64_t epochs = 2, std::int64_t accumulate = 1, double clip = 0) {
-  using trainer_t = trainer<net<T>, Strategy, Precision>;
+  using trainer_t = trainer<Net, Strategy, Precision>;
   auto o = options(root, epochs);
   o.accumulate_grad_batches = accumulate;
   o.gradient_clip_val = clip;
   trainer_t t(o);
   manual_seed(7);  // the same initial weights in every run (ddp then broadcasts rank 0's)
-  net<T> m;
+  Net m;
   const int w = t.strategy().world_size();
   data_module dm(global_batch / w);
   outcome r;
@@ -189,6 +189,122 @@ TEST_CASE("bf16_mixed composes with ddp and zero<2>: masters reduced and sharded
   CHECK(max_abs_diff(ddp.losses, ms.losses) < 5e-3);
   CHECK(max_abs_diff(ddp.weights, weights(ms)) < 0.1);
   CHECK(ddp.losses.back() < 0.8 * ddp.losses.front());
+}
+
+using unit_net = net<float, true>;
+using zero3 = strategy::zero<3, comm::mpi>;
+
+// Bit-identical on every rank (the replicas agree after fit).
+void check_replicas(const std::vector<double>& mine) {
+  auto sum = mine;
+  world().all_reduce(sum.data(), static_cast<std::int64_t>(sum.size()), comm::op::sum);
+  for (std::size_t i = 0; i < mine.size(); ++i) REQUIRE(sum[i] == mine[i] * world().world_size());
+}
+
+TEST_CASE("zero<3> follows single_device's trajectory, gathering units or the root unit alone") {
+  const auto ref = reference(scratch("ref3"));
+  const auto root = run<zero3>(scratch("z3_root"));
+  const auto units = run<zero3, precision::fp32, float, unit_net>(scratch("z3_units"));
+  for (auto* o : {&root, &units}) {
+    CHECK(o->fit.global_step == ref.fit.global_step);
+    CHECK(max_abs_diff(o->losses, ref.losses) < tolerance);
+    CHECK(max_abs_diff(o->weights, ref.weights) < tolerance);
+    check_replicas(o->weights);  // and whole again after fit
+  }
+  CHECK(ref.losses.back() < 0.8 * ref.losses.front());
+}
+
+TEST_CASE("zero<3>: accumulation windows and norm clipping give single_device's trajectory") {
+  const auto ref = reference(scratch("ref3_acc"), 2, 3, 0.05);
+  const auto z3 = run<zero3, precision::fp32, float, unit_net>(scratch("z3_acc"), 2, 3, 0.05);
+  CHECK(z3.fit.global_step == ref.fit.global_step);
+  CHECK(max_abs_diff(z3.losses, ref.losses) < tolerance);
+  CHECK(max_abs_diff(z3.weights, ref.weights) < tolerance);
+}
+
+TEST_CASE("zero<3>: a rank holds 1/world of the parameters between uses, and a unit only while it runs") {
+  trainer<unit_net, zero3, precision::fp32> t(options(scratch("z3_bytes"), 1));
+  manual_seed(7);
+  unit_net m;
+  data_module dm(global_batch / world().world_size());
+  t.fit(m, dm);
+  const std::int64_t n = 8 * 32 + 32 + 32 * 3 + 3, w = world().world_size(), shard = (n + w - 1) / w;
+  const std::int64_t expect = std::min(n, shard * (world().rank() + 1)) - std::min(n, shard * world().rank());
+  // Every step began with no whole parameter in memory (the model has no root parameters)...
+  REQUIRE(m.resident_bytes.size() == 20);
+  for (auto b : m.resident_bytes) CHECK(b == 0);
+  // ...and between its two layers fc1 had been released and fc2 not yet gathered, in
+  // training and in validation alike.
+  REQUIRE(m.resident_between.size() > 20);
+  for (auto [fc1, fc2] : m.resident_between) {
+    CHECK_FALSE(fc1);
+    CHECK_FALSE(fc2);
+  }
+  // What a rank keeps: its segments (parameters) and their optimizer state, 1/world each.
+  auto& opt = std::get<0>(t.optimizers()).optimizer;
+  CHECK(opt.shard_elements() == expect);
+  std::int64_t state = 0;
+  opt.for_each_state_tensor([&](const auto& s) { state += s.numel(); });
+  CHECK(state == 2 * expect);
+  std::int64_t total = opt.shard_elements();
+  world().all_reduce(&total, 1, comm::op::sum);
+  CHECK(total == n);
+  // After fit the model is whole, on every rank alike.
+  for (auto& np : nn::named_parameters<float>(m)) CHECK(np.param.value().storage_resident());
+  check_replicas(weights(m));
+  // Without a listening strategy a unit is its module.
+  trainer<unit_net, strategy::single_device<cpu>, precision::fp32> single(options(scratch("z3_bytes_single"), 1));
+  manual_seed(7);
+  unit_net s;
+  data_module dms(global_batch);
+  single.fit(s, dms);
+  for (auto b : s.resident_bytes) CHECK(b == n * 4);
+  // The planner counts parameters, gradients and optimizer state at 1/world of
+  // single_device's (allocator blocks, rounded up), plus for parameters and gradients
+  // the largest unit whole (fc1; this model has no root parameters).
+  unit_net fresh, fresh_single;
+  const auto plan = t.plan(fresh, dm).devices.at(0), whole = single.plan(fresh_single, dms).devices.at(0);
+  const std::int64_t fc1 = train::detail::block_bytes(8 * 32 * 4) + train::detail::block_bytes(32 * 4);
+  CHECK(plan.parameters == (whole.parameters + w - 1) / w + fc1);
+  CHECK(plan.gradients == (whole.gradients + w - 1) / w + fc1);
+  CHECK(plan.optimizer_state == (whole.optimizer_state + w - 1) / w);
+}
+
+TEST_CASE("a zero<3> checkpoint resumes in single_device, ddp and zero<3> and continues the trajectory") {
+  const auto dir = scratch("reshard3");
+  const auto ckpt = dir / "after_epoch_1.ckpt";
+  const auto full = run<zero3, precision::fp32, float, unit_net>(dir / "full", 2);
+  {
+    trainer<unit_net, zero3, precision::fp32> t(options(dir / "first", 1));
+    manual_seed(7);
+    unit_net m;
+    data_module dm(global_batch / world().world_size());
+    t.fit(m, dm);
+    t.save_checkpoint(ckpt);
+    world().barrier("test: checkpoint written");
+  }
+  {
+    trainer<net<float>, strategy::single_device<cpu>, precision::fp32> t(options(dir / "single", 2));
+    manual_seed(7);
+    net<float> m;
+    data_module dm(global_batch);
+    const auto res = t.fit(m, dm, ckpt.string());
+    CHECK(res.resumed_from == ckpt.string());
+    CHECK(res.global_step == full.fit.global_step);
+    CHECK(max_abs_diff(weights(m), full.weights) < tolerance);
+    CHECK(max_abs_diff(m.losses, std::vector<double>(full.losses.begin() + 20, full.losses.end())) < tolerance);
+  }
+  auto resumed = [&]<class S, class Net>(S*, Net*, const char* name) {
+    trainer<Net, S, precision::fp32> t(options(dir / name, 2));
+    manual_seed(7);
+    Net m;
+    data_module dm(global_batch / world().world_size());
+    const auto res = t.fit(m, dm, ckpt.string());
+    CHECK(res.global_step == full.fit.global_step);
+    CHECK(max_abs_diff(weights(m), full.weights) < tolerance);
+  };
+  resumed(static_cast<zero3*>(nullptr), static_cast<unit_net*>(nullptr), "z3");
+  resumed(static_cast<strategy::ddp<comm::mpi>*>(nullptr), static_cast<net<float>*>(nullptr), "ddp");
 }
 
 TEST_CASE("zero: each rank holds 1/world of the optimizer state") {

@@ -29,6 +29,18 @@ struct storage_block {
   std::size_t bytes = 0;
   explicit storage_block(std::size_t n) : ptr(n ? caching_allocator<Dev>::instance().allocate(n) : nullptr), bytes(n) {}
   ~storage_block() { caching_allocator<Dev>::instance().deallocate(ptr); }
+  // Frees the memory but keeps the block (and every view of it) alive: ZeRO-3 releases a
+  // gathered parameter after use while the autograd nodes that captured it still hold the
+  // handle, and restore() brings the memory back (uninitialised) before it is refilled —
+  // PyTorch FSDP's storage resize-to-zero. data() of a released block is null.
+  void release() {
+    caching_allocator<Dev>::instance().deallocate(ptr);
+    ptr = nullptr;
+  }
+  void restore() {
+    if (!ptr && bytes) ptr = caching_allocator<Dev>::instance().allocate(bytes);
+  }
+  bool resident() const { return ptr != nullptr || bytes == 0; }
   storage_block(const storage_block&) = delete;
   storage_block& operator=(const storage_block&) = delete;
 };
@@ -89,6 +101,15 @@ class tensor {
   // True when both handles view the same storage block.
   bool shares_storage_with(const tensor& o) const { return storage_ == o.storage_; }
   long use_count() const { return storage_.use_count(); }
+  // The storage block's memory (see storage_block::release); shared by every view.
+  void release_storage() {
+    if (storage_) storage_->release();
+  }
+  void restore_storage() {
+    if (storage_) storage_->restore();
+  }
+  bool storage_resident() const { return !storage_ || storage_->resident(); }
+  std::size_t storage_bytes() const { return storage_ ? storage_->bytes : 0; }
 
   T* data() { return storage_ ? static_cast<T*>(storage_->ptr) + offset_ : nullptr; }
   const T* data() const { return storage_ ? static_cast<const T*>(storage_->ptr) + offset_ : nullptr; }

@@ -185,7 +185,7 @@ struct gpt2 {
   struct body {
     embedding<T> wte, wpe;
     dropout drop;
-    module_list<block_type> h;
+    module_list<unit<block_type>> h;  // each block a sharding unit (zero<3> gathers one at a time)
     layer_norm<T> ln_f;
     template <class F>
     void for_each_child(F&& f) {

@@ -199,7 +199,7 @@ struct llama {
 
   struct body {
     embedding<T> embed_tokens;
-    module_list<block_type> layers;
+    module_list<unit<block_type>> layers;  // each block a sharding unit (zero<3>)
     rms_norm<T> norm;
     template <class F>
     void for_each_child(F&& f) {

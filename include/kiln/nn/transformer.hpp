@@ -23,6 +23,7 @@
 #include "kiln/autograd/recompute.hpp"
 #include "kiln/nn/dropout.hpp"
 #include "kiln/nn/module.hpp"
+#include "kiln/nn/unit.hpp"
 #include "kiln/ops/arithmetic.hpp"
 #include "kiln/ops/attention.hpp"
 

@@ -115,7 +115,8 @@ class sharded_optimizer {
   using D = typename detail::state_types<state_type>::device_type;
   using layout = detail::shard_layout<T, D>;
 
-  static auto make_inner(const O& o, layout& L, std::vector<std::pair<std::size_t, var<T, D>>>& segs) {
+  static auto make_inner(const O& o, layout& L, std::vector<std::pair<std::size_t, var<T, D>>>& segs,
+                         bool own = false) {
     static_assert(
         requires { o.template rebind<T, D>([](const nn::named_parameter<T, D>&) { return var<T, D>{}; }); },
         "kiln::strategy::zero: the optimizer needs rebind<T, Dev>(map) to be sharded (adamw and sgd have it)");
@@ -124,7 +125,8 @@ class sharded_optimizer {
       const std::size_t k = i++;
       const auto [lo, hi] = L.owned(k);
       if (lo == hi) return std::nullopt;
-      var<T, D> v(detail::flat_view(L.params[k].param.value(), lo, hi), true);
+      auto view = detail::flat_view(L.params[k].param.value(), lo, hi);
+      var<T, D> v(own ? view.clone() : view, true);
       segs.emplace_back(k, v);
       return v;
     };
@@ -139,10 +141,25 @@ class sharded_optimizer {
   sharded_optimizer(const O& o, Comm& c) : L_(init_layout(o, c)), comm_(&c), inner_(make_inner(o, *L_, segs_)) {
     if constexpr (requires { o.rounding(); }) inner_.set_rounding(o.rounding());
   }
+  // ZeRO-3: the flat index space follows `order` (parameter identities; the rest after,
+  // in the optimizer's order), and each segment owns its storage — the whole parameters
+  // are released between uses, and the strategy writes the segments' gradients.
+  sharded_optimizer(const O& o, Comm& c, const std::vector<const void*>& order)
+      : L_(init_layout(o, c, &order)), comm_(&c), inner_(make_inner(o, *L_, segs_, true)), owns_segments_(true) {
+    if constexpr (requires { o.rounding(); }) inner_.set_rounding(o.rounding());
+    for (auto& [k, v] : segs_) {
+      const auto [lo, hi] = L_->owned(k);
+      segment_names_.push_back({L_->params[k].name + "[" + std::to_string(lo) + ":" + std::to_string(hi) + "]", v});
+    }
+  }
 
   // Each rank steps its segments on the averaged gradient, then the ranks exchange the
-  // updated ranges.
+  // updated ranges (ZeRO-3: the segments are the parameters; the next use gathers them).
   void step() {
+    if (owns_segments_) {
+      inner_.step();
+      return;
+    }
     for (auto& [k, v] : segs_) {
       auto& p = L_->params[k].param;
       const auto [lo, hi] = L_->owned(k);
@@ -178,6 +195,11 @@ class sharded_optimizer {
   std::int64_t shard_elements() const { return L_->end() - L_->begin(); }
   std::int64_t total_elements() const { return L_->total; }
   std::shared_ptr<layout> shared_layout() const { return L_; }
+  // This rank's segments: (index into the layout's parameters, the 1-D var stepped).
+  const std::vector<std::pair<std::size_t, var<T, D>>>& segments() const { return segs_; }
+  // The segments as a module (ZeRO-3's gradients: what unscaling, clipping and the
+  // finite check act on), named "fc1.weight[lo:hi]".
+  detail::param_list<T, D> segment_parameters() { return {&segment_names_}; }
 
   // Whole tensors gathered from every rank (a collective: every rank calls it).
   state_type state() const {
@@ -312,13 +334,30 @@ class sharded_optimizer {
     }
     return slots;
   }
-  static std::shared_ptr<layout> init_layout(const O& o, Comm& c) {
+  static std::shared_ptr<layout> init_layout(const O& o, Comm& c, const std::vector<const void*>* order = nullptr) {
     auto L = std::make_shared<layout>();
     o.for_each_parameter([&](const nn::named_parameter<T, D>& np) {
       L->offset.push_back(L->total);
       L->total += np.param.numel();
       L->params.push_back(np);
     });
+    if (order) {  // offsets in the given order; the parameters keep the optimizer's order
+      std::vector<std::size_t> seq;
+      std::vector<bool> placed(L->params.size(), false);
+      for (const void* id : *order)
+        for (std::size_t k = 0; k < L->params.size(); ++k)
+          if (!placed[k] && L->params[k].param.id() == id) {
+            seq.push_back(k);
+            placed[k] = true;
+          }
+      for (std::size_t k = 0; k < L->params.size(); ++k)
+        if (!placed[k]) seq.push_back(k);
+      std::int64_t at = 0;
+      for (std::size_t k : seq) {
+        L->offset[k] = at;
+        at += L->params[k].param.numel();
+      }
+    }
     L->rank = c.rank();
     L->world = c.world_size();
     KILN_CHECK(L->total >= L->world, "strategy::zero: the optimizer steps ", L->total, " elements, fewer than the ",
@@ -349,13 +388,15 @@ class sharded_optimizer {
   Comm* comm_;
   std::vector<std::pair<std::size_t, var<T, D>>> segs_;
   inner_type inner_;
+  bool owns_segments_ = false;
+  std::vector<nn::named_parameter<T, D>> segment_names_;
 };
 
 template <int Stage, comm::communicator Comm, class Offload = offload::none, device Dev = cpu>
 class zero : public detail::distributed<Comm, Dev> {
   static_assert(Stage == 1 || Stage == 2,
-                "kiln::strategy::zero<Stage, ...>: Stage must be 1 (optimizer state) or 2 (and gradients); "
-                "stage 3 (parameters) is not implemented yet");
+                "kiln::strategy::zero<Stage, ...>: Stage must be 1 (optimizer state), 2 (and gradients) or 3 "
+                "(and parameters)");
   static_assert(std::is_same_v<Offload, offload::none> || std::is_same_v<Offload, offload::cpu>,
                 "kiln::strategy::zero: Offload must be offload::none or offload::cpu");
 
@@ -493,3 +534,5 @@ class zero : public detail::distributed<Comm, Dev> {
 };
 
 }  // namespace kiln::strategy
+
+#include "kiln/strategy/zero3.hpp"  // zero<3, ...>

@@ -238,6 +238,13 @@ struct checkpointing {
     std::snprintf(
         tag, sizeof tag, "step%lld-%llx", static_cast<long long>(t.state_.global_step),
         static_cast<unsigned long long>(std::chrono::system_clock::now().time_since_epoch().count()) & 0xffffffffffULL);
+    // zero<3>: the whole parameters for the capture (a collective; released after).
+    [[maybe_unused]] auto whole = [&] {
+      if constexpr (requires { t.strategy_.full_parameters(); })
+        return t.strategy_.full_parameters();
+      else
+        return 0;
+    }();
     io::checkpoint_writer w;
     io::checkpoint_shards shards{path, ranks<Trainer>::from_rank_zero(t, std::string(tag))};
     t.capture_shards_ = &shards;

@@ -2,6 +2,9 @@
 // has the formulas); a friend of the trainer, like checkpointing.
 #pragma once
 
+#include <algorithm>
+#include <map>
+
 #include <iterator>
 #include <type_traits>
 #include <utility>
@@ -11,6 +14,7 @@
 #include "kiln/core/philox.hpp"
 #include "kiln/core/type_name.hpp"
 #include "kiln/nn/module.hpp"
+#include "kiln/nn/unit.hpp"
 #include "kiln/train/concepts.hpp"
 #include "kiln/train/memory_plan.hpp"
 #include "kiln/train/optimizers.hpp"
@@ -79,7 +83,32 @@ struct planner {
         },
         opts);
     shard(t, d);
+    if constexpr (requires { Trainer::strategy_type::shards_parameters; }) {
+      // zero<3> holds 1/world between uses; within a step the root unit and the unit in
+      // use are whole on top (and their gradients, during the unit's backward).
+      d.parameters += gathered_bytes(model, false);
+      d.gradients += gathered_bytes(model, true);
+    }
     return d;
+  }
+  // Bytes of the root unit plus the largest nn::unit (parameters, or trainable ones).
+  static std::int64_t gathered_bytes(module_type& model, bool trainable_only) {
+    std::map<const void*, std::size_t> holder;
+    std::vector<std::int64_t> bytes{0};
+    nn::visit_modules(model, [&](const std::string&, auto& sub) {
+      if constexpr (nn::sharding_unit<std::remove_cvref_t<decltype(sub)>>) {
+        const std::size_t u = bytes.size();
+        bytes.push_back(0);
+        nn::visit_parameters(sub, [&](const std::string&, auto& p) { holder[p.id()] = u; });
+      }
+    });
+    nn::visit_parameters(model, [&](const std::string&, auto& p) {
+      if (trainable_only && !p.requires_grad()) return;
+      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+      const auto it = holder.find(p.id());
+      bytes[it == holder.end() ? 0 : it->second] += detail::block_bytes(p.numel() * std::int64_t(sizeof(T)));
+    });
+    return bytes[0] + (bytes.size() > 1 ? *std::max_element(bytes.begin() + 1, bytes.end()) : 0);
   }
 
   // The whole plan; see memory_plan.hpp.

@@ -103,6 +103,16 @@ class trainer {
       }(),
       "kiln::trainer: strategy::zero<2> shards gradients, and a loss-scaling precision (f16_mixed) would test "
       "unreduced gradients for overflow; use zero<1> with f16_mixed, or bf16_mixed with zero<2>");
+  static_assert(
+      [] {
+        if constexpr (requires { Strategy::shards_parameters; })
+          return std::is_same_v<decltype(std::declval<Precision&>().master_parameters(std::declval<Module&>())),
+                                Module&>;
+        return true;
+      }(),
+      "kiln::trainer: strategy::zero<3> shards the parameters the optimizer steps, and this precision policy "
+      "steps separate f32 master weights; use zero<3> with fp32, bf16_true or f16_true, or zero<2> with the "
+      "mixed policies");
 
  public:
   using module_type = Module;
@@ -477,6 +487,7 @@ class trainer {
         if (test) {
           fire<hook::on_test_batch_start>(b);
           if constexpr (requires(context_type & c) { model_->test_step(c, b); }) {
+            prepare_forward();
             model_->test_step(ctx_, b);
           } else {
             KILN_CHECK(false, "trainer.test: the module has no test_step(auto& ctx, const Batch& batch)");
@@ -484,7 +495,10 @@ class trainer {
           fire<hook::on_test_batch_end>(b);
         } else {
           fire<hook::on_validation_batch_start>(b);
-          if constexpr (requires(context_type & c) { model_->validation_step(c, b); }) model_->validation_step(ctx_, b);
+          if constexpr (requires(context_type & c) { model_->validation_step(c, b); }) {
+            prepare_forward();
+            model_->validation_step(ctx_, b);
+          }
           fire<hook::on_validation_batch_end>(b);
         }
         state_.phase = train::log_phase::other;
@@ -618,12 +632,14 @@ class trainer {
       defer_saves_ = false;
       flush_pending_saves(state_.epoch, 0);
       if (state_.stop_reason.empty()) state_.stop_reason = describe_end(max_epochs);
+      if constexpr (requires { strategy_.finish(model); }) strategy_.finish(model);  // zero<3>: whole again
       fire<hook::on_train_end>();
       fire<hook::on_fit_end>();
       fire<hook::teardown>(train::stage::fit);
     } catch (const std::exception& e) {
       defer_saves_ = false;
       pending_saves_.clear();
+      if constexpr (requires { strategy_.abandon(); }) strategy_.abandon();
       codec::undo(*this, undo);  // a failed resume leaves the model and callbacks as they were
       fire<hook::on_exception>(e);
       if constexpr (requires { strategy_.abort_job(e); }) strategy_.abort_job(e);  // multi-rank: end the job
@@ -753,6 +769,7 @@ class trainer {
   template <class B>
   void training_batch(const B& b, bool last_in_epoch) {
     using R = decltype(model_->training_step(ctx_, b));
+    prepare_forward();
     if constexpr (!automatic) {
       if constexpr (std::is_void_v<R>) {
         model_->training_step(ctx_, b);
@@ -805,7 +822,10 @@ class trainer {
     auto& so = std::get<0>(*optimizers_);
     const bool accumulated = window_items_ > 0 && accum_count_ > 0 && state_.accumulate_grad_batches > 1;
     reduce_gradients();
-    precision_.unscale(*model_, accumulated ? 1.0 / window_items_ : 1.0);
+    {
+      auto&& target = precision_target();
+      precision_.unscale(target, accumulated ? 1.0 / window_items_ : 1.0);
+    }
     fire<hook::on_before_optimizer_step>();
     clip();
     const bool stepped = precision_step(so.optimizer);
@@ -814,6 +834,27 @@ class trainer {
     ++state_.global_step;
     // A step skipped on a loss-scale overflow leaves the schedules where they are (DeepSpeed).
     if (stepped) step_schedules(optim::interval::step);
+  }
+
+  // A parameter-sharding strategy (zero<3>) gathers what the forward needs first.
+  void prepare_forward() {
+    if constexpr (requires { strategy_.before_forward(); }) strategy_.before_forward();
+  }
+  // What the precision policy unscales and checks (it finds the masters under mixed
+  // precision itself): the model, or under zero<3> this rank's segments of it.
+  decltype(auto) precision_target() {
+    if constexpr (requires { Strategy::shards_parameters; })
+      return std::get<0>(*optimizers_).optimizer.segment_parameters();
+    else
+      return *model_;
+  }
+  // What clipping acts on: the gradients the optimizer steps (the f32 masters under mixed
+  // precision; the segments under zero<3>).
+  decltype(auto) stepped_parameters() {
+    if constexpr (requires { Strategy::shards_parameters; })
+      return std::get<0>(*optimizers_).optimizer.segment_parameters();
+    else
+      return precision_.master_parameters(*model_);
   }
 
   // The window's gradients, complete and combined across ranks (identity on one rank);
@@ -834,7 +875,8 @@ class trainer {
   template <class O>
   bool precision_step(O& optimizer) {
     try {
-      return precision_.step(optimizer, *model_);
+      auto&& target = precision_target();
+      return precision_.step(optimizer, target);
     } catch (error& e) {
       throw e.with_context(position());
     }
@@ -847,7 +889,7 @@ class trainer {
   // Clipping acts on the gradients the optimizer steps (the f32 masters under mixed precision).
   void clip() {
     if (options_.gradient_clip_val <= 0) return;
-    auto& target = precision_.master_parameters(*model_);
+    auto&& target = stepped_parameters();
     if (options_.gradient_clip_algorithm == train::clip_algorithm::norm) {
       if constexpr (requires { strategy_.clip_grad_norm(target, 1.0); })
         strategy_.clip_grad_norm(target, options_.gradient_clip_val);  // sharded gradients: a global norm
