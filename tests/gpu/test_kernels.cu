@@ -1,0 +1,315 @@
+// The CUDA kernels against the CPU backend (suite gpu): every op in f32, bf16 and f16,
+// forward and backward, on random inputs, within a per-dtype tolerance. Exits 77
+// (skipped) where no GPU is visible. Built by nvcc in CI (compile-only there).
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kiln/core/philox.hpp"
+#include "kiln/core/tensor.hpp"
+#include "kiln/cuda/kernels.hpp"
+#include "kiln/ops/cpu/elementwise.hpp"
+#include "kiln/ops/cpu/norm.hpp"
+#include "kiln/ops/rope.hpp"
+
+using namespace kiln;
+namespace ck = kiln::cuda_kernels;
+
+namespace {
+
+int failures = 0, checks = 0;
+
+void cuda_ok(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "test_kernels: %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+// A device copy of a host vector, freed at scope end.
+template <class T>
+struct dbuf {
+  T* p = nullptr;
+  std::size_t n = 0;
+  explicit dbuf(std::size_t count) : n(count) {
+    cuda_ok(cudaMalloc(&p, std::max<std::size_t>(1, n) * sizeof(T)), "malloc");
+  }
+  explicit dbuf(const std::vector<T>& h) : dbuf(h.size()) {
+    cuda_ok(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), "copy in");
+  }
+  ~dbuf() { cudaFree(p); }
+  dbuf(const dbuf&) = delete;
+  std::vector<T> host() const {
+    std::vector<T> h(n);
+    cuda_ok(cudaDeviceSynchronize(), "sync");
+    cuda_ok(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), "copy out");
+    return h;
+  }
+};
+
+template <class T>
+double tol() {
+  if constexpr (std::is_same_v<T, f32>)
+    return 2e-5;
+  else if constexpr (std::is_same_v<T, f16>)
+    return 4e-3;
+  else
+    return 3e-2;
+}
+template <class T>
+const char* tname() {
+  return std::is_same_v<T, f32> ? "f32" : std::is_same_v<T, f16> ? "f16" : "bf16";
+}
+
+// |a − b| <= tol · (1 + |b|), element by element; prints the worst.
+template <class A, class B>
+void expect_close(const std::string& what, const std::vector<A>& got, const std::vector<B>& want, double t) {
+  ++checks;
+  double worst = 0;
+  std::size_t at = 0;
+  bool sizes = got.size() == want.size();
+  for (std::size_t i = 0; sizes && i < got.size(); ++i) {
+    const double g = static_cast<double>(static_cast<float>(got[i])),
+                 w = static_cast<double>(static_cast<float>(want[i]));
+    const double e = std::abs(g - w) / (1.0 + std::abs(w));
+    if (!(e <= worst)) worst = e, at = i;  // NaN counts as the worst
+  }
+  const bool ok = sizes && worst <= t;
+  if (!ok) ++failures;
+  std::printf("%s %-44s max rel err %.3g (tolerance %.1g)%s\n", ok ? "ok  " : "FAIL", what.c_str(), worst, t,
+              sizes ? "" : " — sizes differ");
+  (void)at;
+}
+
+template <class T>
+std::vector<T> random(std::size_t n, std::uint64_t seed, float scale = 1.0f) {
+  philox_stream s{seed, 0};
+  std::vector<T> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = T(scale * (2.0f * s.uniform(i) - 1.0f));
+  return v;
+}
+template <class T>
+tensor<T> as_tensor(const std::vector<T>& v, shape s) {
+  tensor<T> t(s);
+  std::copy(v.begin(), v.end(), t.data());
+  return t;
+}
+
+template <class T>
+void test_norm(bool rms) {
+  const std::int64_t rows = 67, cols = 300;
+  const auto x = random<T>(rows * cols, 1), res = random<T>(rows * cols, 2), w = random<T>(cols, 3),
+             b = random<T>(cols, 4), dy = random<T>(rows * cols, 5);
+  // CPU: h = x + res (rounded to T), then the norm.
+  std::vector<T> h(x.size());
+  for (std::size_t i = 0; i < h.size(); ++i) h[i] = T(float(x[i]) + float(res[i]));
+  tensor<T> ht = as_tensor(h, {rows, cols}), y({rows, cols});
+  std::vector<compute_t<T>> mean(rows), rstd(rows);
+  ops::cpu::norm_forward(ht, w.data(), rms ? nullptr : b.data(), 1e-5, rms, y, mean.data(), rstd.data());
+  std::vector<T> gx(h.size()), gw(cols), gb(cols);
+  ops::cpu::norm_backward(ht, w.data(), as_tensor(dy, {rows, cols}), mean.data(), rstd.data(), rms, gx.data(),
+                          grad_write::overwrite, gw.data(), grad_write::overwrite, gb.data(), grad_write::overwrite);
+  // GPU.
+  dbuf<T> dx_(x), dres(res), dh(h.size()), dw_(w), db_(b), dyv(h.size()), dmean(rows), drstd(rows);
+  dbuf<float> fmean(rows), frstd(rows);
+  ck::norm_forward(dx_.p, dres.p, dh.p, dw_.p, rms ? nullptr : db_.p, dyv.p, fmean.p, frstd.p, rows, cols, 1e-5f, rms,
+                   nullptr);
+  dbuf<T> ddy(dy), dgx(h.size());
+  dbuf<float> dgw(cols), dgb(cols), scratch(2 * ck::norm_slabs * cols);
+  ck::norm_backward(dh.p, dw_.p, fmean.p, frstd.p, ddy.p, dgx.p, false, dgw.p, rms ? nullptr : dgb.p, scratch.p, rows,
+                    cols, rms, nullptr);
+  const std::string n = std::string(rms ? "rms_norm " : "layer_norm ") + tname<T>();
+  expect_close(n + " residual add", dh.host(), h, tol<T>());
+  expect_close(n + " forward", dyv.host(), std::vector<T>(y.data(), y.data() + y.numel()), tol<T>());
+  expect_close(n + " rstd", frstd.host(), rstd, 1e-5);
+  expect_close(n + " dx", dgx.host(), gx, 4 * tol<T>());
+  expect_close(n + " dw (f32)", dgw.host(), gw, 4 * tol<T>());
+  if (!rms) expect_close(n + " db (f32)", dgb.host(), gb, 4 * tol<T>());
+}
+
+template <class T>
+void test_cross_entropy() {
+  const std::int64_t rows = 37, vocab = 5003, ignore = -100;
+  const auto logits = random<T>(rows * vocab, 6, 4.0f);
+  std::vector<std::int64_t> tgt(rows);
+  for (std::int64_t r = 0; r < rows; ++r) tgt[r] = r % 5 == 3 ? ignore : (r * 7919) % vocab;
+  std::int64_t valid = 0;
+  for (auto t : tgt) valid += t != ignore;
+  const float scale = 1.0f / static_cast<float>(valid);
+  // Reference in double.
+  std::vector<double> loss(rows), grad(logits.size());
+  for (std::int64_t r = 0; r < rows; ++r) {
+    double m = -INFINITY, s = 0;
+    for (std::int64_t j = 0; j < vocab; ++j) m = std::max(m, double(float(logits[r * vocab + j])));
+    for (std::int64_t j = 0; j < vocab; ++j) s += std::exp(double(float(logits[r * vocab + j])) - m);
+    const double lse = m + std::log(s);
+    const bool ign = tgt[r] == ignore;
+    loss[r] = ign ? 0 : lse - double(float(logits[r * vocab + tgt[r]]));
+    for (std::int64_t j = 0; j < vocab; ++j)
+      grad[r * vocab + j] =
+          ign ? 0 : (std::exp(double(float(logits[r * vocab + j])) - lse) - (j == tgt[r] ? 1 : 0)) * scale;
+  }
+  dbuf<T> dl(logits);
+  dbuf<std::int64_t> dt(tgt);
+  dbuf<float> dloss(rows);
+  ck::cross_entropy(dl.p, dt.p, dloss.p, dl.p, scale, rows, vocab, ignore, nullptr);  // gradient in place
+  const std::string n = std::string("cross_entropy ") + tname<T>();
+  expect_close(n + " loss (vocab 5003, ignore_index)", dloss.host(), loss, std::is_same_v<T, f32> ? 1e-5 : 1e-2);
+  expect_close(n + " dlogits in place", dl.host(), grad, tol<T>());
+}
+
+template <class T>
+void test_elementwise() {
+  const std::int64_t n = 10007;
+  const auto x = random<T>(n, 7, 3.0f), u = random<T>(n, 8), dy = random<T>(n, 9);
+  std::vector<T> y(n), dx(n), dg(n), du(n), sy(n);
+  for (std::int64_t i = 0; i < n; ++i) {
+    y[i] = T(ops::fn::gelu_tanh{}(float(x[i])));
+    dx[i] = T(ops::fn::gelu_tanh{}.grad(float(x[i]), float(dy[i])));
+    sy[i] = T(ops::fn::silu{}(float(x[i])) * float(u[i]));
+    dg[i] = T(ops::fn::silu{}.grad(float(x[i]), float(dy[i]) * float(u[i])));
+    du[i] = T(ops::fn::silu{}(float(x[i])) * float(dy[i]));
+  }
+  dbuf<T> dxv(x), duv(u), ddy(dy), out(n), out2(n);
+  const std::string t = tname<T>();
+  ck::gelu_forward(dxv.p, out.p, n, nullptr);
+  expect_close("gelu forward " + t, out.host(), y, tol<T>());
+  ck::gelu_backward(dxv.p, ddy.p, out.p, n, nullptr);
+  expect_close("gelu backward " + t, out.host(), dx, tol<T>());
+  ck::swiglu_forward(dxv.p, duv.p, out.p, n, nullptr);
+  expect_close("swiglu forward " + t, out.host(), sy, tol<T>());
+  ck::swiglu_backward(dxv.p, duv.p, ddy.p, out.p, out2.p, n, nullptr);
+  expect_close("swiglu backward (gate) " + t, out.host(), dg, tol<T>());
+  expect_close("swiglu backward (up) " + t, out2.host(), du, tol<T>());
+  // Dropout: the CPU's mask, exactly.
+  tensor<T> xt = as_tensor(x, {n}), yt({n});
+  const philox_stream rng{0x5eed, 12345};
+  ops::cpu::dropout_apply(xt, 0.3f, rng, yt, grad_write::overwrite);
+  ck::dropout(dxv.p, out.p, n, 0.3f, rng, nullptr);
+  expect_close("dropout p=0.3 (the CPU's mask) " + t, out.host(), std::vector<T>(yt.data(), yt.data() + n), 0.0);
+  // RoPE forward and backward against the CPU op's kernel.
+  const std::int64_t B = 2, L = 9, H = 3, D = 64;
+  const auto q = random<T>(B * L * H * D, 10);
+  const auto table = ops::cpu::rope_table(L, D, 5, 10000.0);
+  std::vector<T> rf(q.size()), rb(q.size());
+  ops::cpu::rope_apply(q.data(), rf.data(), B, L, H, D, table, false, grad_write::overwrite);
+  ops::cpu::rope_apply(q.data(), rb.data(), B, L, H, D, table, true, grad_write::overwrite);
+  dbuf<T> dq(q), dr(q.size());
+  ck::rope(dq.p, dr.p, B, L, H, D, 5, 10000.0f, false, nullptr);
+  expect_close("rope forward (first position 5) " + t, dr.host(), rf, tol<T>());
+  ck::rope(dq.p, dr.p, B, L, H, D, 5, 10000.0f, true, nullptr);
+  expect_close("rope backward " + t, dr.host(), rb, tol<T>());
+  // Embedding gradient with repeated tokens.
+  const std::int64_t tokens = 50, cols = 32, vocab = 11;
+  std::vector<std::int64_t> tok(tokens);
+  for (std::int64_t i = 0; i < tokens; ++i) tok[i] = (i * 3) % vocab;
+  const auto g = random<T>(tokens * cols, 11);
+  std::vector<float> dw(vocab * cols, 0.0f);
+  for (std::int64_t i = 0; i < tokens; ++i)
+    for (std::int64_t c = 0; c < cols; ++c) dw[tok[i] * cols + c] += float(g[i * cols + c]);
+  dbuf<std::int64_t> dtok(tok);
+  dbuf<T> dg_(g);
+  dbuf<float> ddw(std::vector<float>(vocab * cols, 0.0f));
+  ck::embedding_backward(dtok.p, dg_.p, ddw.p, tokens, cols, nullptr);
+  expect_close("embedding backward (repeated tokens) " + t, ddw.host(), dw, 1e-6);
+}
+
+// One AdamW step of P parameters (and an f32 master's Copy) against the functor loop
+// the CPU optimizer runs.
+template <class P, class Copy>
+void test_adamw() {
+  const std::int64_t sizes[] = {1000, 70000, 3};  // the second spans two chunks
+  ops::fn::adamw_update u{1e-3, 0.9, 0.95, 1e-8, 0.1, 1.0 - 0.9, std::sqrt(1.0 - 0.95)};
+  std::vector<std::vector<P>> p, g, m, v;
+  std::vector<std::vector<P>> rp, rm, rv;
+  for (int k = 0; k < 3; ++k) {
+    const auto n = static_cast<std::size_t>(sizes[k]);
+    p.push_back(random<P>(n, 20 + k));
+    g.push_back(random<P>(n, 30 + k));
+    m.push_back(random<P>(n, 40 + k, 0.1f));
+    v.push_back(random<P>(n, 50 + k, 0.1f));
+    for (auto& e : v.back()) e = P(std::abs(float(e)));
+    rp.push_back(p.back());
+    rm.push_back(m.back());
+    rv.push_back(v.back());
+    const auto uf = u.as<float>();
+    for (std::size_t i = 0; i < n; ++i) {
+      float pi = float(rp[k][i]), mi = float(rm[k][i]), vi = float(rv[k][i]);
+      uf(pi, float(g[k][i]), mi, vi);
+      rp[k][i] = P(pi), rm[k][i] = P(mi), rv[k][i] = P(vi);
+    }
+  }
+  std::vector<std::unique_ptr<dbuf<P>>> bufs;
+  std::vector<std::unique_ptr<dbuf<Copy>>> copies;
+  std::vector<ck::adamw_chunk> chunks;
+  std::int64_t first = 0;
+  for (int k = 0; k < 3; ++k) {
+    auto* dp = bufs.emplace_back(new dbuf<P>(p[k])).get();
+    auto* dg = bufs.emplace_back(new dbuf<P>(g[k])).get();
+    auto* dm = bufs.emplace_back(new dbuf<P>(m[k])).get();
+    auto* dv = bufs.emplace_back(new dbuf<P>(v[k])).get();
+    Copy* dc = nullptr;
+    if constexpr (!std::is_same_v<Copy, P>) dc = copies.emplace_back(new dbuf<Copy>(p[k].size())).get()->p;
+    for (std::int64_t off = 0; off < sizes[k]; off += ck::adamw_chunk_elements)
+      chunks.push_back({dp->p + off, dg->p + off, dm->p + off, dv->p + off, dc ? dc + off : nullptr,
+                        std::min(ck::adamw_chunk_elements, sizes[k] - off), first + off, 0});
+    first += sizes[k];
+  }
+  ck::adamw_group grp{u.as<float>()};
+  dbuf<ck::adamw_chunk> dchunks(chunks);
+  dbuf<ck::adamw_group> dgroups(std::vector<ck::adamw_group>{grp});
+  if constexpr (std::is_same_v<Copy, P>)
+    ck::adamw_step<P, void>(dchunks.p, static_cast<int>(chunks.size()), dgroups.p, nullptr);
+  else
+    ck::adamw_step<P, Copy>(dchunks.p, static_cast<int>(chunks.size()), dgroups.p, nullptr);
+  const std::string n = std::string("adamw ") + tname<P>() + (std::is_same_v<Copy, P> ? "" : " + copy");
+  for (int k = 0; k < 3; ++k) {
+    expect_close(n + " p[" + std::to_string(k) + "]", bufs[4 * k]->host(), rp[k],
+                 std::is_same_v<P, f32> ? 1e-6 : tol<P>());
+    // Contractions into FMA may differ between nvcc and the host compiler by an f32 ulp,
+    // which a 16-bit store can turn into one ulp of that type.
+    expect_close(n + " m[" + std::to_string(k) + "]", bufs[4 * k + 2]->host(), rm[k],
+                 std::is_same_v<P, f32> ? 1e-6 : tol<P>());
+    expect_close(n + " v[" + std::to_string(k) + "]", bufs[4 * k + 3]->host(), rv[k],
+                 std::is_same_v<P, f32> ? 1e-6 : tol<P>());
+    if constexpr (!std::is_same_v<Copy, P>) {
+      std::vector<Copy> want(rp[k].size());
+      for (std::size_t i = 0; i < want.size(); ++i) want[i] = Copy(float(rp[k][i]));
+      expect_close(n + " copy[" + std::to_string(k) + "]", copies[k]->host(), want, tol<Copy>());
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("test_kernels: no GPU visible, skipped\n");
+    return 77;
+  }
+  cudaDeviceProp prop{};
+  cuda_ok(cudaGetDeviceProperties(&prop, 0), "properties");
+  std::printf("test_kernels on %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+  test_adamw<f32, f32>();
+  test_adamw<f32, bf16>();
+  test_adamw<f32, f16>();
+  test_adamw<bf16, bf16>();
+  test_norm<f32>(false);
+  test_norm<f32>(true);
+  test_norm<bf16>(false);
+  test_norm<bf16>(true);
+  test_norm<f16>(false);
+  test_cross_entropy<f32>();
+  test_cross_entropy<bf16>();
+  test_elementwise<f32>();
+  test_elementwise<bf16>();
+  test_elementwise<f16>();
+  std::printf("test_kernels: %d checks, %d failed\n", checks, failures);
+  return failures ? 1 : 0;
+}
