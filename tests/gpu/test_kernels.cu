@@ -13,6 +13,7 @@
 #include "kiln/core/philox.hpp"
 #include "kiln/core/tensor.hpp"
 #include "kiln/cuda/kernels.hpp"
+#include "kiln/ops/attention.hpp"
 #include "kiln/ops/cpu/elementwise.hpp"
 #include "kiln/ops/cpu/norm.hpp"
 #include "kiln/ops/rope.hpp"
@@ -285,6 +286,45 @@ void test_adamw() {
   }
 }
 
+// Attention forward and backward against the CPU op (f32 arithmetic on the same,
+// T-rounded inputs): grouped-query heads, a KV-cache offset, and dropout.
+template <class T, class Mask>
+void test_attention(std::int64_t tq, std::int64_t s, float dropout_p, const std::string& label) {
+  const std::int64_t B = 2, Hq = 4, Hkv = 2, D = 64;
+  const auto q = random<T>(B * tq * Hq * D, 60), k = random<T>(B * s * Hkv * D, 61), v = random<T>(B * s * Hkv * D, 62),
+             dout = random<T>(B * tq * Hq * D, 63);
+  auto f32_of = [](const std::vector<T>& x, shape sh) {
+    tensor<float> t(sh);
+    for (std::size_t i = 0; i < x.size(); ++i) t.data()[i] = float(x[i]);
+    return t;
+  };
+  var<float> vq(f32_of(q, {B, tq, Hq, D}), true), vk(f32_of(k, {B, s, Hkv, D}), true),
+      vv(f32_of(v, {B, s, Hkv, D}), true);
+  ops::attention_options opt;
+  opt.dropout_p = dropout_p;
+  opt.rng = philox_stream{0xa77e, 99};
+  auto out = ops::attention<Mask>(vq, vk, vv, opt);
+  out.backward(f32_of(dout, {B, tq, Hq, D}));
+  auto vec = [](const tensor<float>& t) { return std::vector<float>(t.data(), t.data() + t.numel()); };
+
+  ck::attention_dims d;
+  d.batch = B, d.q_len = tq, d.kv_len = s, d.q_heads = Hq, d.kv_heads = Hkv, d.head_dim = D;
+  d.q_offset = s - tq;
+  d.scale = 1.0f / std::sqrt(float(D));
+  d.dropout_p = dropout_p;
+  d.rng = opt.rng;
+  dbuf<T> dq(q), dk(k), dv(v), ddo(dout), o(q.size()), gq(q.size()), gk(k.size()), gv(v.size());
+  dbuf<float> lse(B * Hq * tq), delta(B * Hq * tq);
+  ck::attention_forward<T, Mask>(dq.p, dk.p, dv.p, o.p, lse.p, d, nullptr);
+  ck::attention_backward<T, Mask>(dq.p, dk.p, dv.p, o.p, ddo.p, lse.p, delta.p, gq.p, gk.p, gv.p, d, nullptr);
+  const std::string n = "attention " + label + " " + tname<T>();
+  const double t = std::is_same_v<T, f32> ? 1e-4 : tol<T>();
+  expect_close(n + " O", o.host(), vec(out.value()), t);
+  expect_close(n + " dq", gq.host(), vec(vq.grad()), 2 * t);
+  expect_close(n + " dk (summed over the group)", gk.host(), vec(vk.grad()), 2 * t);
+  expect_close(n + " dv", gv.host(), vec(vv.grad()), 2 * t);
+}
+
 }  // namespace
 
 int main() {
@@ -310,6 +350,11 @@ int main() {
   test_elementwise<f32>();
   test_elementwise<bf16>();
   test_elementwise<f16>();
+  test_attention<f32, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
+  test_attention<f32, ops::mask::causal>(8, 40, 0.0f, "causal, 8 queries after 32 cached keys");
+  test_attention<f32, ops::mask::none>(33, 47, 0.1f, "no mask, dropout 0.1");
+  test_attention<bf16, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
+  test_attention<f16, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
   std::printf("test_kernels: %d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;
 }

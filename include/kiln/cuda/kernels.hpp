@@ -81,6 +81,27 @@ template <class T>
 void cross_entropy(const T* logits, const std::int64_t* targets, float* loss, T* dlogits, float grad_scale,
                    std::int64_t rows, std::int64_t vocab, std::int64_t ignore_index, stream_t stream);
 
+// ---- attention ----------------------------------------------------------------------------
+// Scaled dot-product attention with an online softmax (the CPU op's algorithm, as in
+// FlashAttention): q [B, T, Hq, D], k and v [B, S, Hkv, D] contiguous, Hq a multiple of
+// Hkv (grouped-query); queries at absolute positions q_offset + i, keys at 0..S−1; Mask
+// one of kiln::ops::mask (none and causal are compiled); D 64 or 128. The forward writes
+// O [B, T, Hq, D] and lse [B, Hq, T] (f32, for the backward). Dropout on the
+// probabilities draws the CPU's Philox index ((b·Hq + h)·T + i)·S + j.
+struct attention_dims {
+  std::int64_t batch = 0, q_len = 0, kv_len = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
+  std::int64_t q_offset = 0;
+  float scale = 1.0f;  // usually 1/sqrt(D)
+  float dropout_p = 0.0f;
+  philox_stream rng{};
+};
+template <class T, class Mask>
+void attention_forward(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, stream_t stream);
+// dq, dk, dv are overwritten; delta is scratch of B·Hq·T floats.
+template <class T, class Mask>
+void attention_backward(const T* q, const T* k, const T* v, const T* o, const T* dout, const float* lse, float* delta,
+                        T* dq, T* dk, T* dv, const attention_dims& d, stream_t stream);
+
 // ---- elementwise ------------------------------------------------------------------------
 // GELU (tanh approximation): y = gelu(x); backward dx = gelu'(x)·dy.
 template <class T>

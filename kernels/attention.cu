@@ -1,0 +1,292 @@
+// kernels/attention.cu — flash-style attention forward and backward
+// (kiln/cuda/kernels.hpp).
+//
+// The CPU op's algorithm (kiln/ops/cpu/attention.hpp) on the GPU: the forward streams
+// key/value tiles through shared memory and keeps, per query row, an online softmax
+// (running max m, running sum l, accumulator of D values) in registers, writing O and
+// the row's log-sum-exp — never a T×S matrix. The backward recomputes the probabilities
+// from the log-sum-exp: one kernel for delta = rowsum(dO∘O), one for dQ (a thread per
+// query row, streaming keys), one for dK and dV (a thread per key row, streaming the
+// query rows of every query head of its group, so grouped-query attention sums over
+// the group without atomics: deterministic). Masks are the CPU's policy types; dropout
+// on the probabilities draws the CPU's Philox index (b, h, i, j).
+// These are the reference-speed kernels (CUDA cores, f32 arithmetic, one row per
+// thread); the tensor-core (mma) versions for the performance target come next.
+#include "common.cuh"
+#include "kiln/cuda/kernels.hpp"
+#include "kiln/ops/attention_mask.hpp"
+
+namespace kiln::cuda_kernels {
+namespace {
+
+constexpr int rows_per_block = 64;  // query rows (forward, dQ) or key rows (dK/dV) per block
+constexpr int tile = 32;            // keys (or queries) per shared-memory tile
+
+__device__ __forceinline__ std::uint64_t rng_index(const attention_dims& d, std::int64_t b, std::int64_t h,
+                                                   std::int64_t i, std::int64_t j) {
+  return static_cast<std::uint64_t>(((b * d.q_heads + h) * d.q_len + i) * d.kv_len + j);
+}
+// The dropout factor of probability (b, h, i, j): 0 or 1/(1−p).
+__device__ __forceinline__ float keep(const attention_dims& d, std::int64_t b, std::int64_t h, std::int64_t i,
+                                      std::int64_t j) {
+  if (d.dropout_p <= 0.0f) return 1.0f;
+  return d.rng.uniform(rng_index(d, b, h, i, j)) < d.dropout_p ? 0.0f : 1.0f / (1.0f - d.dropout_p);
+}
+template <int D>
+__device__ __forceinline__ float dot(const float* a, const float* b) {
+  float s = 0;
+#pragma unroll
+  for (int c = 0; c < D; ++c) s += a[c] * b[c];
+  return s;
+}
+// Element (b, t, h, c) of a [B, L, H, D] buffer.
+__device__ __forceinline__ std::int64_t at(std::int64_t b, std::int64_t t, std::int64_t h, std::int64_t L,
+                                           std::int64_t H, int D) {
+  return ((b * L + t) * H + h) * D;
+}
+
+template <class DT, class Mask, int D>
+__global__ void attention_forward_kernel(const DT* __restrict__ q, const DT* __restrict__ k, const DT* __restrict__ v,
+                                         DT* __restrict__ o, float* __restrict__ lse, attention_dims d) {
+  __shared__ float ks[tile][D], vs[tile][D];
+  const std::int64_t bh = blockIdx.y, b = bh / d.q_heads, h = bh % d.q_heads;
+  const std::int64_t g = h / (d.q_heads / d.kv_heads);
+  const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.x) * rows_per_block, i = i0 + threadIdx.x;
+  const bool active = i < d.q_len;
+  const std::int64_t pos = d.q_offset + i;
+  float qr[D], acc[D];
+  float m = -INFINITY, l = 0;
+#pragma unroll
+  for (int c = 0; c < D; ++c) {
+    qr[c] = active ? detail::to_f32(q[at(b, i, h, d.q_len, d.q_heads, D) + c]) * d.scale : 0.0f;
+    acc[c] = 0;
+  }
+  const std::int64_t last = (i0 + rows_per_block < d.q_len ? i0 + rows_per_block : d.q_len) - 1;
+  const std::int64_t j_begin = Mask::first_key(d.q_offset + i0), j_end = Mask::end_key(d.q_offset + last, d.kv_len);
+  const std::int64_t row_first = Mask::first_key(pos), row_end = Mask::end_key(pos, d.kv_len);
+  for (std::int64_t j0 = j_begin; j0 < j_end; j0 += tile) {
+    for (int e = threadIdx.x; e < tile * D; e += blockDim.x) {
+      const int jj = e / D, c = e % D;
+      const std::int64_t j = j0 + jj;
+      ks[jj][c] = j < d.kv_len ? detail::to_f32(k[at(b, j, g, d.kv_len, d.kv_heads, D) + c]) : 0.0f;
+      vs[jj][c] = j < d.kv_len ? detail::to_f32(v[at(b, j, g, d.kv_len, d.kv_heads, D) + c]) : 0.0f;
+    }
+    __syncthreads();
+    if (active) {
+      for (int jj = 0; jj < tile; ++jj) {
+        const std::int64_t j = j0 + jj;
+        if (j < row_first || j >= row_end || !Mask::allowed(pos, j)) continue;
+        const float s = dot<D>(qr, ks[jj]);
+        const float mn = s > m ? s : m;
+        const float corr = expf(m - mn), p = expf(s - mn);
+        l = l * corr + p;
+        const float pv = p * keep(d, b, h, i, j);
+#pragma unroll
+        for (int c = 0; c < D; ++c) acc[c] = acc[c] * corr + pv * vs[jj][c];
+        m = mn;
+      }
+    }
+    __syncthreads();
+  }
+  if (!active) return;
+  const float inv = l > 0 ? 1.0f / l : 0.0f;
+#pragma unroll
+  for (int c = 0; c < D; ++c) o[at(b, i, h, d.q_len, d.q_heads, D) + c] = detail::from_f32<DT>(acc[c] * inv);
+  lse[bh * d.q_len + i] = m + logf(l);
+}
+
+// delta[(b·Hq + h)·T + i] = Σ_c dO·O (O as stored, dropout included).
+template <class DT, int D>
+__global__ void attention_delta_kernel(const DT* __restrict__ o, const DT* __restrict__ dout, float* __restrict__ delta,
+                                       attention_dims d) {
+  const std::int64_t rows = d.batch * d.q_heads * d.q_len;
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < rows;
+       r += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t i = r % d.q_len, bh = r / d.q_len, b = bh / d.q_heads, h = bh % d.q_heads;
+    const std::int64_t base = at(b, i, h, d.q_len, d.q_heads, D);
+    float s = 0;
+    for (int c = 0; c < D; ++c) s += detail::to_f32(dout[base + c]) * detail::to_f32(o[base + c]);
+    delta[r] = s;
+  }
+}
+
+template <class DT, class Mask, int D>
+__global__ void attention_dq_kernel(const DT* __restrict__ q, const DT* __restrict__ k, const DT* __restrict__ v,
+                                    const DT* __restrict__ dout, const float* __restrict__ lse,
+                                    const float* __restrict__ delta, DT* __restrict__ dq, attention_dims d) {
+  __shared__ float ks[tile][D], vs[tile][D];
+  const std::int64_t bh = blockIdx.y, b = bh / d.q_heads, h = bh % d.q_heads;
+  const std::int64_t g = h / (d.q_heads / d.kv_heads);
+  const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.x) * rows_per_block, i = i0 + threadIdx.x;
+  const bool active = i < d.q_len;
+  const std::int64_t pos = d.q_offset + i;
+  float qr[D], gr[D], acc[D];
+  const std::int64_t base = at(b, active ? i : 0, h, d.q_len, d.q_heads, D);
+#pragma unroll
+  for (int c = 0; c < D; ++c) {
+    qr[c] = active ? detail::to_f32(q[base + c]) * d.scale : 0.0f;
+    gr[c] = active ? detail::to_f32(dout[base + c]) : 0.0f;
+    acc[c] = 0;
+  }
+  const float L = active ? lse[bh * d.q_len + i] : 0.0f, dl = active ? delta[bh * d.q_len + i] : 0.0f;
+  const std::int64_t last = (i0 + rows_per_block < d.q_len ? i0 + rows_per_block : d.q_len) - 1;
+  const std::int64_t j_begin = Mask::first_key(d.q_offset + i0), j_end = Mask::end_key(d.q_offset + last, d.kv_len);
+  const std::int64_t row_first = Mask::first_key(pos), row_end = Mask::end_key(pos, d.kv_len);
+  for (std::int64_t j0 = j_begin; j0 < j_end; j0 += tile) {
+    for (int e = threadIdx.x; e < tile * D; e += blockDim.x) {
+      const int jj = e / D, c = e % D;
+      const std::int64_t j = j0 + jj;
+      ks[jj][c] = j < d.kv_len ? detail::to_f32(k[at(b, j, g, d.kv_len, d.kv_heads, D) + c]) : 0.0f;
+      vs[jj][c] = j < d.kv_len ? detail::to_f32(v[at(b, j, g, d.kv_len, d.kv_heads, D) + c]) : 0.0f;
+    }
+    __syncthreads();
+    if (active) {
+      for (int jj = 0; jj < tile; ++jj) {
+        const std::int64_t j = j0 + jj;
+        if (j < row_first || j >= row_end || !Mask::allowed(pos, j)) continue;
+        const float p = expf(dot<D>(qr, ks[jj]) - L);
+        const float ds = p * (dot<D>(gr, vs[jj]) * keep(d, b, h, i, j) - dl);
+#pragma unroll
+        for (int c = 0; c < D; ++c) acc[c] += ds * ks[jj][c];
+      }
+    }
+    __syncthreads();
+  }
+  if (!active) return;
+#pragma unroll
+  for (int c = 0; c < D; ++c) dq[base + c] = detail::from_f32<DT>(acc[c] * d.scale);
+}
+
+// One thread per key row j of kv head g; the query rows of every query head of the
+// group stream through shared memory.
+template <class DT, class Mask, int D>
+__global__ void attention_dkv_kernel(const DT* __restrict__ q, const DT* __restrict__ k, const DT* __restrict__ v,
+                                     const DT* __restrict__ dout, const float* __restrict__ lse,
+                                     const float* __restrict__ delta, DT* __restrict__ dk, DT* __restrict__ dv,
+                                     attention_dims d) {
+  __shared__ float qs[tile][D], gs[tile][D], ls[tile], dls[tile];
+  const std::int64_t bg = blockIdx.y, b = bg / d.kv_heads, g = bg % d.kv_heads;
+  const std::int64_t group = d.q_heads / d.kv_heads;
+  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * rows_per_block + threadIdx.x;
+  const bool active = j < d.kv_len;
+  const std::int64_t kbase = at(b, active ? j : 0, g, d.kv_len, d.kv_heads, D);
+  float kr[D], vr[D], gk[D], gv[D];
+#pragma unroll
+  for (int c = 0; c < D; ++c) {
+    kr[c] = active ? detail::to_f32(k[kbase + c]) : 0.0f;
+    vr[c] = active ? detail::to_f32(v[kbase + c]) : 0.0f;
+    gk[c] = gv[c] = 0;
+  }
+  for (std::int64_t hh = 0; hh < group; ++hh) {
+    const std::int64_t h = g * group + hh, bh = b * d.q_heads + h;
+    for (std::int64_t i0 = 0; i0 < d.q_len; i0 += tile) {
+      for (int e = threadIdx.x; e < tile * D; e += blockDim.x) {
+        const int ii = e / D, c = e % D;
+        const std::int64_t i = i0 + ii;
+        const bool in = i < d.q_len;
+        qs[ii][c] = in ? detail::to_f32(q[at(b, i, h, d.q_len, d.q_heads, D) + c]) * d.scale : 0.0f;
+        gs[ii][c] = in ? detail::to_f32(dout[at(b, i, h, d.q_len, d.q_heads, D) + c]) : 0.0f;
+      }
+      for (int ii = threadIdx.x; ii < tile; ii += blockDim.x) {
+        const std::int64_t i = i0 + ii;
+        ls[ii] = i < d.q_len ? lse[bh * d.q_len + i] : 0.0f;
+        dls[ii] = i < d.q_len ? delta[bh * d.q_len + i] : 0.0f;
+      }
+      __syncthreads();
+      if (active) {
+        for (int ii = 0; ii < tile; ++ii) {
+          const std::int64_t i = i0 + ii;
+          if (i >= d.q_len) break;
+          const std::int64_t pos = d.q_offset + i;
+          if (j < Mask::first_key(pos) || j >= Mask::end_key(pos, d.kv_len) || !Mask::allowed(pos, j)) continue;
+          const float p = expf(dot<D>(qs[ii], kr) - ls[ii]);
+          const float z = keep(d, b, h, i, j);
+          const float ds = p * (dot<D>(gs[ii], vr) * z - dls[ii]);
+#pragma unroll
+          for (int c = 0; c < D; ++c) {
+            gv[c] += p * z * gs[ii][c];
+            gk[c] += ds * qs[ii][c];  // qs is q·scale: dK = Σ dS·q·scale
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int c = 0; c < D; ++c) {
+    dk[kbase + c] = detail::from_f32<DT>(gk[c]);
+    dv[kbase + c] = detail::from_f32<DT>(gv[c]);
+  }
+}
+
+template <class T, class Mask, int D>
+void forward_d(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, cudaStream_t s) {
+  const dim3 grid(detail::grid_for(d.q_len, rows_per_block), static_cast<unsigned>(d.batch * d.q_heads));
+  attention_forward_kernel<detail::device_t<T>, Mask, D>
+      <<<grid, rows_per_block, 0, s>>>(detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(o), lse, d);
+}
+template <class T, class Mask, int D>
+void backward_d(const T* q, const T* k, const T* v, const T* o, const T* dout, const float* lse, float* delta, T* dq,
+                T* dk, T* dv, const attention_dims& d, cudaStream_t s) {
+  const std::int64_t rows = d.batch * d.q_heads * d.q_len;
+  attention_delta_kernel<detail::device_t<T>, D>
+      <<<detail::grid_for(rows, 256), 256, 0, s>>>(detail::dev(o), detail::dev(dout), delta, d);
+  const dim3 qgrid(detail::grid_for(d.q_len, rows_per_block), static_cast<unsigned>(d.batch * d.q_heads));
+  attention_dq_kernel<detail::device_t<T>, Mask, D><<<qgrid, rows_per_block, 0, s>>>(
+      detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(dout), lse, delta, detail::dev(dq), d);
+  const dim3 kgrid(detail::grid_for(d.kv_len, rows_per_block), static_cast<unsigned>(d.batch * d.kv_heads));
+  attention_dkv_kernel<detail::device_t<T>, Mask, D>
+      <<<kgrid, rows_per_block, 0, s>>>(detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(dout), lse, delta,
+                                        detail::dev(dk), detail::dev(dv), d);
+}
+
+void check_dims(const attention_dims& d, const char* what) {
+  if (d.head_dim != 64 && d.head_dim != 128)
+    throw error(std::string(what) + ": head dimension " + std::to_string(d.head_dim) +
+                " has no kernel (compiled for 64 and 128)");
+  if (d.kv_heads <= 0 || d.q_heads % d.kv_heads != 0)
+    throw error(std::string(what) + ": " + std::to_string(d.q_heads) + " query heads cannot share " +
+                std::to_string(d.kv_heads) + " key/value heads");
+}
+
+}  // namespace
+
+template <class T, class Mask>
+void attention_forward(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, stream_t stream) {
+  check_dims(d, "attention forward");
+  if (d.batch * d.q_heads * d.q_len == 0) return;
+  auto s = detail::as_stream(stream);
+  if (d.head_dim == 64)
+    forward_d<T, Mask, 64>(q, k, v, o, lse, d, s);
+  else
+    forward_d<T, Mask, 128>(q, k, v, o, lse, d, s);
+  detail::check_launch("attention forward");
+}
+
+template <class T, class Mask>
+void attention_backward(const T* q, const T* k, const T* v, const T* o, const T* dout, const float* lse, float* delta,
+                        T* dq, T* dk, T* dv, const attention_dims& d, stream_t stream) {
+  check_dims(d, "attention backward");
+  if (d.batch * d.q_heads * d.q_len == 0) return;
+  auto s = detail::as_stream(stream);
+  if (d.head_dim == 64)
+    backward_d<T, Mask, 64>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, s);
+  else
+    backward_d<T, Mask, 128>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, s);
+  detail::check_launch("attention backward");
+}
+
+#define KILN_ATTENTION_INSTANTIATE(T, M)                                                                             \
+  template void attention_forward<T, M>(const T*, const T*, const T*, T*, float*, const attention_dims&, stream_t);  \
+  template void attention_backward<T, M>(const T*, const T*, const T*, const T*, const T*, const float*, float*, T*, \
+                                         T*, T*, const attention_dims&, stream_t);
+KILN_ATTENTION_INSTANTIATE(f32, ops::mask::causal)
+KILN_ATTENTION_INSTANTIATE(bf16, ops::mask::causal)
+KILN_ATTENTION_INSTANTIATE(f16, ops::mask::causal)
+KILN_ATTENTION_INSTANTIATE(f32, ops::mask::none)
+KILN_ATTENTION_INSTANTIATE(bf16, ops::mask::none)
+KILN_ATTENTION_INSTANTIATE(f16, ops::mask::none)
+#undef KILN_ATTENTION_INSTANTIATE
+
+}  // namespace kiln::cuda_kernels
