@@ -7,6 +7,8 @@
 #include <numeric>
 
 #include "dist_fixture.hpp"
+#include "kiln/callbacks/early_stopping.hpp"
+#include "kiln/callbacks/nan_detector.hpp"
 
 using namespace kiln;
 using namespace kiln::test::dist;
@@ -268,6 +270,26 @@ TEST_CASE("zero<3>: a rank holds 1/world of the parameters between uses, and a u
   CHECK(plan.parameters == (whole.parameters + w - 1) / w + fc1);
   CHECK(plan.gradients == (whole.gradients + w - 1) / w + fc1);
   CHECK(plan.optimizer_state == (whole.optimizer_state + w - 1) / w);
+}
+
+TEST_CASE("zero<3> with callbacks that read parameters: nan_detector and early_stopping's best weights") {
+  // early_stopping copies the best weights at each validation: under zero<3> it gathers
+  // them first (every rank joins); nan_detector skips what is not in memory.
+  auto fit = [&]<class S, class Net>(S*, Net*, const char* name) {
+    using trainer_t = trainer<Net, S, precision::fp32, callbacks::nan_detector, callbacks::early_stopping>;
+    trainer_t t(options(scratch(name), 2), callbacks::nan_detector{},
+                callbacks::early_stopping({.monitor = "val/loss", .patience = 5, .restore_best_weights = true}));
+    manual_seed(7);
+    Net m;
+    data_module dm(global_batch / t.strategy().world_size());
+    t.fit(m, dm);
+    return weights(m);
+  };
+  const auto ref =
+      fit(static_cast<strategy::single_device<cpu>*>(nullptr), static_cast<net<float>*>(nullptr), "cb_ref");
+  const auto z3 = fit(static_cast<zero3*>(nullptr), static_cast<unit_net*>(nullptr), "cb_z3");
+  CHECK(max_abs_diff(z3, ref) < tolerance);
+  check_replicas(z3);
 }
 
 TEST_CASE("a zero<3> checkpoint resumes in single_device, ddp and zero<3> and continues the trajectory") {

@@ -147,12 +147,23 @@ struct early_stopping {
     if (!v) return;
     improved_ = false;
     std::string why = evaluate(*v);
-    if (improved_ && options.restore_best_weights) keep_best(ctx);
+    if (options.restore_best_weights) {
+      // zero<3> keeps 1/world of each parameter between uses: gather them to copy the best
+      // (a collective, so every rank enters it whether or not its value improved).
+      [[maybe_unused]] auto whole = whole_parameters(ctx);
+      if (improved_) keep_best(ctx);
+    }
     if (why.empty()) return;
     reason = why;
     stopped_epoch = ctx.epoch();
     if (options.verbose) std::fprintf(stderr, "early_stopping: %s\n", why.c_str());
     ctx.stop("early_stopping: " + why);
+  }
+  static auto whole_parameters(auto& ctx) {
+    if constexpr (requires { ctx.strategy().full_parameters(); })
+      return ctx.strategy().full_parameters();
+    else
+      return 0;
   }
   void keep_best(auto& ctx) {
     best_weights_.clear();

@@ -41,8 +41,11 @@ struct nan_detector {
   }
 
  private:
+  // A parameter whose memory a sharding strategy released (zero<3> between uses) is not
+  // in memory to scan: it is skipped (zero<3>'s step checks its own segments).
   template <class Ctx, class Tensor>
   static void scan(Ctx& ctx, const std::string& what, const Tensor& t) {
+    if (!t.storage_resident()) return;
     const auto* d = t.data();
     const std::int64_t n = t.numel();
     // x * 0 is 0 for finite x and NaN otherwise, so one vectorisable pass finds out.
