@@ -1,8 +1,10 @@
-// bench/gemm.cpp — kiln's CPU GEMM (Eigen underneath) in GFLOP/s.
+// bench/gemm.cpp — kiln's CPU GEMM (oneDNN's sgemm when built with it, else Eigen) in
+// GFLOP/s, beside Eigen's product on the same buffers in the same run.
 //
-// Prints GFLOP/s (2·M·N·K per call) for square sizes and for the GEMMs of the
-// 784-256-256-10 MLP step at batch 128, and each one's fraction of this run's peak
-// (the best square-1024 figure). Usage: bench_gemm [threads]
+// Prints GFLOP/s (2·M·N·K per call) for square sizes, the GEMMs of the 784-256-256-10
+// MLP step at batch 128 and those of the small GPT (bench/gpt_train.cpp: 2048 tokens,
+// n_embd 128), each one's fraction of this run's peak (the best square-1024 figure), and
+// kiln / Eigen. Usage: bench_gemm [threads]
 #include <cstdio>
 #include <cstdlib>
 
@@ -16,7 +18,7 @@ struct gemm_case {
   std::int64_t m, n, k;
 };
 
-double gflops(const gemm_case& c) {
+double gflops(const gemm_case& c, bool eigen = false) {
   using namespace kiln;
   auto a = tensor<float>::full({c.ta ? c.k : c.m, c.ta ? c.m : c.k}, 0.5f);
   auto b = tensor<float>::full({c.tb ? c.n : c.k, c.tb ? c.k : c.n}, 0.25f);
@@ -26,8 +28,18 @@ double gflops(const gemm_case& c) {
   const int inner = std::max(1, static_cast<int>(2e9 / flop / 10));
   const double s = kiln::bench::median_seconds(
       [&] {
-        ops::cpu::gemm<float>(c.ta, c.tb, c.m, c.n, c.k, a.data(), lda, b.data(), ldb, out.data(), c.n,
-                              grad_write::overwrite);
+        if (!eigen) {
+          ops::cpu::gemm<float>(c.ta, c.tb, c.m, c.n, c.k, a.data(), lda, b.data(), ldb, out.data(), c.n,
+                                grad_write::overwrite);
+          return;
+        }
+        ops::cpu::cmap<float> A(a.data(), c.ta ? c.k : c.m, c.ta ? c.m : c.k, Eigen::OuterStride<>(lda));
+        ops::cpu::cmap<float> B(b.data(), c.tb ? c.n : c.k, c.tb ? c.k : c.n, Eigen::OuterStride<>(ldb));
+        ops::cpu::mmap<float> C(out.data(), c.m, c.n, Eigen::OuterStride<>(c.n));
+        if (!c.ta && !c.tb) C.noalias() = A * B;
+        if (!c.ta && c.tb) C.noalias() = A * B.transpose();
+        if (c.ta && !c.tb) C.noalias() = A.transpose() * B;
+        if (c.ta && c.tb) C.noalias() = A.transpose() * B.transpose();
       },
       inner, 7, inner);
   return flop / s / 1e9;
@@ -48,9 +60,15 @@ int main(int argc, char** argv) {
       {"mlp dW   256x128^T . 128x784", true, false, 256, 784, 128},
       {"mlp fwd  128x256 . 256x256^T", false, true, 128, 256, 256},
       {"mlp dX   128x256 . 256x256", false, false, 128, 256, 256},
+      {"gpt qkv  2048x128 . 128x384^T", false, true, 2048, 384, 128},
+      {"gpt fc   2048x128 . 128x512^T", false, true, 2048, 512, 128},
+      {"gpt proj 2048x512 . 512x128^T", false, true, 2048, 128, 512},
+      {"gpt dX   2048x512 . 512x128", false, false, 2048, 128, 512},
+      {"gpt dW   512x2048^T . 2048x128", true, false, 512, 128, 2048},
   };
   for (const auto& c : cases) {
-    const double g = gflops(c);
-    std::printf("kiln gemm %-32s gflops=%7.1f fraction_of_peak=%.2f\n", c.name, g, g / peak);
+    const double g = gflops(c), e = gflops(c, true);
+    std::printf("kiln gemm %-32s gflops=%7.1f fraction_of_peak=%.2f eigen_gflops=%7.1f kiln/eigen=%.2fx\n", c.name, g,
+                g / peak, e, g / e);
   }
 }

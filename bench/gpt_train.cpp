@@ -4,10 +4,12 @@
 //
 // Model: GPT-2 blocks, vocab 256 (bytes), block 128, 4 layers, 4 heads, n_embd 128, tied
 // head: ~0.84 M parameters. Napkin math per step (batch 16 × 128 tokens = 2048 tokens):
-// the linear layers cost 6 · 2048 · (12·128² · 4 + 128 · 256) ≈ 2.5 GFLOP
-// (forward + backward), attention 4 · 16 · 4 · 128² · 32 · 3.5 ≈ 0.47 GFLOP: ~3 GFLOP per
-// step, so at ~150 GFLOP/s (2 cores, small GEMMs) the bound is ~20 ms per step,
-// ~100k tokens/s. Output: one JSON line with the same fields as the peer.
+// the linear layers cost 6 · 2048 · (12·128² · 4 + 128 · 256) ≈ 10.1 GFLOP
+// (forward + backward), attention 4 · 16 · 4 · 128² · 32 · 3.5 ≈ 0.47 GFLOP (less under
+// the causal mask's skipped tiles): ~10.5 GFLOP per step. oneDNN's sgemm runs these
+// shapes at ~390 GFLOP/s on 2 cores, so the GEMMs alone bound a step at ~27 ms
+// (~76k tokens/s); the rest of the step is memory-bound passes over [2048, 512]
+// activations (4 MB each, past L2). Output: one JSON line with the same fields as the peer.
 #include <sys/resource.h>
 
 #include <chrono>

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 BUILD=${KILN_BUILD_DIR:-build}
 
-DEB_PACKAGES=(meson ninja-build g++ pkg-config cmake libeigen3-dev libboost-dev zlib1g-dev doctest-dev
+DEB_PACKAGES=(meson ninja-build g++ pkg-config cmake libeigen3-dev libboost-dev zlib1g-dev doctest-dev libdnnl-dev
               libopenmpi-dev openmpi-bin clang-format clang libclang-rt-14-dev dataset-fashion-mnist fortunes)
 
 install_deps() {

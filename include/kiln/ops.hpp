@@ -16,7 +16,7 @@
 
 namespace kiln {
 using ops::add, ops::sub, ops::mul, ops::div, ops::scale, ops::bias_add;
-using ops::attention, ops::attention_options, ops::rope;
+using ops::attention, ops::attention_packed, ops::attention_options, ops::rope;
 using ops::cast;
 using ops::embedding;
 using ops::layer_norm, ops::rms_norm;

@@ -73,8 +73,8 @@ void check_against_naive(std::int64_t B, std::int64_t T, std::int64_t S, std::in
 TEST_CASE("attention: values match the naive formulation for every mask, GQA and tile edges") {
   check_against_naive<mask::none>(2, 5, 5, 2, 2, 4, 1);
   check_against_naive<mask::causal>(2, 5, 5, 4, 2, 4, 2);
-  check_against_naive<mask::causal>(1, 70, 70, 2, 1, 8, 3);    // crosses the 64-row / 64-key tiles
-  check_against_naive<mask::causal>(1, 130, 130, 1, 1, 4, 4);  // three tiles, the last partial
+  check_against_naive<mask::causal>(1, 70, 70, 2, 1, 8, 3);    // crosses the 32-row / 32-key tiles (three of them)
+  check_against_naive<mask::causal>(1, 130, 130, 1, 1, 4, 4);  // five tiles, the last partial
   check_against_naive<mask::local<3>>(2, 9, 9, 2, 2, 4, 5);
   check_against_naive<mask::local<50>>(1, 140, 140, 2, 2, 4, 6);  // window spans tile borders
   check_against_naive<mask::strided<3>>(2, 11, 11, 2, 1, 4, 7);
@@ -114,6 +114,44 @@ TEST_CASE("attention: gradients through views of one packed QKV tensor (tiles be
         return attention<mask::causal>(q, k, v);
       },
       qkv);
+}
+
+TEST_CASE("attention_packed: equals attention on the three slices, values and gradients (GQA, dropout)") {
+  // [B, T, (Hq + 2·Hkv)·D] with Hq = 4, Hkv = 2, D = 3; T = 45 crosses the 32-query tiles.
+  const std::int64_t B = 2, T = 45, Hq = 4, Hkv = 2, D = 3, W = (Hq + 2 * Hkv) * D;
+  auto sliced = [&](const var<f64>& x, attention_options o) {
+    auto q = unflatten(slice(x, 2, 0, Hq * D), 2, {Hq, D});
+    auto k = unflatten(slice(x, 2, Hq * D, (Hq + Hkv) * D), 2, {Hkv, D});
+    auto v = unflatten(slice(x, 2, (Hq + Hkv) * D, W), 2, {Hkv, D});
+    return reshape(attention<mask::causal>(q, k, v, o), shape{B, T, Hq * D});
+  };
+  for (float p : {0.0f, 0.2f}) {
+    CAPTURE(p);
+    const attention_options o{.dropout_p = p, .rng = philox_stream{7, 3}};
+    auto x1 = rand_var({B, T, W}, 91), x2 = var<f64>(x1.value().clone(), true);
+    auto seed = rand_tensor<f64>({B, T, Hq * D}, 92);
+    auto want = sliced(x1, o);
+    auto got = attention_packed<mask::causal>(x2, Hq, Hkv, o);
+    REQUIRE(got.shape() == want.shape());
+    double worst = 0;
+    for (std::int64_t i = 0; i < got.numel(); ++i)
+      worst = std::max(worst, std::abs(got.value().flat(i) - want.value().flat(i)));
+    CHECK(worst < 1e-13);
+    want.backward(seed);
+    got.backward(seed);
+    double worst_grad = 0;
+    for (std::int64_t i = 0; i < x1.numel(); ++i)
+      worst_grad = std::max(worst_grad, std::abs(x1.grad().flat(i) - x2.grad().flat(i)));
+    CHECK(worst_grad < 1e-13);
+  }
+  // Accumulation into an existing gradient, and the gradient check of the op itself.
+  KILN_CHECK_GRADIENTS(
+      [](auto& x) { return add(attention_packed<mask::causal>(x, 2, 1), attention_packed<mask::none>(x, 2, 1)); },
+      rand_var({1, 37, (2 + 2) * 2}, 93));
+  CHECK_THROWS_WITH_AS(attention_packed<mask::causal>(rand_var({1, 4, 10}, 94), 2, 1),
+                       doctest::Contains("is not (Hq + 2·Hkv)·D"), error);
+  CHECK_THROWS_WITH_AS(attention_packed<mask::causal>(rand_var({1, 4, 12}, 95), 3, 2),
+                       doctest::Contains("grouped-query attention"), error);
 }
 
 TEST_CASE("attention: dropout matches the reference mask, is reproducible and keeps about 1-p") {

@@ -112,11 +112,15 @@ struct gpt2_attention {
   var<T> operator()(const var<T>& x, kv_cache<T>* cache = nullptr, std::size_t layer = 0) {
     const std::int64_t B = x.size(0), Tn = x.size(1), C = x.size(2), D = C / n_head;
     auto qkv = c_attn(x);
+    if (!cache) {  // training and whole-sequence passes: one node over the packed projection
+      const auto o = attention_options_for(attn_dropout, 0, B * n_head * Tn * Tn);
+      return resid_dropout(c_proj(ops::attention_packed<Mask>(qkv, n_head, n_head, o)));
+    }
     auto q = ops::unflatten(ops::slice(qkv, 2, 0, C), 2, {n_head, D});
     auto k = ops::unflatten(ops::slice(qkv, 2, C, 2 * C), 2, {n_head, D});
     auto v = ops::unflatten(ops::slice(qkv, 2, 2 * C, 3 * C), 2, {n_head, D});
-    if (cache) std::tie(k, v) = cache->append(layer, k.value(), v.value());
-    const auto o = attention_options_for(attn_dropout, cache ? cache->length : 0, B * n_head * Tn * k.size(1));
+    std::tie(k, v) = cache->append(layer, k.value(), v.value());
+    const auto o = attention_options_for(attn_dropout, cache->length, B * n_head * Tn * k.size(1));
     auto a = ops::attention<Mask>(q, k, v, o);
     return resid_dropout(c_proj(ops::reshape(a, shape{B, Tn, C})));
   }

@@ -40,6 +40,32 @@ cpu::heads_view<const T> heads_of(const tensor<T, Dev>& t) {
 }
 }  // namespace detail
 
+namespace detail {
+inline cpu::attention_dims attention_dims_for(std::int64_t batch, std::int64_t q_len, std::int64_t kv_len,
+                                              std::int64_t q_heads, std::int64_t kv_heads, std::int64_t head_dim,
+                                              const attention_options& opt) {
+  KILN_CHECK(opt.dropout_p >= 0.0f && opt.dropout_p < 1.0f, "attention: dropout_p ", opt.dropout_p,
+             " is outside [0, 1)");
+  cpu::attention_dims d;
+  d.batch = batch;
+  d.q_len = q_len;
+  d.kv_len = kv_len;
+  d.q_heads = q_heads;
+  d.kv_heads = kv_heads;
+  d.head_dim = head_dim;
+  d.q_offset = opt.q_offset >= 0 ? opt.q_offset : std::max<std::int64_t>(0, kv_len - q_len);
+  d.scale = opt.scale != 0.0 ? opt.scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+  d.dropout_p = opt.dropout_p;
+  d.rng = opt.rng;
+  return d;
+}
+// A [B, L, ·, D] view of `t`'s data from element `offset` on, positions `pos_stride` apart.
+template <class P>
+cpu::heads_view<P> heads_at(P* data, std::int64_t offset, std::int64_t len, std::int64_t pos_stride) {
+  return {data ? data + offset : nullptr, len * pos_stride, pos_stride};
+}
+}  // namespace detail
+
 template <attention_mask Mask = mask::causal, floating_element T, device Dev>
 var<T, Dev> attention(const var<T, Dev>& q, const var<T, Dev>& k, const var<T, Dev>& v, attention_options opt = {}) {
   KILN_CHECK(q.rank() == 4 && k.rank() == 4 && v.rank() == 4,
@@ -50,22 +76,11 @@ var<T, Dev> attention(const var<T, Dev>& q, const var<T, Dev>& k, const var<T, D
              k.shape().str(), " differ in batch or head dimension");
   KILN_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "attention: ", q.size(2), " query heads cannot share ",
              k.size(2), " key/value heads (grouped-query attention needs Hq to be a multiple of Hkv)");
-  KILN_CHECK(opt.dropout_p >= 0.0f && opt.dropout_p < 1.0f, "attention: dropout_p ", opt.dropout_p,
-             " is outside [0, 1)");
   if constexpr (!std::is_same_v<T, compute_t<T>>) {
     return cast<T>(attention<Mask>(cast<f32>(q), cast<f32>(k), cast<f32>(v), opt));
   } else {
-    cpu::attention_dims d;
-    d.batch = q.size(0);
-    d.q_len = q.size(1);
-    d.kv_len = k.size(1);
-    d.q_heads = q.size(2);
-    d.kv_heads = k.size(2);
-    d.head_dim = q.size(3);
-    d.q_offset = opt.q_offset >= 0 ? opt.q_offset : std::max<std::int64_t>(0, d.kv_len - d.q_len);
-    d.scale = opt.scale != 0.0 ? opt.scale : 1.0 / std::sqrt(static_cast<double>(d.head_dim));
-    d.dropout_p = opt.dropout_p;
-    d.rng = opt.rng;
+    const cpu::attention_dims d =
+        detail::attention_dims_for(q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), opt);
     auto qv = detail::heads_layout(q.value()), kv = detail::heads_layout(k.value()),
          vv = detail::heads_layout(v.value());
     tensor<T, Dev> o(shape{d.batch, d.q_len, d.q_heads, d.head_dim});
@@ -81,12 +96,66 @@ var<T, Dev> attention(const var<T, Dev>& q, const var<T, Dev>& k, const var<T, D
           const grad_write mk = bk ? k.begin_grad_write() : grad_write::overwrite;
           const grad_write mv = bv ? v.begin_grad_write() : grad_write::overwrite;
           auto g = gy.contiguous();
-          cpu::attention_backward<Mask, T>(d, detail::heads_of(qv), detail::heads_of(kv), detail::heads_of(vv),
-                                           detail::heads_of(o), detail::heads_of(g), lse->data(),
-                                           bq ? q.grad().data() : nullptr, mq, bk ? k.grad().data() : nullptr, mk,
-                                           bv ? v.grad().data() : nullptr, mv);
+          const std::int64_t D = d.head_dim;
+          cpu::attention_backward<Mask, T>(
+              d, detail::heads_of(qv), detail::heads_of(kv), detail::heads_of(vv), detail::heads_of(o),
+              detail::heads_of(g), lse->data(),
+              detail::heads_at(bq ? q.grad().data() : nullptr, 0, d.q_len, d.q_heads * D), mq,
+              detail::heads_at(bk ? k.grad().data() : nullptr, 0, d.kv_len, d.kv_heads * D), mk,
+              detail::heads_at(bv ? v.grad().data() : nullptr, 0, d.kv_len, d.kv_heads * D), mv);
         },
         q, k, v);
+  }
+}
+
+// Attention on one packed projection: qkv [B, T, (Hq + 2·Hkv)·D] holds, per position, the
+// Hq query heads, then the Hkv key heads, then the Hkv value heads (GPT-2's c_attn output;
+// HF splits it the same way). Returns [B, T, Hq·D], heads side by side, ready for the
+// output projection. The same op as attention(q, k, v) on the three slices, without the
+// slice/reshape nodes: the forward reads the heads in place and the backward writes dq,
+// dk and dv straight into qkv's gradient (each element once), where the sliced form
+// copied each part into its own buffer, zero-filled qkv's and added the three in
+// (bench/gpt_train.cpp: those passes were ~4% of a step).
+template <attention_mask Mask = mask::causal, floating_element T, device Dev>
+var<T, Dev> attention_packed(const var<T, Dev>& qkv, std::int64_t q_heads, std::int64_t kv_heads,
+                             attention_options opt = {}) {
+  KILN_CHECK(qkv.rank() == 3, "attention_packed: expects qkv [B, T, (Hq + 2·Hkv)·D], got ", qkv.shape().str());
+  KILN_CHECK(q_heads > 0 && kv_heads > 0 && q_heads % kv_heads == 0, "attention_packed: ", q_heads,
+             " query heads cannot share ", kv_heads,
+             " key/value heads (grouped-query attention needs Hq to be a multiple of Hkv)");
+  const std::int64_t width = qkv.size(2), heads = q_heads + 2 * kv_heads;
+  KILN_CHECK(width % heads == 0, "attention_packed: the last dimension ", width, " of qkv ", qkv.shape().str(),
+             " is not (Hq + 2·Hkv)·D for Hq = ", q_heads, ", Hkv = ", kv_heads);
+  if constexpr (!std::is_same_v<T, compute_t<T>>) {
+    return cast<T>(attention_packed<Mask>(cast<f32>(qkv), q_heads, kv_heads, opt));
+  } else {
+    const std::int64_t B = qkv.size(0), L = qkv.size(1), D = width / heads;
+    const cpu::attention_dims d = detail::attention_dims_for(B, L, L, q_heads, kv_heads, D, opt);
+    const std::int64_t k_off = q_heads * D, v_off = (q_heads + kv_heads) * D;
+    auto x = qkv.value().contiguous();
+    tensor<T, Dev> o(shape{B, L, q_heads * D});
+    auto lse = std::make_shared<std::vector<T>>(static_cast<std::size_t>(B * q_heads * L));
+    const T* xp = x.data();
+    cpu::attention_forward<Mask, T>(d, detail::heads_at(xp, 0, L, width), detail::heads_at(xp, k_off, L, width),
+                                    detail::heads_at(xp, v_off, L, width), detail::heads_at(o.data(), 0, L, k_off),
+                                    lse->data());
+    if (!autograd::any_requires_grad(qkv)) return var<T, Dev>(std::move(o));
+    return autograd::record(
+        o,
+        [qkv, x, o, lse, d, width, k_off, v_off](const tensor<T, Dev>& gy) mutable {
+          const grad_write m = qkv.begin_grad_write();
+          auto g = gy.contiguous();
+          const T* xp = x.data();
+          T* gp = qkv.grad().data();
+          const std::int64_t L = d.q_len;
+          cpu::attention_backward<Mask, T>(d, detail::heads_at(xp, 0, L, width), detail::heads_at(xp, k_off, L, width),
+                                           detail::heads_at(xp, v_off, L, width),
+                                           detail::heads_at(static_cast<const T*>(o.data()), 0, L, k_off),
+                                           detail::heads_at(static_cast<const T*>(g.data()), 0, L, k_off), lse->data(),
+                                           detail::heads_at(gp, 0, L, width), m, detail::heads_at(gp, k_off, L, width),
+                                           m, detail::heads_at(gp, v_off, L, width), m);
+        },
+        qkv);
   }
 }
 

@@ -118,25 +118,44 @@ void binary_forward(const tensor<T>& a, const tensor<T>& b, tensor<T>& out) {
 template <class T>
 void sum_to_shape(const tensor<T>& full, tensor<T>& dst, grad_write mode) {
   using C = compute_t<T>;
+  const T* s = full.data();
+  T* d = dst.data();
   if (full.shape() == dst.shape()) {
-    const T* s = full.data();
-    T* d = dst.data();
-    for (std::int64_t i = 0; i < full.numel(); ++i) store_grad(d[i], C(s[i]), mode);
+    cpu_runtime::parallel_for(full.numel(), elementwise_grain, [=](std::int64_t b, std::int64_t e) {
+      for (std::int64_t i = b; i < e; ++i) store_grad(d[i], C(s[i]), mode);
+    });
+    return;
+  }
+  // Broadcast over leading dimensions only (a position embedding [T, C] under [B, T, C]):
+  // full is [rows, inner] and dst is [inner]; each thread owns a column range and adds
+  // the rows in order, so the sums do not depend on the thread count.
+  const int lead = full.rank() - dst.rank();
+  bool trailing = lead >= 0;
+  for (int i = 0; trailing && i < dst.rank(); ++i) trailing = dst.shape()[i] == full.shape()[lead + i];
+  if (trailing) {
+    const std::int64_t inner = dst.numel(), rows = inner > 0 ? full.numel() / inner : 0;
+    cpu_runtime::parallel_for(inner, 1024, [=](std::int64_t cb, std::int64_t ce) {
+      std::vector<C> acc(static_cast<std::size_t>(ce - cb), C(0));
+      C* a = acc.data();
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const T* row = s + r * inner + cb;
+        for (std::int64_t j = 0; j < ce - cb; ++j) a[j] += C(row[j]);
+      }
+      for (std::int64_t j = cb; j < ce; ++j) store_grad(d[j], a[j - cb], mode);
+    });
     return;
   }
   std::vector<C> acc(static_cast<std::size_t>(dst.numel()), C(0));
   const shape st = broadcast_strides(dst.shape(), full.shape());
-  const T* s = full.data();
   const int r = full.rank();
   for (std::int64_t i = 0; i < full.numel(); ++i) {
     std::int64_t rem = i, off = 0;
-    for (int d = r - 1; d >= 0; --d) {
-      off += (rem % full.shape()[d]) * st[d];
-      rem /= full.shape()[d];
+    for (int k = r - 1; k >= 0; --k) {
+      off += (rem % full.shape()[k]) * st[k];
+      rem /= full.shape()[k];
     }
     acc[static_cast<std::size_t>(off)] += C(s[i]);
   }
-  T* d = dst.data();
   for (std::int64_t i = 0; i < dst.numel(); ++i) store_grad(d[i], acc[static_cast<std::size_t>(i)], mode);
 }
 
@@ -153,6 +172,13 @@ void binary_backward(const tensor<T>& a, const tensor<T>& b, const tensor<T>& gy
   };
   const T *ap = a.data(), *bp = b.data(), *gp = gy.data();
   const shape& target = which == 0 ? a.shape() : b.shape();
+  if (a.shape() == gy.shape() && b.shape() == gy.shape()) {  // no broadcast: one flat pass
+    T* gpo = g.data();
+    cpu_runtime::parallel_for(gy.numel(), elementwise_grain, [=](std::int64_t s, std::int64_t e) {
+      for (std::int64_t i = s; i < e; ++i) store_grad(gpo[i], partial(C(ap[i]), C(bp[i]), C(gp[i])), mode);
+    });
+    return;
+  }
   if (target == gy.shape()) {
     T* gpo = g.data();
     for_each_broadcast(gy.shape(), a.shape(), b.shape(), [&](std::int64_t o, std::int64_t ia, std::int64_t ib) {

@@ -1,9 +1,13 @@
 // kiln/ops/cpu/matmul.hpp — GEMM on the CPU through Eigen.
 //
-// gemm() computes C = alpha * op(A) * op(B) + beta * C on row-major buffers with
-// leading dimensions, the BLAS contract, on Eigen's blocked, vectorised, OpenMP-threaded
-// product. Napkin math: 2·M·N·K FLOPs; at ~234 GFLOP/s on this machine's 2 cores
-// (~150 at n = 256) small GEMMs are bound by packing, not FLOPs.
+// gemm() computes C = op(A) · op(B) (or C += …) on row-major buffers with leading
+// dimensions, the BLAS contract. f32 runs on oneDNN's JIT sgemm when kiln was built with
+// it (KILN_HAVE_DNNL: meson finds libdnnl-dev), otherwise on Eigen's blocked, vectorised,
+// OpenMP-threaded product. Napkin math: 2·M·N·K FLOPs; on the transformer shapes of
+// bench/gpt_train.cpp (M = 2048, N and K = 128…512) oneDNN runs at ~200 GFLOP/s per
+// core and ~390 on 2 (it scales across the OpenMP team almost perfectly), Eigen at
+// ~150-175 and ~235-310 (bench/gemm.cpp prints both). Both write C without a separate
+// zeroing pass on the oneDNN path (beta = 0), which Eigen's `C = A·B` cannot avoid.
 //
 // linear_backward runs its two independent GEMMs (dX = dY·W, dW = dYᵀ·X) side by side
 // on two threads, each single-threaded, which scales better than splitting one small
@@ -13,6 +17,9 @@
 #include <Eigen/Core>
 #include <type_traits>
 #include <vector>
+#if defined(KILN_HAVE_DNNL)
+#include <dnnl.h>
+#endif
 
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/tensor.hpp"
@@ -75,9 +82,23 @@ template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, const T* a, std::int64_t lda,
           const T* b, std::int64_t ldb, T* c, std::int64_t ldc, grad_write mode) {
   cpu_runtime::ensure_initialised();
+  if (m <= 0 || n <= 0) return;
   if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, f16>) {
     gemm_half<T>(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, mode);
   } else {
+#if defined(KILN_HAVE_DNNL)
+    if constexpr (std::is_same_v<T, float>) {
+      if (k > 0) {
+        // Row-major, like ours. Inside an OpenMP region (attention tiles, the backward's
+        // two sections) oneDNN runs on the calling thread only.
+        const dnnl_status_t st = dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb,
+                                            mode == grad_write::overwrite ? 0.0f : 1.0f, c, ldc);
+        KILN_CHECK(st == dnnl_success, "gemm: oneDNN sgemm failed (status ", static_cast<int>(st), ") for M=", m,
+                   " N=", n, " K=", k, " lda=", lda, " ldb=", ldb, " ldc=", ldc);
+        return;
+      }
+    }
+#endif
     mmap<T> C(c, m, n, Eigen::OuterStride<>(ldc));
     auto run = [&](const auto& A, const auto& B) {
       if (mode == grad_write::overwrite)
@@ -94,14 +115,25 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
   }
 }
 
-// y[N, out] = x[N, in] · w[out, in]ᵀ (+ bias[out]) — PyTorch/HF weight layout.
+// y[N, out] = x[N, in] · w[out, in]ᵀ (+ bias[out]) — PyTorch/HF weight layout. In f32 the
+// bias is written first and the GEMM accumulates onto it (one write pass over y instead
+// of the GEMM's write plus a read-modify-write pass; y at [2048, 512] is 4 MB, past L2).
 template <class T>
 void linear_forward(const tensor<T>& x, const tensor<T>& w, const tensor<T>* bias, tensor<T>& y) {
   const std::int64_t n = x.shape().rows(), in = x.shape().back(), out = w.size(0);
-  gemm<T>(false, true, n, out, in, x.data(), in, w.data(), in, y.data(), out, grad_write::overwrite);
-  if (bias) {
-    const T* bp = bias->data();
-    T* yp = y.data();
+  const T* bp = bias ? bias->data() : nullptr;
+  T* yp = y.data();
+  if constexpr (std::is_same_v<T, float>) {
+    if (bp) {
+      cpu_runtime::parallel_for(n, 64, [&](std::int64_t b, std::int64_t e) {
+        for (std::int64_t r = b; r < e; ++r) std::copy_n(bp, out, yp + r * out);
+      });
+      gemm<T>(false, true, n, out, in, x.data(), in, w.data(), in, yp, out, grad_write::accumulate);
+      return;
+    }
+  }
+  gemm<T>(false, true, n, out, in, x.data(), in, w.data(), in, yp, out, grad_write::overwrite);
+  if (bp) {
     cpu_runtime::parallel_for(n, 64, [&](std::int64_t b, std::int64_t e) {
       for (std::int64_t r = b; r < e; ++r)
         for (std::int64_t j = 0; j < out; ++j)
