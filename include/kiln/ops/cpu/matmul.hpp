@@ -115,25 +115,15 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
   }
 }
 
-// y[N, out] = x[N, in] · w[out, in]ᵀ (+ bias[out]) — PyTorch/HF weight layout. In f32 the
-// bias is written first and the GEMM accumulates onto it (one write pass over y instead
-// of the GEMM's write plus a read-modify-write pass; y at [2048, 512] is 4 MB, past L2).
+// y[N, out] = x[N, in] · w[out, in]ᵀ (+ bias[out]) — PyTorch/HF weight layout. (Writing
+// the bias first and letting the GEMM accumulate onto it measured the same.)
 template <class T>
 void linear_forward(const tensor<T>& x, const tensor<T>& w, const tensor<T>* bias, tensor<T>& y) {
   const std::int64_t n = x.shape().rows(), in = x.shape().back(), out = w.size(0);
-  const T* bp = bias ? bias->data() : nullptr;
-  T* yp = y.data();
-  if constexpr (std::is_same_v<T, float>) {
-    if (bp) {
-      cpu_runtime::parallel_for(n, 64, [&](std::int64_t b, std::int64_t e) {
-        for (std::int64_t r = b; r < e; ++r) std::copy_n(bp, out, yp + r * out);
-      });
-      gemm<T>(false, true, n, out, in, x.data(), in, w.data(), in, yp, out, grad_write::accumulate);
-      return;
-    }
-  }
-  gemm<T>(false, true, n, out, in, x.data(), in, w.data(), in, yp, out, grad_write::overwrite);
-  if (bp) {
+  gemm<T>(false, true, n, out, in, x.data(), in, w.data(), in, y.data(), out, grad_write::overwrite);
+  if (bias) {
+    const T* bp = bias->data();
+    T* yp = y.data();
     cpu_runtime::parallel_for(n, 64, [&](std::int64_t b, std::int64_t e) {
       for (std::int64_t r = b; r < e; ++r)
         for (std::int64_t j = 0; j < out; ++j)
