@@ -67,6 +67,11 @@ inline void check_launch(const char* kernel) {
   if (e != cudaSuccess) throw error(std::string("cuda kernel ") + kernel + ": " + cudaGetErrorString(e));
 }
 
+// Throws kiln::error naming the runtime call when it failed.
+inline void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
 inline unsigned grid_for(std::int64_t n, int block, std::int64_t cap = 65535LL * 32) {
   std::int64_t g = (n + block - 1) / block;
   if (g < 1) g = 1;

@@ -12,9 +12,11 @@
 
 #include "kiln/core/philox.hpp"
 #include "kiln/core/tensor.hpp"
+#include "kiln/cuda/blas.hpp"
 #include "kiln/cuda/kernels.hpp"
 #include "kiln/ops/attention.hpp"
 #include "kiln/ops/cpu/elementwise.hpp"
+#include "kiln/ops/cpu/matmul.hpp"
 #include "kiln/ops/cpu/norm.hpp"
 #include "kiln/ops/rope.hpp"
 
@@ -325,6 +327,50 @@ void test_attention(std::int64_t tq, std::int64_t s, float dropout_p, const std:
   expect_close(n + " dv", gv.host(), vec(vv.grad()), 2 * t);
 }
 
+// cuBLASLt GEMM against the CPU's gemm: every transpose pair, overwrite and accumulate,
+// leading dimensions wider than the rows, and the bias / bias+GELU epilogues (with the
+// pre-activation written for backward). Odd sizes leave cuBLASLt's aligned fast paths.
+template <class T>
+void test_gemm(ck::gemm_math math, bool aligned) {
+  const std::int64_t M = aligned ? 64 : 37, N = aligned ? 96 : 53, K = aligned ? 128 : 71, pad = aligned ? 8 : 3;
+  const double t = std::is_same_v<T, f32> && math == ck::gemm_math::tf32 ? 4e-3 : 2 * tol<T>();
+  const std::string base = std::string("gemm ") + tname<T>() + (math == ck::gemm_math::tf32 ? " tf32" : "") +
+                           (aligned ? " 64x96x128" : " 37x53x71");
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      ck::gemm_shape sh{ta == 1, tb == 1, M, N, K, (ta ? M : K) + pad, (tb ? K : N) + pad, N + pad};
+      const auto a = random<T>((ta ? K : M) * sh.lda, 40 + ta), b = random<T>((tb ? N : K) * sh.ldb, 42 + tb);
+      const auto c0 = random<T>(M * sh.ldc, 44), bias = random<T>(N, 45);
+      for (int acc = 0; acc < 2; ++acc) {
+        const grad_write mode = acc ? grad_write::accumulate : grad_write::overwrite;
+        std::vector<T> want = c0;
+        ops::cpu::gemm<T>(sh.trans_a, sh.trans_b, M, N, K, a.data(), sh.lda, b.data(), sh.ldb, want.data(), sh.ldc,
+                          mode);
+        dbuf<T> da(a), db(b), dc(c0);
+        ck::gemm<T>(sh, da.p, db.p, dc.p, mode, nullptr, math);
+        expect_close(base + (ta ? " Aᵀ" : " A") + (tb ? "Bᵀ" : "B") + (acc ? " +=" : " ="), dc.host(), want, t);
+      }
+      // Epilogues (overwrite): + bias, then GELU-tanh with the pre-activation kept.
+      std::vector<T> pre = c0;
+      ops::cpu::gemm<T>(sh.trans_a, sh.trans_b, M, N, K, a.data(), sh.lda, b.data(), sh.ldb, pre.data(), sh.ldc,
+                        grad_write::overwrite);
+      std::vector<T> act = pre;
+      for (std::int64_t i = 0; i < M; ++i)
+        for (std::int64_t j = 0; j < N; ++j) {
+          const float z = float(pre[i * sh.ldc + j]) + float(bias[j]);
+          pre[i * sh.ldc + j] = T(z);
+          act[i * sh.ldc + j] = T(ops::fn::gelu_tanh{}(z));
+        }
+      dbuf<T> da(a), db(b), dbias(bias), dc(c0), dpre(c0), dc2(c0);
+      ck::gemm<T>(sh, da.p, db.p, dc.p, grad_write::overwrite, nullptr, math, ck::gemm_epilogue::bias, dbias.p);
+      expect_close(base + " + bias", dc.host(), pre, t);
+      ck::gemm<T>(sh, da.p, db.p, dc2.p, grad_write::overwrite, nullptr, math, ck::gemm_epilogue::bias_gelu_tanh,
+                  dbias.p, dpre.p);
+      expect_close(base + " + bias, gelu", dc2.host(), act, t);
+      expect_close(base + " + bias, gelu: pre-activation", dpre.host(), pre, t);
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -336,6 +382,11 @@ int main() {
   cudaDeviceProp prop{};
   cuda_ok(cudaGetDeviceProperties(&prop, 0), "properties");
   std::printf("test_kernels on %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+  test_gemm<f32>(ck::gemm_math::f32, true);
+  test_gemm<f32>(ck::gemm_math::f32, false);
+  test_gemm<f32>(ck::gemm_math::tf32, true);
+  test_gemm<bf16>(ck::gemm_math::f32, true);
+  test_gemm<f16>(ck::gemm_math::f32, true);
   test_adamw<f32, f32>();
   test_adamw<f32, bf16>();
   test_adamw<f32, f16>();

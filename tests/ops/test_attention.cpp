@@ -83,6 +83,10 @@ TEST_CASE("attention: values match the naive formulation for every mask, GQA and
   check_against_naive<mask::causal>(2, 1, 9, 4, 2, 4, 9);
   check_against_naive<mask::causal>(1, 3, 80, 2, 2, 4, 10);
   check_against_naive<mask::local<4>>(1, 2, 12, 2, 2, 4, 11);
+  // Head dimensions of real models (32, 64, 128), over several tiles.
+  check_against_naive<mask::causal>(2, 40, 40, 4, 2, 32, 12);
+  check_against_naive<mask::none>(1, 33, 47, 2, 2, 64, 13);
+  check_against_naive<mask::local<20>>(1, 50, 50, 2, 1, 128, 14);
 }
 
 TEST_CASE("attention: gradients (f64 central differences) for every mask and GQA") {
@@ -100,6 +104,18 @@ TEST_CASE("attention: gradients (f64 central differences) for every mask and GQA
   KILN_CHECK_GRADIENTS(
       [rng](auto& a, auto& b, auto& c) { return attention<mask::causal>(a, b, c, {.dropout_p = 0.25f, .rng = rng}); },
       q, k, v);
+}
+
+TEST_CASE("attention: gradients at the head dimensions of real models (32, 64, 128), dropout and GQA") {
+  const philox_stream rng{78, 1};
+  for (std::int64_t D : {32, 64, 128}) {
+    CAPTURE(D);
+    auto q = rand_var({1, 3, 2, D}, 101), k = rand_var({1, 4, 1, D}, 102), v = rand_var({1, 4, 1, D}, 103);
+    KILN_CHECK_GRADIENTS([](auto& a, auto& b, auto& c) { return attention<mask::causal>(a, b, c); }, q, k, v);
+    KILN_CHECK_GRADIENTS(
+        [rng](auto& a, auto& b, auto& c) { return attention<mask::none>(a, b, c, {.dropout_p = 0.3f, .rng = rng}); }, q,
+        k, v);
+  }
 }
 
 TEST_CASE("attention: gradients through views of one packed QKV tensor (tiles beyond 64)") {

@@ -23,7 +23,9 @@ namespace kiln::ops::fn {
 // x = n·ln2 + r with |r| <= ln2/2, n an integer (ln2 split in two for an exact n·ln2_hi), e^r by its
 // degree-7 Taylor polynomial (truncation < 2e-9 relative), 2^n from the exponent bits.
 // Relative error ~1 ulp; inputs are clamped to [-87.3, 88.3] (no denormals, no inf).
-KILN_HOST_DEVICE inline float exp_f32(float x) {
+// Always inlined: a call inside a loop stops it vectorising (GELU's loops fell to scalar
+// code once exp_f32 had enough callers for GCC to outline it).
+KILN_HOST_DEVICE KILN_FORCE_INLINE float exp_f32(float x) {
   x = std::max(-87.3f, std::min(x, 88.3f));
   // Round to nearest by adding and subtracting 1.5·2^23 (plain arithmetic: floorf would
   // not vectorise without -fno-trapping-math).
@@ -36,7 +38,7 @@ KILN_HOST_DEVICE inline float exp_f32(float x) {
   return p * std::bit_cast<float>(bits);
 }
 template <class C>
-KILN_HOST_DEVICE inline C exp_c(C x) {
+KILN_HOST_DEVICE KILN_FORCE_INLINE C exp_c(C x) {
   if constexpr (std::is_same_v<C, float>)
     return exp_f32(x);
   else
@@ -45,7 +47,7 @@ KILN_HOST_DEVICE inline C exp_c(C x) {
 // tanh(x) = 1 − 2/(e^{2x} + 1): absolute error ~1e-7 in f32 (what GELU and its
 // derivative need; they multiply by x and 1 − t²).
 template <class C>
-KILN_HOST_DEVICE inline C tanh_c(C x) {
+KILN_HOST_DEVICE KILN_FORCE_INLINE C tanh_c(C x) {
   if constexpr (std::is_same_v<C, float>)
     return 1.0f - 2.0f / (exp_f32(2.0f * x) + 1.0f);
   else
@@ -53,7 +55,7 @@ KILN_HOST_DEVICE inline C tanh_c(C x) {
 }
 
 template <class C>
-KILN_HOST_DEVICE inline C sigmoid(C x) {
+KILN_HOST_DEVICE KILN_FORCE_INLINE C sigmoid(C x) {
   return C(1) / (C(1) + exp_c(-x));
 }
 
