@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# tools/gpu-check.sh — every check that needs a GPU, in one command, for a lent device
+# machine (a session gets about 15 minutes of one; see kernels/README.md).
+#
+#   bash tools/gpu-check.sh            # results under $OUT (the device tool's), else bench/out/gpu
+#
+# Builds with nvcc alone (no Meson: the device image has no Eigen or MPI packages) the
+# kernels into build-gpu/libkiln_kernels.a, the gpu suite's test program and the GPU
+# benchmarks, for sm_$KILN_GPU_ARCH (default 90); then runs
+#   1. tests/gpu/test_kernels.cu: every kernel against the CPU backend, the runtime, the
+#      cuBLASLt GEMM (log: test_kernels.log);
+#   2. the same under compute-sanitizer memcheck (memcheck.log);
+#   3. bench/gpu/adamw.cu against bench/gpu/torch_adamw.py (adamw.jsonl): fused AdamW GB/s
+#      as a fraction of the measured copy bandwidth, kiln and torch(fused=True).
+# Needs nvcc, Eigen's headers (/usr/include/eigen3, or EIGEN_DIR — on the device machine,
+# carry a copy: `cp -r /usr/include/eigen3 .deps/` here, `.deps` in .git/info/exclude,
+# carry [".deps"], EIGEN_DIR=.deps/eigen3), and python3 with torch for the peer.
+# Exits non-zero if a build, a check or memcheck failed; 77 after the builds where no
+# GPU is visible.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/out/gpu}
+arch=${KILN_GPU_ARCH:-90}
+eigen=${EIGEN_DIR:-/usr/include/eigen3}
+b=build-gpu
+mkdir -p "$out" "$b"
+[ -f "$eigen/Eigen/Core" ] || { echo "gpu-check: Eigen headers not found at $eigen (set EIGEN_DIR)"; exit 2; }
+flags=(-std=c++20 -O3 --expt-relaxed-constexpr -diag-suppress 20012,20011,20014 -Iinclude -isystem "$eigen"
+       -gencode "arch=compute_$arch,code=sm_$arch")
+nvidia-smi -L 2>&1 | tee "$out/device.txt"
+
+echo "gpu-check: building the kernels for sm_$arch"
+pids=()
+for k in kernels/*.cu; do
+  nvcc -c "$k" -o "$b/$(basename "$k" .cu).o" "${flags[@]}" -Xcompiler -fPIC > "$b/$(basename "$k" .cu).log" 2>&1 &
+  pids+=($!)
+done
+failed=0
+for p in "${pids[@]}"; do wait "$p" || failed=1; done
+if ((failed)); then cat "$b"/*.log; echo "gpu-check: a kernel did not compile"; exit 1; fi
+rm -f "$b/libkiln_kernels.a"
+ar rcs "$b/libkiln_kernels.a" "$b"/*.o
+nvcc "${flags[@]}" -DKILN_WITH_CUDA -Xcompiler -fopenmp tests/gpu/test_kernels.cu "$b/libkiln_kernels.a" \
+  -lgomp -lcublasLt -o "$b/test_kernels" || { echo "gpu-check: test_kernels did not build"; exit 1; }
+nvcc "${flags[@]}" bench/gpu/adamw.cu "$b/libkiln_kernels.a" -lcublasLt -o "$b/gpu_adamw" ||
+  { echo "gpu-check: bench/gpu/adamw.cu did not build"; exit 1; }
+
+if ! nvidia-smi -L > /dev/null 2>&1; then
+  echo "gpu-check: built; no GPU visible here, nothing run"
+  exit 77
+fi
+status=0
+echo "gpu-check: test_kernels"
+"$b/test_kernels" 2>&1 | tee "$out/test_kernels.log" || status=1
+echo "gpu-check: compute-sanitizer memcheck"
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$sanitizer" ]; then
+  "$sanitizer" --tool memcheck --error-exitcode 3 "$b/test_kernels" > "$out/memcheck.log" 2>&1 || status=1
+  tail -3 "$out/memcheck.log"
+else
+  echo "gpu-check: no compute-sanitizer" | tee "$out/memcheck.log"
+fi
+echo "gpu-check: fused AdamW, kiln and torch"
+: > "$out/adamw.jsonl"
+"$b/gpu_adamw" | tee -a "$out/adamw.jsonl" || status=1
+python3 bench/gpu/torch_adamw.py | tee -a "$out/adamw.jsonl" || echo "gpu-check: the torch peer did not run"
+echo "gpu-check: done (status $status); results in $out"
+exit $status
