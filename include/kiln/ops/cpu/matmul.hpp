@@ -1,4 +1,4 @@
-// kiln/ops/cpu/matmul.hpp — GEMM on the CPU through Eigen.
+// kiln/ops/cpu/matmul.hpp — GEMM on the CPU through oneDNN or Eigen.
 //
 // gemm() computes C = op(A) · op(B) (or C += …) on row-major buffers with leading
 // dimensions, the BLAS contract. f32 runs on oneDNN's JIT sgemm when kiln was built with
@@ -6,8 +6,8 @@
 // OpenMP-threaded product. Napkin math: 2·M·N·K FLOPs; on the transformer shapes of
 // bench/gpt_train.cpp (M = 2048, N and K = 128…512) oneDNN runs at ~200 GFLOP/s per
 // core and ~390 on 2 (it scales across the OpenMP team almost perfectly), Eigen at
-// ~150-175 and ~235-310 (bench/gemm.cpp prints both). Both write C without a separate
-// zeroing pass on the oneDNN path (beta = 0), which Eigen's `C = A·B` cannot avoid.
+// ~150-175 and ~235-310 (bench/gemm.cpp prints both). oneDNN also writes C in the
+// product (beta = 0), where Eigen's `C = A·B` zero-fills C in a pass of its own.
 //
 // linear_backward runs its two independent GEMMs (dX = dY·W, dW = dYᵀ·X) side by side
 // on two threads, each single-threaded, which scales better than splitting one small
