@@ -1,9 +1,9 @@
 // Compiled by nvcc in CI: every public header must be usable from a CUDA translation
 // unit, and the shared scalar functors must be callable from device code.
-#include "kiln/kiln.hpp"
 #include "kiln/cuda/blas.hpp"
 #include "kiln/cuda/kernels.hpp"
 #include "kiln/cuda/runtime.hpp"
+#include "kiln/kiln.hpp"
 #include "kiln/train.hpp"
 
 __global__ void apply_gelu(float* x, int n) {

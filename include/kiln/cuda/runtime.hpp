@@ -28,77 +28,77 @@
 
 #include "kiln/core/tensor.hpp"
 
-    namespace kiln::cuda_runtime {
+namespace kiln::cuda_runtime {
 
-  using stream_t = void*;
+using stream_t = void*;
 
-  int device_count() noexcept;
-  struct device_info {
-    std::string name;
-    int major = 0, minor = 0, multiprocessors = 0;
-    std::size_t memory_bytes = 0;
-  };
-  device_info info(int device);
-  int current_device();
-  void set_device(int device);
+int device_count() noexcept;
+struct device_info {
+  std::string name;
+  int major = 0, minor = 0, multiprocessors = 0;
+  std::size_t memory_bytes = 0;
+};
+device_info info(int device);
+int current_device();
+void set_device(int device);
 
-  // kiln's compute stream on the current device.
-  stream_t compute_stream();
-  void synchronize(stream_t stream);
+// kiln's compute stream on the current device.
+stream_t compute_stream();
+void synchronize(stream_t stream);
 
-  class event {
-   public:
-    explicit event(bool timing = false);
-    ~event();
-    event(const event&) = delete;
-    event& operator=(const event&) = delete;
-    void record(stream_t stream);
-    void wait_on(stream_t waiting) const;  // `waiting` runs nothing enqueued after this until the event
-    void synchronize() const;
-    float elapsed_ms(const event& start) const;  // both recorded with timing = true
+class event {
+ public:
+  explicit event(bool timing = false);
+  ~event();
+  event(const event&) = delete;
+  event& operator=(const event&) = delete;
+  void record(stream_t stream);
+  void wait_on(stream_t waiting) const;  // `waiting` runs nothing enqueued after this until the event
+  void synchronize() const;
+  float elapsed_ms(const event& start) const;  // both recorded with timing = true
 
-   private:
-    void* e_ = nullptr;
-  };
+ private:
+  void* e_ = nullptr;
+};
 
-  enum class copy_kind { host_to_device, device_to_host, device_to_device, host_to_host };
-  void copy(void* dst, const void* src, std::size_t bytes, copy_kind kind, stream_t stream);
+enum class copy_kind { host_to_device, device_to_host, device_to_device, host_to_host };
+void copy(void* dst, const void* src, std::size_t bytes, copy_kind kind, stream_t stream);
 
-  // Page-locked host memory (DMA at full PCIe/NVLink speed, asynchronous copies).
-  void* pinned_allocate(std::size_t bytes);
-  void pinned_free(void* p) noexcept;
-  struct pinned_deleter {
-    void operator()(void* p) const noexcept { pinned_free(p); }
-  };
-  using pinned_buffer = std::unique_ptr<void, pinned_deleter>;
+// Page-locked host memory (DMA at full PCIe/NVLink speed, asynchronous copies).
+void* pinned_allocate(std::size_t bytes);
+void pinned_free(void* p) noexcept;
+struct pinned_deleter {
+  void operator()(void* p) const noexcept { pinned_free(p); }
+};
+using pinned_buffer = std::unique_ptr<void, pinned_deleter>;
 
-  // A device copy of a host tensor (any strides; the result is contiguous).
-  template <element T>
-  tensor<T, cuda> to_device(const tensor<T, cpu>& host, stream_t stream = compute_stream()) {
-    const tensor<T, cpu> src = host.contiguous();
-    tensor<T, cuda> out(src.shape());
-    const std::size_t bytes = static_cast<std::size_t>(src.numel()) * sizeof(T);
-    if (bytes == 0) return out;
-    pinned_buffer staging(pinned_allocate(bytes));
-    std::memcpy(staging.get(), src.data(), bytes);
-    copy(out.data(), staging.get(), bytes, copy_kind::host_to_device, stream);
-    synchronize(stream);  // the staging buffer is freed on return
-    return out;
-  }
+// A device copy of a host tensor (any strides; the result is contiguous).
+template <element T>
+tensor<T, cuda> to_device(const tensor<T, cpu>& host, stream_t stream = compute_stream()) {
+  const tensor<T, cpu> src = host.contiguous();
+  tensor<T, cuda> out(src.shape());
+  const std::size_t bytes = static_cast<std::size_t>(src.numel()) * sizeof(T);
+  if (bytes == 0) return out;
+  pinned_buffer staging(pinned_allocate(bytes));
+  std::memcpy(staging.get(), src.data(), bytes);
+  copy(out.data(), staging.get(), bytes, copy_kind::host_to_device, stream);
+  synchronize(stream);  // the staging buffer is freed on return
+  return out;
+}
 
-  // A host copy of a contiguous device tensor; waits for the stream.
-  template <element T>
-  tensor<T, cpu> to_host(const tensor<T, cuda>& device, stream_t stream = compute_stream()) {
-    KILN_CHECK(device.is_contiguous(), "to_host: the device tensor ", device.shape().str(),
-               " is not contiguous; strided device copies come with the cuda ops");
-    tensor<T, cpu> out(device.shape());
-    const std::size_t bytes = static_cast<std::size_t>(device.numel()) * sizeof(T);
-    if (bytes == 0) return out;
-    pinned_buffer staging(pinned_allocate(bytes));
-    copy(staging.get(), device.data(), bytes, copy_kind::device_to_host, stream);
-    synchronize(stream);
-    std::memcpy(out.data(), staging.get(), bytes);
-    return out;
-  }
+// A host copy of a contiguous device tensor; waits for the stream.
+template <element T>
+tensor<T, cpu> to_host(const tensor<T, cuda>& device, stream_t stream = compute_stream()) {
+  KILN_CHECK(device.is_contiguous(), "to_host: the device tensor ", device.shape().str(),
+             " is not contiguous; strided device copies come with the cuda ops");
+  tensor<T, cpu> out(device.shape());
+  const std::size_t bytes = static_cast<std::size_t>(device.numel()) * sizeof(T);
+  if (bytes == 0) return out;
+  pinned_buffer staging(pinned_allocate(bytes));
+  copy(staging.get(), device.data(), bytes, copy_kind::device_to_host, stream);
+  synchronize(stream);
+  std::memcpy(out.data(), staging.get(), bytes);
+  return out;
+}
 
 }  // namespace kiln::cuda_runtime
