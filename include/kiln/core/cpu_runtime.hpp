@@ -87,4 +87,20 @@ inline void parallel_for(std::int64_t n, std::int64_t grain, F&& f) {
   f(std::int64_t{0}, n);
 }
 
+// Σ f(j) over j in [0, n) in 16 running sums (j mod 16), added up in a fixed order at the
+// end: the loop vectorises (one chain of dependent adds cannot), and the result does not
+// depend on the thread count. Used for row sums (norms) and the gradient norm.
+template <class C, class F>
+inline C lane_sum(std::int64_t n, F f) {
+  constexpr std::int64_t lanes = 16;
+  C acc[lanes] = {};
+  const std::int64_t body = n - n % lanes;
+  for (std::int64_t j = 0; j < body; j += lanes)
+    for (std::int64_t l = 0; l < lanes; ++l) acc[l] += f(j + l);
+  for (std::int64_t j = body; j < n; ++j) acc[j - body] += f(j);
+  C s = 0;
+  for (std::int64_t l = 0; l < lanes; ++l) s += acc[l];
+  return s;
+}
+
 }  // namespace kiln::cpu_runtime

@@ -59,7 +59,8 @@ inline cpu::attention_dims attention_dims_for(std::int64_t batch, std::int64_t q
   d.rng = opt.rng;
   return d;
 }
-// A [B, L, ·, D] view of `t`'s data from element `offset` on, positions `pos_stride` apart.
+// A [B, L, ·, D] view of the buffer at `data` from element `offset` on, positions
+// `pos_stride` apart (null data stays null: that gradient is not wanted).
 template <class P>
 cpu::heads_view<P> heads_at(P* data, std::int64_t offset, std::int64_t len, std::int64_t pos_stride) {
   return {data ? data + offset : nullptr, len * pos_stride, pos_stride};

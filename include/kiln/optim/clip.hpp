@@ -23,15 +23,8 @@ double grad_norm(M& module) {
     if (!p.has_grad()) return;
     const auto& g = p.grad();
     const auto* d = g.data();
-    // Eight running sums (one vector of doubles), in a fixed order whatever the thread
-    // count: one serial chain of dependent adds cost ~1.3 ms per 0.84 M gradients.
-    constexpr std::int64_t lanes = 8;
-    double s[lanes] = {};
-    const std::int64_t n = g.numel(), body = n - n % lanes;
-    for (std::int64_t i = 0; i < body; i += lanes)
-      for (std::int64_t j = 0; j < lanes; ++j) s[j] += double(d[i + j]) * double(d[i + j]);
-    for (std::int64_t i = body; i < n; ++i) s[i - body] += double(d[i]) * double(d[i]);
-    for (std::int64_t j = 0; j < lanes; ++j) sq += s[j];
+    // In lanes, not one serial chain of dependent adds (~1.3 ms per 0.84 M gradients).
+    sq += cpu_runtime::lane_sum<double>(g.numel(), [d](std::int64_t i) { return double(d[i]) * double(d[i]); });
   });
   return std::sqrt(sq);
 }

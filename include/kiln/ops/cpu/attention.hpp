@@ -20,7 +20,7 @@
 // Napkin math: 4·B·Hq·T·S·D FLOPs forward (two GEMMs per tile) and 2.5x that backward
 // (five GEMMs, one a recomputation); tiles are 32×32×D, small enough for L1, so the
 // kernel runs at Eigen's small-GEMM rate (~100 GFLOP/s per core here at D = 64). 32 over
-// 64: a causal mask skips 10 of 16 tiles at T = 128 instead of 3 of 4, and the work splits
+// 64: under a causal mask a T = 128 sequence computes 10 of 16 tiles instead of 3 of 4, and the work splits
 // into more tasks (bench/gpt_train.cpp: 65-66 ms → 58-61 ms per step on 2 threads).
 #pragma once
 

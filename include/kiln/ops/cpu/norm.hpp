@@ -4,8 +4,8 @@
 // not the normalised activations; backward recomputes x̂. Weight and bias gradients
 // are reduced over rows into per-thread partial sums, then combined in a fixed order so
 // results are deterministic for a given thread count. Sums along a row run in 16 lanes
-// (lane_sum), so they vectorise: one chain of dependent adds per row made the norms
-// ~5% of a small-GPT step.
+// (cpu_runtime::lane_sum), so they vectorise: one chain of dependent adds per row made
+// the norms ~5% of a small-GPT step.
 #pragma once
 
 #include <cmath>
@@ -16,22 +16,6 @@
 #include "kiln/ops/grad_write.hpp"
 
 namespace kiln::ops::cpu {
-
-namespace detail {
-// Σ f(j) over j in [0, n): 16 running sums (j mod 16), added up in a fixed order at the end.
-template <class C, class F>
-inline C lane_sum(std::int64_t n, F f) {
-  constexpr std::int64_t lanes = 16;
-  C acc[lanes] = {};
-  const std::int64_t body = n - n % lanes;
-  for (std::int64_t j = 0; j < body; j += lanes)
-    for (std::int64_t l = 0; l < lanes; ++l) acc[l] += f(j + l);
-  for (std::int64_t j = body; j < n; ++j) acc[j - body] += f(j);
-  C s = 0;
-  for (std::int64_t l = 0; l < lanes; ++l) s += acc[l];
-  return s;
-}
-}  // namespace detail
 
 // rms == false: y = (x - mean) * rstd * w + b. rms == true: y = x * rstd * w, with
 // rstd = 1/sqrt(mean(x²) + eps). w and b may be null (no affine part).
@@ -45,8 +29,8 @@ void norm_forward(const tensor<T>& x, const T* w, const T* b, double eps, bool r
   cpu_runtime::parallel_for(rows, 8, [&](std::int64_t rb, std::int64_t re) {
     for (std::int64_t r = rb; r < re; ++r) {
       const T* xr = xp + r * d;
-      const C mu = rms ? C(0) : detail::lane_sum<C>(d, [xr](std::int64_t j) { return C(xr[j]); }) / C(d);
-      const C var = detail::lane_sum<C>(d, [xr, mu](std::int64_t j) {
+      const C mu = rms ? C(0) : cpu_runtime::lane_sum<C>(d, [xr](std::int64_t j) { return C(xr[j]); }) / C(d);
+      const C var = cpu_runtime::lane_sum<C>(d, [xr, mu](std::int64_t j) {
         const C c = C(xr[j]) - mu;
         return c * c;
       });
@@ -94,8 +78,8 @@ void norm_backward(const tensor<T>& x, const T* w, const tensor<T>& gy, const co
       if (!gx) continue;
       // Σ ĝ and Σ ĝ·x̂ with ĝ = gy·w.
       auto ghat = [gr, w](std::int64_t j) { return C(gr[j]) * (w ? C(w[j]) : C(1)); };
-      const C s1 = rms ? C(0) : detail::lane_sum<C>(d, ghat);
-      const C s2 = detail::lane_sum<C>(d, [&](std::int64_t j) { return ghat(j) * ((C(xr[j]) - mu) * rs); });
+      const C s1 = rms ? C(0) : cpu_runtime::lane_sum<C>(d, ghat);
+      const C s2 = cpu_runtime::lane_sum<C>(d, [&](std::int64_t j) { return ghat(j) * ((C(xr[j]) - mu) * rs); });
       const C m1 = s1 / C(d), m2 = s2 / C(d);
       T* o = gx + r * d;
       for (std::int64_t j = 0; j < d; ++j) store_grad(o[j], rs * (ghat(j) - m1 - (C(xr[j]) - mu) * rs * m2), mx);
