@@ -29,6 +29,8 @@ namespace {
 struct args {
   std::int64_t vocab = 256, block = 128, n_layer = 4, n_head = 4, n_embd = 128, batch = 16, steps = 30, warmup = 5;
   int threads = 2;
+  int replicas = 1;  // > 1: the batch split across this many threads (nn::thread_replicas)
+  int chunks = 1;    // > 1: each replica's rows in this many sequential pieces (accumulated)
   std::uint64_t seed = 0;
   double lr = 3e-4;
   std::string data = "/usr/share/games/fortunes";
@@ -61,6 +63,10 @@ args parse(int argc, char** argv) {
       a.warmup = std::stoll(next());
     else if (k == "--threads")
       a.threads = std::stoi(next());
+    else if (k == "--replicas")
+      a.replicas = std::stoi(next());
+    else if (k == "--chunks")
+      a.chunks = std::stoi(next());
     else if (k == "--seed")
       a.seed = std::stoull(next());
     else if (k == "--lr")
@@ -106,6 +112,7 @@ int run(const args& a, const std::vector<std::uint8_t>& corpus) {
   // Weight decay on every parameter, as the peer's AdamW(model.parameters()).
   optim::adamw<f32> opt({optim::param_group<f32>{nn::named_parameters<f32>(model)}},
                         {.lr = a.lr, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1});
+  nn::thread_replicas<Model> reps(model, a.replicas, c);
   const auto params = nn::count_parameters(model).total;
   const std::int64_t B = a.batch, T = a.block, N = static_cast<std::int64_t>(corpus.size());
   tensor<i64> x(shape{B, T}), y(shape{B * T});
@@ -124,13 +131,21 @@ int run(const args& a, const std::vector<std::uint8_t>& corpus) {
         y.data()[b * T + t] = corpus[static_cast<std::size_t>(o + t + 1)];
       }
     }
-    auto logits = model(x);
-    auto loss = cross_entropy(reshape(logits, shape{B * T, a.vocab}), y);
     opt.zero_grad();
-    loss.backward();
+    // Each replica takes a contiguous share of the rows (in `chunks` pieces) and weights
+    // each piece's mean loss by its share of the batch.
+    std::vector<double> losses(static_cast<std::size_t>(reps.size()));
+    reps.run_split(B, a.chunks, [&](Model& m, nn::shard_range r, int k) {
+      auto xs = x.slice(0, r.begin, r.end).contiguous();
+      auto ys = y.slice(0, r.begin * T, r.end * T).contiguous();
+      auto loss = cross_entropy(reshape(m(xs), shape{r.size() * T, a.vocab}), ys) * (double(r.size()) / double(B));
+      losses[static_cast<std::size_t>(k)] += loss.value().flat(0);
+      loss.backward();
+    });
     optim::clip_grad_norm(model, 1.0);
     opt.step();
-    const double l = loss.value().flat(0);
+    double l = 0;
+    for (double v : losses) l += v;
     if (s == 0) first_loss = l;
     last_loss = l;
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - ts).count();
@@ -142,13 +157,14 @@ int run(const args& a, const std::vector<std::uint8_t>& corpus) {
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   std::printf(
-      "{\"impl\":\"kiln\",\"recompute\":\"%s\",\"threads\":%d,\"params\":%lld,\"tokens_per_step\":%lld,\"steps_timed\":"
+      "{\"impl\":\"kiln\",\"recompute\":\"%s\",\"threads\":%d,\"replicas\":%d,\"chunks\":%d,\"params\":%lld,\"tokens_"
+      "per_step\":%lld,\"steps_timed\":"
       "%lld,"
       "\"seconds\":%.4f,\"tokens_per_s\":%.1f,\"step_ms_median\":%.3f,\"first_loss\":%.4f,\"final_loss\":%.4f,"
       "\"peak_rss_mb\":%.1f,\"peak_tensor_mb\":%.1f}\n",
-      a.recompute.c_str(), a.threads, static_cast<long long>(params), static_cast<long long>(B * T),
-      static_cast<long long>(a.steps), secs, double(B * T * a.steps) / secs, step_ms[step_ms.size() / 2], first_loss,
-      last_loss, double(ru.ru_maxrss) / 1024.0,
+      a.recompute.c_str(), a.threads, a.replicas, a.chunks, static_cast<long long>(params),
+      static_cast<long long>(B * T), static_cast<long long>(a.steps), secs, double(B * T * a.steps) / secs,
+      step_ms[step_ms.size() / 2], first_loss, last_loss, double(ru.ru_maxrss) / 1024.0,
       double(caching_allocator<cpu>::instance().stats().peak_in_use) / 1048576.0);
   return 0;
 }

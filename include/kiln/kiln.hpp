@@ -34,6 +34,7 @@
 #include "kiln/nn/mlp.hpp"
 #include "kiln/nn/module.hpp"
 #include "kiln/nn/norm.hpp"
+#include "kiln/nn/replicas.hpp"
 #include "kiln/nn/sequential.hpp"
 #include "kiln/nn/transformer.hpp"
 #include "kiln/ops.hpp"

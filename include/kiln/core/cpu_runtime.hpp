@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__SSE__) || defined(__x86_64__)
 #include <pmmintrin.h>
@@ -66,7 +67,19 @@ inline void ensure_initialised() {
 }
 
 // parallel_for over [0, n) in contiguous chunks of at least `grain` iterations; runs
-// inline when the work is too small to be worth waking the team.
+// inline when the work is too small to be worth waking the team, or when the caller is
+// already inside a parallel region (nn::thread_replicas runs whole steps per thread).
+// f(b, e), or f(b, e, chunk) with chunk in [0, num_threads()) naming the slot a
+// per-thread partial result belongs in (0 when inline) — not omp_get_thread_num(),
+// which inside an outer region is the outer thread's number.
+template <class F>
+inline void call_chunk(F& f, std::int64_t b, std::int64_t e, int chunk) {
+  if constexpr (std::is_invocable_v<F&, std::int64_t, std::int64_t, int>)
+    f(b, e, chunk);
+  else
+    f(b, e);
+}
+
 template <class F>
 inline void parallel_for(std::int64_t n, std::int64_t grain, F&& f) {
   if (n <= 0) return;
@@ -78,13 +91,13 @@ inline void parallel_for(std::int64_t n, std::int64_t grain, F&& f) {
       set_flush_denormals();
       const std::int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
       const std::int64_t b = n * t / T, e = n * (t + 1) / T;
-      if (b < e) f(b, e);
+      if (b < e) call_chunk(f, b, e, static_cast<int>(t));
     }
     return;
   }
 #endif
   (void)grain;
-  f(std::int64_t{0}, n);
+  call_chunk(f, std::int64_t{0}, n, 0);
 }
 
 // Σ f(j) over j in [0, n) in 16 running sums (j mod 16), added up in a fixed order at the

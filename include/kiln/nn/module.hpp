@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kiln/autograd/recompute.hpp"
 #include "kiln/autograd/var.hpp"
 
 namespace kiln::nn {
@@ -112,6 +113,18 @@ std::vector<named_parameter<T, Dev>> named_parameters(M& m) {
     }
   });
   return out;
+}
+
+// The random streams (dropout generators) of every module under m.
+template <class M>
+autograd::rng_positions random_streams(M& m) {
+  autograd::rng_positions r;
+  visit_modules(m, [&](const std::string&, auto& sub) {
+    if constexpr (requires { sub.generator; })
+      if constexpr (std::is_same_v<std::remove_cvref_t<decltype(sub.generator)>, philox_generator>)
+        r.generators.push_back(&sub.generator);
+  });
+  return r;
 }
 
 struct parameter_counts {

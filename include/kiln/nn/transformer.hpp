@@ -60,18 +60,6 @@ struct module_list {
   }
 };
 
-// The random streams (dropout generators) of every module under m.
-template <class M>
-autograd::rng_positions random_streams(M& m) {
-  autograd::rng_positions r;
-  visit_modules(m, [&](const std::string&, auto& sub) {
-    if constexpr (requires { sub.generator; })
-      if constexpr (std::is_same_v<std::remove_cvref_t<decltype(sub.generator)>, philox_generator>)
-        r.generators.push_back(&sub.generator);
-  });
-  return r;
-}
-
 template <floating_element T = f32>
 struct kv_cache {
   std::vector<tensor<T>> keys, values;  // per layer [B, capacity, Hkv, D]

@@ -59,12 +59,7 @@ void norm_backward(const tensor<T>& x, const T* w, const tensor<T>& gy, const co
   std::vector<C> pw(static_cast<std::size_t>(gw ? nt * d : 0), C(0)),
       pb(static_cast<std::size_t>(gb ? nt * d : 0), C(0));
   std::vector<int> used(static_cast<std::size_t>(nt), 0);
-  cpu_runtime::parallel_for(rows, 8, [&](std::int64_t rb, std::int64_t re) {
-#if defined(_OPENMP)
-    const int tid = omp_in_parallel() ? omp_get_thread_num() : 0;
-#else
-    const int tid = 0;
-#endif
+  cpu_runtime::parallel_for(rows, 8, [&](std::int64_t rb, std::int64_t re, int tid) {
     used[static_cast<std::size_t>(tid)] = 1;
     C* tw = gw ? pw.data() + tid * d : nullptr;
     C* tb = gb ? pb.data() + tid * d : nullptr;
