@@ -11,6 +11,7 @@
 
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/tensor.hpp"
+#include "kiln/ops/functors.hpp"
 #include "kiln/ops/grad_write.hpp"
 
 namespace kiln::ops::cpu {
@@ -27,14 +28,13 @@ void softmax_forward(const tensor<T>& x, tensor<T>& y, bool log) {
       T* yr = yp + r * d;
       C mx = -std::numeric_limits<C>::infinity();
       for (std::int64_t j = 0; j < d; ++j) mx = std::max(mx, C(xr[j]));
-      C s = 0;
-      for (std::int64_t j = 0; j < d; ++j) s += std::exp(C(xr[j]) - mx);
+      const C s = cpu_runtime::lane_sum<C>(d, [&](std::int64_t j) { return fn::exp_c(C(xr[j]) - mx); });
       if (log) {
         const C lse = mx + std::log(s);
         for (std::int64_t j = 0; j < d; ++j) yr[j] = static_cast<T>(C(xr[j]) - lse);
       } else {
         const C inv = C(1) / s;
-        for (std::int64_t j = 0; j < d; ++j) yr[j] = static_cast<T>(std::exp(C(xr[j]) - mx) * inv);
+        for (std::int64_t j = 0; j < d; ++j) yr[j] = static_cast<T>(fn::exp_c(C(xr[j]) - mx) * inv);
       }
     }
   });
@@ -93,11 +93,10 @@ std::int64_t cross_entropy_forward(const tensor<T>& logits, const tensor<I>& tar
       const T* xr = xp + r * d;
       C mx = -std::numeric_limits<C>::infinity();
       for (std::int64_t j = 0; j < d; ++j) mx = std::max(mx, C(xr[j]));
-      C s = 0, sum_x = 0;
-      for (std::int64_t j = 0; j < d; ++j) {
-        s += std::exp(C(xr[j]) - mx);
-        sum_x += C(xr[j]);
-      }
+      // Lane sums and the inlined exp let both loops vectorise (libm's expf was a scalar
+      // call per logit). A NaN logit still reaches the loss through sum_x.
+      const C s = cpu_runtime::lane_sum<C>(d, [&](std::int64_t j) { return fn::exp_c(C(xr[j]) - mx); });
+      const C sum_x = cpu_runtime::lane_sum<C>(d, [&](std::int64_t j) { return C(xr[j]); });
       const C l = mx + std::log(s);
       lse[r] = l;
       const std::int64_t t = static_cast<std::int64_t>(tp[r]);
@@ -138,7 +137,7 @@ void cross_entropy_backward(const tensor<T>& logits, const tensor<I>& target, co
         continue;
       }
       for (std::int64_t j = 0; j < d; ++j) {
-        const C p = std::exp(C(xr[j]) - lse[r]);
+        const C p = fn::exp_c(C(xr[j]) - lse[r]);
         const C q = (j == t ? C(1) - eps : C(0)) + eps / C(d);
         store_grad(o[j], scale * (p - q), mode);
       }
