@@ -1,5 +1,6 @@
 // Forward values against hand-computed or closed-form references.
 #include <cmath>
+#include <limits>
 
 #include "../helpers.hpp"
 
@@ -45,6 +46,34 @@ TEST_CASE("softmax, log_softmax and cross-entropy agree with their definitions")
                        doctest::Contains("target 3 at row 0 is outside [0, 3)"), kiln::error);
   CHECK_THROWS_WITH_AS(cross_entropy(x, tensor<i64>::from({3}, {0, 0, 0})),
                        doctest::Contains("2 rows of logits [2, 3] but 3 targets"), kiln::error);
+}
+
+TEST_CASE("f32 softmax and cross-entropy: the vectorised exp keeps NaN and fully masked rows NaN") {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  // Row 0 holds a NaN, row 1 only -inf, row 2 is ordinary (with one masked logit).
+  auto xt = tensor<f32>::from({3, 4}, {0.5f, nan, -1.0f, 2.0f, -inf, -inf, -inf, -inf, 1.0f, 2.0f, -inf, 0.0f});
+  auto p = softmax(var<f32>(xt)).value();
+  for (int j = 0; j < 4; ++j) {
+    CHECK(std::isnan(p(0, j)));
+    CHECK(std::isnan(p(1, j)));
+  }
+  const double z = std::exp(1.0) + std::exp(2.0) + 1.0;
+  CHECK(p(2, 1) == doctest::Approx(std::exp(2.0) / z).epsilon(1e-6));
+  CHECK(p(2, 2) < 1e-30f);
+  // Cross-entropy: a NaN logit makes that row's loss and every gradient of it NaN. A
+  // masked (-inf) logit without label smoothing leaves the loss finite (it was NaN: 0 · inf).
+  var<f32> x(tensor<f32>::from({2, 4}, {0.5f, nan, -1.0f, 2.0f, 1.0f, 2.0f, -inf, 0.0f}), true);
+  auto t = tensor<i64>::from({2}, {0, 1});
+  auto loss = cross_entropy(x, t);
+  CHECK(std::isnan(loss.value()()));
+  loss.backward();
+  for (int j = 0; j < 4; ++j) CHECK(std::isnan(x.grad()(0, j)));
+  auto clean = var<f32>(tensor<f32>::from({1, 4}, {1.0f, 2.0f, -inf, 0.0f}), true);
+  auto l2 = cross_entropy(clean, tensor<i64>::from({1}, {1}));
+  CHECK(l2.value()() == doctest::Approx(std::log(z) - 2.0).epsilon(1e-6));
+  l2.backward();
+  CHECK(clean.grad()(0, 1) == doctest::Approx(std::exp(2.0) / z - 1.0).epsilon(1e-6));
+  CHECK(std::abs(clean.grad()(0, 2)) < 1e-37f);  // a masked logit: exp clamps at e^-87.3
 }
 
 TEST_CASE("reductions, mse, embedding, concat, cast") {

@@ -28,13 +28,21 @@ void softmax_forward(const tensor<T>& x, tensor<T>& y, bool log) {
       T* yr = yp + r * d;
       C mx = -std::numeric_limits<C>::infinity();
       for (std::int64_t j = 0; j < d; ++j) mx = std::max(mx, C(xr[j]));
-      const C s = cpu_runtime::lane_sum<C>(d, [&](std::int64_t j) { return fn::exp_c(C(xr[j]) - mx); });
+      // exp_c clamps its argument, so it would turn a NaN into a number: a row with a NaN
+      // (or with nothing but -inf) takes libm's exp, which keeps the NaN.
+      const C sum_x = cpu_runtime::lane_sum<C>(d, [&](std::int64_t j) { return C(xr[j]); });
+      const bool plain = std::isfinite(mx) && !std::isnan(sum_x);
+      const C s = plain ? cpu_runtime::lane_sum<C>(d, [&](std::int64_t j) { return fn::exp_c(C(xr[j]) - mx); })
+                        : cpu_runtime::lane_sum<C>(d, [&](std::int64_t j) { return std::exp(C(xr[j]) - mx); });
       if (log) {
         const C lse = mx + std::log(s);
         for (std::int64_t j = 0; j < d; ++j) yr[j] = static_cast<T>(C(xr[j]) - lse);
       } else {
         const C inv = C(1) / s;
-        for (std::int64_t j = 0; j < d; ++j) yr[j] = static_cast<T>(fn::exp_c(C(xr[j]) - mx) * inv);
+        if (plain)
+          for (std::int64_t j = 0; j < d; ++j) yr[j] = static_cast<T>(fn::exp_c(C(xr[j]) - mx) * inv);
+        else
+          for (std::int64_t j = 0; j < d; ++j) yr[j] = static_cast<T>(std::exp(C(xr[j]) - mx) * inv);
       }
     }
   });
@@ -94,15 +102,19 @@ std::int64_t cross_entropy_forward(const tensor<T>& logits, const tensor<I>& tar
       C mx = -std::numeric_limits<C>::infinity();
       for (std::int64_t j = 0; j < d; ++j) mx = std::max(mx, C(xr[j]));
       // Lane sums and the inlined exp let both loops vectorise (libm's expf was a scalar
-      // call per logit). A NaN logit still reaches the loss through sum_x.
+      // call per logit). exp_c clamps, so a NaN logit would vanish from s: such a row
+      // gets a NaN log-sum-exp, hence a NaN loss and NaN gradients, as with libm's exp.
       const C s = cpu_runtime::lane_sum<C>(d, [&](std::int64_t j) { return fn::exp_c(C(xr[j]) - mx); });
       const C sum_x = cpu_runtime::lane_sum<C>(d, [&](std::int64_t j) { return C(xr[j]); });
-      const C l = mx + std::log(s);
+      const C l = std::isnan(sum_x) ? sum_x : mx + std::log(s);
       lse[r] = l;
       const std::int64_t t = static_cast<std::int64_t>(tp[r]);
       if (t == opt.ignore_index) continue;
       // -(1-eps) log p_t - eps/D Σ_j log p_j
-      row_loss[static_cast<std::size_t>(r)] = (C(1) - eps) * (l - C(xr[t])) + eps * (l - sum_x / C(d));
+      // (The smoothing term only when smoothing: with a masked -inf logit, sum_x is -inf
+      // and 0 · inf would make the loss NaN.)
+      row_loss[static_cast<std::size_t>(r)] =
+          (C(1) - eps) * (l - C(xr[t])) + (eps != C(0) ? eps * (l - sum_x / C(d)) : C(0));
     }
   });
   std::int64_t count = 0;
@@ -134,6 +146,10 @@ void cross_entropy_backward(const tensor<T>& logits, const tensor<I>& target, co
       const T* xr = xp + r * d;
       if (t == opt.ignore_index) {
         for (std::int64_t j = 0; j < d; ++j) store_grad(o[j], C(0), mode);
+        continue;
+      }
+      if (std::isnan(lse[r])) {
+        for (std::int64_t j = 0; j < d; ++j) store_grad(o[j], lse[r], mode);
         continue;
       }
       for (std::int64_t j = 0; j < d; ++j) {
