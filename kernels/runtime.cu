@@ -6,8 +6,12 @@
 // definitions below are the ones a CUDA program links.
 #define KILN_WITH_CUDA 1
 
+#include <algorithm>
 #include <array>
+#include <cstdint>
+#include <cstring>
 #include <mutex>
+#include <string>
 
 #include "common.cuh"
 #include "kiln/core/allocator.hpp"
@@ -139,6 +143,52 @@ void* raw_memory<cuda>::allocate(std::size_t n) {
 }
 void raw_memory<cuda>::deallocate(void* p) {
   if (p) cudaFreeAsync(p, static_cast<cudaStream_t>(cuda_runtime::compute_stream()));
+}
+
+namespace {
+template <class U>
+__global__ void fill_kernel(U* p, std::size_t n, U v) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::size_t(gridDim.x) * blockDim.x)
+    p[i] = v;
+}
+template <class U>
+void launch_fill(void* p, std::size_t n, const void* value, cudaStream_t s) {
+  U v;
+  std::memcpy(&v, value, sizeof(U));
+  const unsigned blocks = static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 65535));
+  fill_kernel<U><<<blocks, 256, 0, s>>>(static_cast<U*>(p), n, v);
+  cuda_kernels::detail::check(cudaGetLastError(), "fill_kernel");
+}
+}  // namespace
+
+// A value whose bytes are all zero (0, +0.0 of any type) is a memset; others a kernel
+// writing the element pattern.
+void raw_memory<cuda>::fill(void* p, std::size_t count, std::size_t elem_bytes, const void* value) {
+  const auto s = static_cast<cudaStream_t>(cuda_runtime::compute_stream());
+  const auto* b = static_cast<const unsigned char*>(value);
+  bool zero = true;
+  for (std::size_t i = 0; i < elem_bytes; ++i) zero = zero && b[i] == 0;
+  if (zero || elem_bytes == 1) {
+    cuda_kernels::detail::check(cudaMemsetAsync(p, zero ? 0 : b[0], count * elem_bytes, s), "cudaMemsetAsync");
+    return;
+  }
+  switch (elem_bytes) {
+    case 2:
+      launch_fill<std::uint16_t>(p, count, value, s);
+      break;
+    case 4:
+      launch_fill<std::uint32_t>(p, count, value, s);
+      break;
+    case 8:
+      launch_fill<std::uint64_t>(p, count, value, s);
+      break;
+    default:
+      throw error("cuda fill: element size " + std::to_string(elem_bytes) + " is not 1, 2, 4 or 8 bytes");
+  }
+}
+void raw_memory<cuda>::copy(void* dst, const void* src, std::size_t bytes) {
+  cuda_runtime::copy(dst, src, bytes, cuda_runtime::copy_kind::device_to_device, cuda_runtime::compute_stream());
 }
 }  // namespace detail
 

@@ -52,12 +52,22 @@ struct raw_memory<cuda> {
   // The CUDA backend supplies these (kernels/runtime); without it, CUDA tensors cannot exist.
   static void* allocate(std::size_t);
   static void deallocate(void*);
+  // On kiln's compute stream, asynchronous: `count` elements of `elem_bytes` bytes (1, 2,
+  // 4 or 8) set to *value; a device-to-device copy of `bytes`.
+  static void fill(void* p, std::size_t count, std::size_t elem_bytes, const void* value);
+  static void copy(void* dst, const void* src, std::size_t bytes);
 };
 #if !defined(KILN_WITH_CUDA)
 inline void* raw_memory<cuda>::allocate(std::size_t) {
   throw error("cuda tensor requested, but kiln was built without CUDA (configure with -Dcuda=enabled)");
 }
 inline void raw_memory<cuda>::deallocate(void*) {}
+inline void raw_memory<cuda>::fill(void*, std::size_t, std::size_t, const void*) {
+  throw error("cuda tensor fill, but kiln was built without CUDA");
+}
+inline void raw_memory<cuda>::copy(void*, const void*, std::size_t) {
+  throw error("cuda tensor copy, but kiln was built without CUDA");
+}
 #endif
 }  // namespace detail
 

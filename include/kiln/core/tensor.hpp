@@ -149,8 +149,12 @@ class tensor {
 
   // --- whole-tensor operations -----------------------------------------------------
   tensor& fill(T v) {
-    static_assert(Dev::is_host, "fill on device tensors comes with the CUDA backend");
-    if (is_contiguous()) {
+    if constexpr (!Dev::is_host) {
+      KILN_CHECK(is_contiguous(), "fill: a strided ", Dev::name, " tensor ", shape_.str(),
+                 " (device fills write contiguous tensors; fill a contiguous one and take the view)");
+      if (numel()) detail::raw_memory<Dev>::fill(data(), static_cast<std::size_t>(numel()), sizeof(T), &v);
+      return *this;
+    } else if (is_contiguous()) {
       std::fill_n(data(), numel(), v);
     } else {
       for (std::int64_t i = 0; i < numel(); ++i) flat(i) = v;
@@ -167,7 +171,11 @@ class tensor {
   tensor& copy_from(const tensor& src) {
     KILN_CHECK(src.shape() == shape_, "copy_from: shape ", src.shape().str(), " does not match destination ",
                shape_.str());
-    if (is_contiguous() && src.is_contiguous()) {
+    if constexpr (!Dev::is_host) {
+      KILN_CHECK(is_contiguous() && src.is_contiguous(), "copy_from: strided ", Dev::name, " tensors ",
+                 src.shape().str(), " (device copies are contiguous; strided ones come with the device ops)");
+      if (numel()) detail::raw_memory<Dev>::copy(data(), src.data(), nbytes());
+    } else if (is_contiguous() && src.is_contiguous()) {
       if (numel()) std::memmove(data(), src.data(), nbytes());
     } else {
       for (std::int64_t i = 0; i < numel(); ++i) flat(i) = src.flat(i);

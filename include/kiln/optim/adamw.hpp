@@ -15,6 +15,9 @@
 #include <string_view>
 #include <vector>
 
+#include "kiln/cuda/kernels.hpp"
+#include "kiln/cuda/runtime.hpp"
+
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/philox.hpp"
 #include "kiln/ops/functors.hpp"
@@ -99,6 +102,10 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
   }
 
   void step() {
+    if constexpr (!Dev::is_host) {
+      step_device();
+      return;
+    }
     cpu_runtime::ensure_initialised();
     struct chunk {
       T *p, *m, *v;
@@ -165,6 +172,59 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
         }
       }
     });
+  }
+
+  // The GPU step: every chunk of every parameter in one launch of the fused multi-tensor
+  // kernel (kernels/adamw.cu) on kiln's compute stream — the same chunking, update functor
+  // and stochastic-rounding stream as the CPU loop above. The chunk table goes to the
+  // device through caching-allocator blocks (stream-ordered, so the next step may reuse
+  // them once the kernel has run).
+  void step_device() {
+    namespace ck = cuda_kernels;
+    static_assert(!std::is_same_v<T, f64>, "adamw: the CUDA kernels step f32, bf16 or f16 parameters");
+    std::vector<ck::adamw_chunk> chunks;
+    std::vector<ck::adamw_group> gs;
+    std::int64_t element = 0;
+    for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+      auto& g = groups_[gi];
+      bool any = false;
+      for (std::size_t i = 0; i < g.params.size(); ++i) {
+        auto& p = g.params[i].param;
+        if (!p.has_grad()) continue;
+        any = true;
+        const std::int64_t n = p.numel();
+        for (std::int64_t off = 0; off < n; off += ck::adamw_chunk_elements)
+          chunks.push_back({p.value().data() + off, p.grad().data() + off, g.exp_avg[i].data() + off,
+                            g.exp_avg_sq[i].data() + off, nullptr, std::min(ck::adamw_chunk_elements, n - off),
+                            element + off, static_cast<std::int32_t>(gi)});
+        element += n;
+      }
+      if (any) ++g.step;
+      const double bc1 = 1.0 - std::pow(defaults_.beta1, static_cast<double>(g.step));
+      const double bc2 = 1.0 - std::pow(defaults_.beta2, static_cast<double>(g.step));
+      ck::adamw_group cg;
+      cg.update = ops::fn::adamw_update{g.lr, defaults_.beta1, defaults_.beta2, defaults_.eps, g.weight_decay,
+                                        bc1,  std::sqrt(bc2)}
+                      .template as<float>();
+      if (rounding_.stochastic) {
+        cg.sr = {rounding_.seed ^ (0x9E3779B97F4A7C15ULL * (gi + 1)), static_cast<std::uint64_t>(g.step) << 40};
+        cg.stochastic = 1;
+      }
+      gs.push_back(cg);
+    }
+    if (chunks.empty()) return;
+    auto to_device = [](const auto& v) {
+      using E = typename std::remove_cvref_t<decltype(v)>::value_type;
+      const std::size_t bytes = v.size() * sizeof(E);
+      tensor<u8, Dev> buf(shape{static_cast<std::int64_t>(bytes)});
+      cuda_runtime::copy(buf.data(), v.data(), bytes, cuda_runtime::copy_kind::host_to_device,
+                         cuda_runtime::compute_stream());
+      return buf;
+    };
+    const auto dchunks = to_device(chunks);
+    const auto dgroups = to_device(gs);
+    ck::adamw_step<T, void>(reinterpret_cast<const ck::adamw_chunk*>(dchunks.data()), static_cast<int>(chunks.size()),
+                            reinterpret_cast<const ck::adamw_group*>(dgroups.data()), cuda_runtime::compute_stream());
   }
 
   std::int64_t step_count(std::size_t group = 0) const { return groups_.at(group).step; }
