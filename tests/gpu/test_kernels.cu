@@ -15,11 +15,17 @@
 #include "kiln/cuda/blas.hpp"
 #include "kiln/cuda/kernels.hpp"
 #include "kiln/cuda/runtime.hpp"
+#include "kiln/nn/module.hpp"
+#include "kiln/ops/activation.hpp"
+#include "kiln/ops/arithmetic.hpp"
 #include "kiln/ops/attention.hpp"
 #include "kiln/ops/cpu/elementwise.hpp"
 #include "kiln/ops/cpu/matmul.hpp"
 #include "kiln/ops/cpu/norm.hpp"
+#include "kiln/ops/matmul.hpp"
 #include "kiln/ops/rope.hpp"
+#include "kiln/ops/softmax.hpp"
+#include "kiln/optim/adamw.hpp"
 
 using namespace kiln;
 namespace ck = kiln::cuda_kernels;
@@ -420,6 +426,106 @@ void test_gemm(ck::gemm_math math, bool aligned) {
 
 }  // namespace
 
+// Device fills and copies behind tensor<T, cuda>: zeros by memset, other values by the
+// pattern kernel, contiguous clones; strided device copies are refused by name.
+void test_device_tensor() {
+  namespace cr = kiln::cuda_runtime;
+  auto z = tensor<f32, cuda>::zeros(shape{1000});
+  expect(cr::to_host(z).to_vector() == std::vector<f32>(1000, 0.0f), "device tensor: zeros");
+  auto f = tensor<bf16, cuda>::full(shape{3, 333}, bf16(2.5f));
+  expect(cr::to_host(f).to_vector() == std::vector<bf16>(999, bf16(2.5f)), "device tensor: bf16 full(2.5)");
+  auto g = tensor<f64, cuda>::full(shape{17}, -1.25);
+  expect(cr::to_host(g).to_vector() == std::vector<f64>(17, -1.25), "device tensor: f64 full");
+  auto c = f.clone();
+  expect(c.data() != f.data() && cr::to_host(c).to_vector() == cr::to_host(f).to_vector(), "device tensor: clone");
+  bool refused = false;
+  try {
+    f.transpose(0, 1).contiguous();
+  } catch (const kiln::error& e) {
+    refused = std::string(e.what()).find("strided cuda tensors") != std::string::npos;
+  }
+  expect(refused, "device tensor: a strided device copy is refused by name");
+}
+
+// optim::adamw over cuda parameters (the fused kernel, one launch per step) against the
+// same optimizer over the same parameters on the CPU, three steps, two groups.
+template <class P>
+void test_adamw_optimizer() {
+  namespace cr = kiln::cuda_runtime;
+  const std::int64_t sizes[] = {1000, 70000, 5};
+  std::vector<var<P>> hp;
+  std::vector<var<P, cuda>> dp;
+  for (int k = 0; k < 3; ++k) {
+    auto t = as_tensor(random<P>(static_cast<std::size_t>(sizes[k]), 70 + k), shape{sizes[k]});
+    hp.emplace_back(t.clone(), true);
+    dp.emplace_back(cr::to_device(t), true);
+  }
+  auto groups = [](auto& ps) {
+    using V = typename std::remove_cvref_t<decltype(ps)>::value_type;
+    using NP = nn::named_parameter<P, typename V::device_type>;
+    std::vector<optim::param_group<P, typename V::device_type>> g(2);
+    g[0].params = {NP{"a", ps[0]}, NP{"b", ps[1]}};
+    g[1].params = {NP{"c", ps[2]}};
+    g[1].weight_decay = 0.0;
+    return g;
+  };
+  const optim::adamw_options o{.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1};
+  optim::adamw<P> host(groups(hp), o);
+  optim::adamw<P, cuda> dev(groups(dp), o);
+  for (int step = 0; step < 3; ++step) {
+    for (int k = 0; k < 3; ++k) {
+      auto gr = as_tensor(random<P>(static_cast<std::size_t>(sizes[k]), 100 * step + k), shape{sizes[k]});
+      hp[k].begin_grad_write();
+      hp[k].grad().copy_from(gr);
+      dp[k].begin_grad_write();
+      auto dg = cr::to_device(gr);
+      dp[k].grad().copy_from(dg);
+    }
+    host.step();
+    dev.step();
+  }
+  for (int k = 0; k < 3; ++k)
+    expect_close(std::string("adamw optimizer ") + tname<P>() + " param " + std::to_string(k),
+                 cr::to_host(dp[k].value()).to_vector(), hp[k].value().to_vector(),
+                 std::is_same_v<P, f32> ? 1e-5 : tol<P>());
+}
+
+// A small network's forward and backward through kiln's ops on cuda tensors — linear
+// (cuBLASLt, bias epilogue), GELU, a broadcast add, a product, a scale, cross-entropy with
+// an ignored row — against the same graph on the CPU: the loss and every gradient.
+template <class T>
+void test_ops_graph() {
+  namespace cr = kiln::cuda_runtime;
+  const std::int64_t B = 48, In = 96, H = 80, K = 10;
+  std::vector<i64> labels(B);
+  for (std::int64_t i = 0; i < B; ++i) labels[static_cast<std::size_t>(i)] = (i * 7) % K;
+  labels[3] = -100;  // ignored
+  const auto ht = as_tensor(labels, shape{B});
+  const tensor<T> init[] = {
+      as_tensor(random<T>(B * In, 200), shape{B, In}),     as_tensor(random<T>(H * In, 201, 0.1f), shape{H, In}),
+      as_tensor(random<T>(H, 202, 0.1f), shape{H}),        as_tensor(random<T>(H, 203), shape{H}),
+      as_tensor(random<T>(K * H, 204, 0.1f), shape{K, H}), as_tensor(random<T>(K, 205, 0.1f), shape{K})};
+  auto run = [&](auto dev_tag, auto to_dev) {
+    using D = decltype(dev_tag);
+    std::vector<var<T, D>> p;
+    for (auto& t : init) p.emplace_back(to_dev(t), true);
+    auto h = ops::gelu(ops::linear(p[0], p[1], std::optional(p[2])), ops::gelu_approximation::tanh);
+    auto g = ops::mul(ops::add(h, p[3]), h);  // broadcast add over rows, then a same-shape product
+    auto y = ops::linear(ops::scale(g, 0.5), p[4], std::optional(p[5]));
+    auto loss = ops::cross_entropy(y, to_dev(ht));
+    loss.backward();
+    return std::pair{loss, p};
+  };
+  auto [hl, hp] = run(cpu{}, [](const auto& t) { return t.clone(); });
+  auto [dl, dp] = run(cuda{}, [](const auto& t) { return cr::to_device(t); });
+  const std::string n = std::string("ops graph ") + tname<T>();
+  const double t = std::is_same_v<T, f32> ? 1e-4 : tol<T>();
+  expect_close(n + " loss", cr::to_host(dl.value()).to_vector(), hl.value().to_vector(), t);
+  const char* names[] = {"x", "w1", "b1", "c", "w2", "b2"};
+  for (std::size_t k = 0; k < hp.size(); ++k)
+    expect_close(n + " grad " + names[k], cr::to_host(dp[k].grad()).to_vector(), hp[k].grad().to_vector(), t);
+}
+
 int main() {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -430,6 +536,11 @@ int main() {
   cuda_ok(cudaGetDeviceProperties(&prop, 0), "properties");
   std::printf("test_kernels on %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
   test_runtime();
+  test_device_tensor();
+  test_adamw_optimizer<f32>();
+  test_adamw_optimizer<bf16>();
+  test_ops_graph<f32>();
+  test_ops_graph<bf16>();
   test_gemm<f32>(ck::gemm_math::f32, true);
   test_gemm<f32>(ck::gemm_math::f32, false);
   test_gemm<f32>(ck::gemm_math::tf32, true);

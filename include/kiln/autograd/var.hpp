@@ -16,6 +16,7 @@
 #include "kiln/autograd/grad_mode.hpp"
 #include "kiln/autograd/tape.hpp"
 #include "kiln/core/tensor.hpp"
+#include "kiln/cuda/ops.hpp"
 #include "kiln/ops/grad_write.hpp"
 
 namespace kiln {
@@ -96,9 +97,11 @@ class var {
     const grad_write mode = begin_grad_write();
     if (mode == grad_write::overwrite)
       s_->grad.copy_from(seed);
-    else
+    else if constexpr (Dev::is_host)
       for (std::int64_t i = 0; i < numel(); ++i)
         s_->grad.data()[i] = T(compute_t<T>(s_->grad.data()[i]) + compute_t<T>(seed.flat(i)));
+    else
+      ops::gpu::scale(seed.contiguous(), 1.0f, s_->grad, grad_write::accumulate);
     autograd::tape::current().backward();
   }
 

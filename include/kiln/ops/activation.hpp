@@ -3,21 +3,29 @@
 
 #include "kiln/autograd/var.hpp"
 #include "kiln/core/philox.hpp"
+#include "kiln/cuda/ops.hpp"
 #include "kiln/ops/cpu/elementwise.hpp"
 
 namespace kiln::ops {
 
-// Applies the scalar functor F (ops::fn::relu, gelu_exact, gelu_tanh, silu) element-wise.
+// Applies the scalar functor F (ops::fn::relu, gelu_exact, gelu_tanh, silu) element-wise,
+// on the CPU or, for cuda tensors, with the same functor in kernels/ops.cu.
 template <class F, floating_element T, device Dev>
 var<T, Dev> unary(const var<T, Dev>& x, F f = {}) {
   auto xv = x.value().contiguous();
   tensor<T, Dev> y(xv.shape());
-  cpu::unary_forward(f, xv, y);
+  if constexpr (Dev::is_host)
+    cpu::unary_forward(f, xv, y);
+  else
+    gpu::unary_forward(f, xv, y);
   return autograd::record(
       std::move(y),
       [x, xv, f](const tensor<T, Dev>& gy) mutable {
         const grad_write m = x.begin_grad_write();
-        cpu::unary_backward(f, xv, gy, x.grad(), m);
+        if constexpr (Dev::is_host)
+          cpu::unary_backward(f, xv, gy, x.grad(), m);
+        else
+          gpu::unary_backward(f, xv, gy, x.grad(), m);
       },
       x);
 }

@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/cuda/ops.hpp"
 #include "kiln/ops/cpu/elementwise.hpp"
 
 namespace kiln::ops {
@@ -14,17 +15,26 @@ var<T, Dev> binary(const var<T, Dev>& a, const var<T, Dev>& b, const char* name)
   const shape out_shape = broadcast_shapes(a.shape(), b.shape(), name);
   auto av = a.value().contiguous(), bv = b.value().contiguous();
   tensor<T, Dev> y(out_shape);
-  cpu::binary_forward<Op>(av, bv, y);
+  if constexpr (Dev::is_host)
+    cpu::binary_forward<Op>(av, bv, y);
+  else
+    gpu::binary_forward<Op>(av, bv, y);
+  auto grad_of = [](const auto& av, const auto& bv, const auto& gy, int which, auto& g, grad_write m) {
+    if constexpr (Dev::is_host)
+      cpu::binary_backward<Op>(av, bv, gy, which, g, m);
+    else
+      gpu::binary_backward<Op>(av, bv, gy, which, g, m);
+  };
   return autograd::record(
       std::move(y),
-      [a, b, av, bv](const tensor<T, Dev>& gy) mutable {
+      [a, b, av, bv, grad_of](const tensor<T, Dev>& gy) mutable {
         if (a.requires_grad()) {
           const grad_write m = a.begin_grad_write();
-          cpu::binary_backward<Op>(av, bv, gy, 0, a.grad(), m);
+          grad_of(av, bv, gy, 0, a.grad(), m);
         }
         if (b.requires_grad()) {
           const grad_write m = b.begin_grad_write();
-          cpu::binary_backward<Op>(av, bv, gy, 1, b.grad(), m);
+          grad_of(av, bv, gy, 1, b.grad(), m);
         }
       },
       a, b);
@@ -72,12 +82,18 @@ template <floating_element T, device Dev>
 var<T, Dev> scale(const var<T, Dev>& x, double s) {
   auto xv = x.value().contiguous();
   tensor<T, Dev> y(xv.shape());
-  cpu::scale(xv, static_cast<compute_t<T>>(s), y, grad_write::overwrite);
+  auto apply = [s](const tensor<T, Dev>& in, tensor<T, Dev>& out, grad_write m) {
+    if constexpr (Dev::is_host)
+      cpu::scale(in, static_cast<compute_t<T>>(s), out, m);
+    else
+      gpu::scale(in, static_cast<float>(s), out, m);
+  };
+  apply(xv, y, grad_write::overwrite);
   return autograd::record(
       std::move(y),
-      [x, s](const tensor<T, Dev>& gy) mutable {
+      [x, apply](const tensor<T, Dev>& gy) mutable {
         const grad_write m = x.begin_grad_write();
-        cpu::scale(gy, static_cast<compute_t<T>>(s), x.grad(), m);
+        apply(gy, x.grad(), m);
       },
       x);
 }

@@ -79,14 +79,21 @@ var<T, Dev> linear(const var<T, Dev>& x, const var<T, Dev>& w, const std::option
   shape ys = xv.shape();
   ys[ys.rank() - 1] = w.size(0);
   tensor<T, Dev> y(ys);
-  cpu::linear_forward(xv, wv, bias ? &bias->value() : nullptr, y);
+  if constexpr (Dev::is_host)
+    cpu::linear_forward(xv, wv, bias ? &bias->value() : nullptr, y);
+  else
+    gpu::linear_forward(xv, wv, bias ? &bias->value() : nullptr, y);
   auto backward = [x, w, bias, xv](const tensor<T, Dev>& gy) mutable {
     const bool bx = x.requires_grad(), bw = w.requires_grad(), bb = bias && bias->requires_grad();
     const grad_write mx = bx ? x.begin_grad_write() : grad_write::overwrite;
     const grad_write mw = bw ? w.begin_grad_write() : grad_write::overwrite;
     const grad_write mb = bb ? bias->begin_grad_write() : grad_write::overwrite;
-    cpu::linear_backward(xv, w.value(), gy, bx ? &x.grad() : nullptr, mx, bw ? &w.grad() : nullptr, mw,
-                         bb ? &bias->grad() : nullptr, mb);
+    if constexpr (Dev::is_host)
+      cpu::linear_backward(xv, w.value(), gy, bx ? &x.grad() : nullptr, mx, bw ? &w.grad() : nullptr, mw,
+                           bb ? &bias->grad() : nullptr, mb);
+    else
+      gpu::linear_backward(xv, w.value(), gy, bx ? &x.grad() : nullptr, mx, bw ? &w.grad() : nullptr, mw,
+                           bb ? &bias->grad() : nullptr, mb);
   };
   if (bias) return autograd::record(std::move(y), std::move(backward), x, w, *bias);
   return autograd::record(std::move(y), std::move(backward), x, w);

@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/cuda/ops.hpp"
 #include "kiln/ops/cpu/softmax.hpp"
 
 namespace kiln::ops {
@@ -45,20 +46,36 @@ template <floating_element T, device Dev, index_element I>
 var<T, Dev> cross_entropy(const var<T, Dev>& logits, const tensor<I, Dev>& target, cross_entropy_options opt = {}) {
   KILN_CHECK(opt.label_smoothing >= 0.0f && opt.label_smoothing <= 1.0f, "cross_entropy: label_smoothing ",
              opt.label_smoothing, " is outside [0, 1]");
-  using C = compute_t<T>;
-  auto xv = logits.value().contiguous();
-  auto tv = target.contiguous();
-  auto lse = std::make_shared<std::vector<C>>(static_cast<std::size_t>(xv.shape().rows()));
-  C loss = 0;
-  const std::int64_t count = cpu::cross_entropy_forward(xv, tv, opt, lse->data(), loss);
-  tensor<T, Dev> y = tensor<T, Dev>::full(shape{}, static_cast<T>(loss));
-  return autograd::record(
-      std::move(y),
-      [logits, xv, tv, opt, lse, count](const tensor<T, Dev>& gy) mutable {
-        const grad_write m = logits.begin_grad_write();
-        cpu::cross_entropy_backward(xv, tv, opt, lse->data(), count, C(gy.data()[0]), logits.grad(), m);
-      },
-      logits);
+  if constexpr (!Dev::is_host) {
+    // The device path (kernels/ops.cu): i64 targets, the loss reduced on the device.
+    static_assert(std::is_same_v<I, i64>, "kiln::cross_entropy on cuda: targets must be i64");
+    auto xv = logits.value().contiguous();
+    auto tv = target.contiguous();
+    tensor<T, Dev> y(shape{});
+    const std::int64_t count = gpu::cross_entropy_forward(xv, tv, opt, y);
+    return autograd::record(
+        std::move(y),
+        [logits, xv, tv, opt, count](const tensor<T, Dev>& gy) mutable {
+          const grad_write m = logits.begin_grad_write();
+          gpu::cross_entropy_backward(xv, tv, opt, count, gy, logits.grad(), m);
+        },
+        logits);
+  } else {
+    using C = compute_t<T>;
+    auto xv = logits.value().contiguous();
+    auto tv = target.contiguous();
+    auto lse = std::make_shared<std::vector<C>>(static_cast<std::size_t>(xv.shape().rows()));
+    C loss = 0;
+    const std::int64_t count = cpu::cross_entropy_forward(xv, tv, opt, lse->data(), loss);
+    tensor<T, Dev> y = tensor<T, Dev>::full(shape{}, static_cast<T>(loss));
+    return autograd::record(
+        std::move(y),
+        [logits, xv, tv, opt, lse, count](const tensor<T, Dev>& gy) mutable {
+          const grad_write m = logits.begin_grad_write();
+          cpu::cross_entropy_backward(xv, tv, opt, lse->data(), count, C(gy.data()[0]), logits.grad(), m);
+        },
+        logits);
+  }
 }
 
 }  // namespace kiln::ops
