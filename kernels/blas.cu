@@ -84,6 +84,15 @@ void gemm(const gemm_shape& s, const T* a, const T* b, T* c, grad_write mode, st
   KILN_CHECK(pre_activation == nullptr || epilogue == gemm_epilogue::bias_gelu_tanh,
              "cuda gemm: pre_activation is only written by the bias_gelu_tanh epilogue");
   if (s.m == 0 || s.n == 0) return;
+  if (s.k == 0) {  // an empty sum: C = 0 when overwriting, unchanged when accumulating
+    KILN_CHECK(epilogue == gemm_epilogue::none, "cuda gemm: K = 0 with a bias epilogue (M=", s.m, " N=", s.n, ")");
+    if (mode == grad_write::overwrite)
+      detail::check(cudaMemset2DAsync(c, static_cast<std::size_t>(s.ldc) * sizeof(T), 0,
+                                      static_cast<std::size_t>(s.n) * sizeof(T), static_cast<std::size_t>(s.m),
+                                      static_cast<cudaStream_t>(stream)),
+                    "cudaMemset2DAsync (gemm with K = 0)");
+    return;
+  }
   // Column-major view (see the file comment): D[N × M] = opA(Bbuf)[N × K] · opB(Abuf)[K × M].
   const cublasOperation_t op_a = s.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_b = s.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -122,6 +131,23 @@ void gemm(const gemm_shape& s, const T* a, const T* b, T* c, grad_write mode, st
   const std::size_t ws = lt_context::workspace_bytes;
   lt_ok(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)),
         "MAX_WORKSPACE_BYTES", s);
+  // The heuristic otherwise assumes 256-byte-aligned operands: tell it what these
+  // pointers really have (a row-slice view of a tensor may start anywhere on an element).
+  auto alignment = [](const void* p) {
+    const auto v = reinterpret_cast<std::uintptr_t>(p);
+    std::uint32_t al = 256;
+    while (al > 1 && v % al) al /= 2;
+    return al;
+  };
+  const std::uint32_t al_a = alignment(b), al_b = alignment(a), al_c = alignment(c);  // cuBLASLt's A is our b
+  lt_ok(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)),
+        "MIN_ALIGNMENT_A_BYTES", s);
+  lt_ok(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)),
+        "MIN_ALIGNMENT_B_BYTES", s);
+  lt_ok(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)),
+        "MIN_ALIGNMENT_C_BYTES", s);
+  lt_ok(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)),
+        "MIN_ALIGNMENT_D_BYTES", s);
   cublasLtMatmulHeuristicResult_t heuristic{};
   int found = 0;
   lt_ok(cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &heuristic, &found),

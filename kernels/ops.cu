@@ -175,7 +175,40 @@ __global__ void loss_reduce_kernel(const float* __restrict__ rows_loss, const st
   }
 }
 
+// f32 sums into a T gradient, honouring its mode.
+template <class D>
+__global__ void store_f32_kernel(const float* __restrict__ src, D* __restrict__ dst, std::int64_t n, grad_write mode) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x)
+    store(dst[i], src[i], mode);
+}
+
 }  // namespace
+
+template <class T>
+void norm_forward(const dtensor<T>& x, const T* w, const T* b, double eps, bool rms, dtensor<T>& y,
+                  dtensor<float>& stats) {
+  const std::int64_t cols = x.shape().back(), rows = x.shape().rows();
+  cuda_kernels::norm_forward<T>(x.data(), nullptr, nullptr, w, b, y.data(), stats.data(), stats.data() + rows, rows,
+                                cols, static_cast<float>(eps), rms, cuda_runtime::compute_stream());
+}
+
+template <class T>
+void norm_backward(const dtensor<T>& x, const T* w, const dtensor<T>& gy, const dtensor<float>& stats, bool rms, T* gx,
+                   grad_write mx, T* gw, grad_write mw, T* gb, grad_write mb) {
+  const std::int64_t cols = x.shape().back(), rows = x.shape().rows();
+  dtensor<float> scratch, dw, db;
+  if (gw || gb) scratch = dtensor<float>(shape{2 * cuda_kernels::norm_slabs * cols});
+  if (gw) dw = dtensor<float>(shape{cols});
+  if (gb && !rms) db = dtensor<float>(shape{cols});
+  cuda_kernels::norm_backward<T>(x.data(), w, stats.data(), stats.data() + rows, gy.data(), gx,
+                                 mx == grad_write::accumulate, gw ? dw.data() : nullptr,
+                                 gb && !rms ? db.data() : nullptr, gw || gb ? scratch.data() : nullptr, rows, cols, rms,
+                                 cuda_runtime::compute_stream());
+  if (gw) store_f32_kernel<<<grid_for(cols, block), block, 0, stream()>>>(dw.data(), dev(gw), cols, mw);
+  if (gb && !rms) store_f32_kernel<<<grid_for(cols, block), block, 0, stream()>>>(db.data(), dev(gb), cols, mb);
+  check_launch("norm backward (weight gradients)");
+}
 
 template <class F, class T>
 void unary_forward(F f, const dtensor<T>& x, dtensor<T>& y) {
@@ -235,7 +268,7 @@ void binary_backward(const dtensor<T>& a, const dtensor<T>& b, const dtensor<T>&
 
 template <class T>
 void linear_forward(const dtensor<T>& x, const dtensor<T>& w, const dtensor<T>* bias, dtensor<T>& y) {
-  const std::int64_t in = w.size(1), out = w.size(0), rows = x.numel() / in;
+  const std::int64_t in = w.size(1), out = w.size(0), rows = x.shape().rows();
   namespace ck = cuda_kernels;
   ck::gemm_shape s{false, true, rows, out, in, in, in, out};
   ck::gemm<T>(s, x.data(), w.data(), y.data(), grad_write::overwrite, cuda_runtime::compute_stream(),
@@ -246,7 +279,7 @@ void linear_forward(const dtensor<T>& x, const dtensor<T>& w, const dtensor<T>* 
 template <class T>
 void linear_backward(const dtensor<T>& x, const dtensor<T>& w, const dtensor<T>& gy, dtensor<T>* gx, grad_write mx,
                      dtensor<T>* gw, grad_write mw, dtensor<T>* gb, grad_write mb) {
-  const std::int64_t in = w.size(1), out = w.size(0), rows = x.numel() / in;
+  const std::int64_t in = w.size(1), out = w.size(0), rows = x.shape().rows();
   namespace ck = cuda_kernels;
   auto* st = cuda_runtime::compute_stream();
   if (gx) ck::gemm<T>({false, false, rows, in, out, out, in, in}, gy.data(), w.data(), gx->data(), mx, st);
@@ -262,7 +295,7 @@ std::int64_t cross_entropy_forward(const dtensor<T>& logits, const dtensor<std::
                                    const cpu::cross_entropy_options& opt, dtensor<T>& loss) {
   KILN_CHECK(opt.label_smoothing == 0.0f, "cross_entropy on cuda: label_smoothing ", opt.label_smoothing,
              " is not supported on the device yet (use 0, or compute the loss on the cpu)");
-  const std::int64_t vocab = logits.shape().back(), rows = logits.numel() / std::max<std::int64_t>(vocab, 1);
+  const std::int64_t vocab = logits.shape().back(), rows = logits.shape().rows();
   KILN_CHECK(target.numel() == rows, "cross_entropy: ", rows, " rows of logits ", logits.shape().str(), " but ",
              target.numel(), " targets ", target.shape().str());
   dtensor<float> per_row(shape{rows});
@@ -284,7 +317,7 @@ template <class T>
 void cross_entropy_backward(const dtensor<T>& logits, const dtensor<std::int64_t>& target,
                             const cpu::cross_entropy_options& opt, std::int64_t count, const dtensor<T>& gloss,
                             dtensor<T>& gx, grad_write mode) {
-  const std::int64_t vocab = logits.shape().back(), rows = logits.numel() / std::max<std::int64_t>(vocab, 1);
+  const std::int64_t vocab = logits.shape().back(), rows = logits.shape().rows();
   T g{};
   cuda_runtime::copy(&g, gloss.data(), sizeof g, cuda_runtime::copy_kind::device_to_host,
                      cuda_runtime::compute_stream());
@@ -324,6 +357,9 @@ void cross_entropy_backward(const dtensor<T>& logits, const dtensor<std::int64_t
                                    dtensor<T>*, grad_write, dtensor<T>*, grad_write);                                \
   template std::int64_t cross_entropy_forward<T>(const dtensor<T>&, const dtensor<std::int64_t>&,                    \
                                                  const cpu::cross_entropy_options&, dtensor<T>&);                    \
+  template void norm_forward<T>(const dtensor<T>&, const T*, const T*, double, bool, dtensor<T>&, dtensor<float>&);  \
+  template void norm_backward<T>(const dtensor<T>&, const T*, const dtensor<T>&, const dtensor<float>&, bool, T*,    \
+                                 grad_write, T*, grad_write, T*, grad_write);                                        \
   template void cross_entropy_backward<T>(const dtensor<T>&, const dtensor<std::int64_t>&,                           \
                                           const cpu::cross_entropy_options&, std::int64_t, const dtensor<T>&,        \
                                           dtensor<T>&, grad_write);

@@ -32,6 +32,14 @@ inline tensor<T> rand_tensor(const shape& s, std::uint64_t seed, double lo = -1.
 }
 
 // A fresh, empty directory under the system's temp dir, unique to this process.
+// Token ids [b, t] in [0, vocab), a function of the seed.
+inline tensor<i64> random_ids(std::int64_t b, std::int64_t t, std::int64_t vocab, std::uint64_t seed) {
+  tensor<i64> ids(shape{b, t});
+  const philox_stream s{seed, 0};
+  for (std::int64_t i = 0; i < ids.numel(); ++i) ids.data()[i] = s.bits(static_cast<std::uint64_t>(i)) % vocab;
+  return ids;
+}
+
 inline std::filesystem::path temp_dir(const std::string& tag, const std::string& name) {
   auto p = std::filesystem::temp_directory_path() / ("kiln_" + tag + "_" + std::to_string(::getpid()) + "_" + name);
   std::filesystem::remove_all(p);

@@ -9,6 +9,7 @@
 #include "kiln/optim/adamw.hpp"
 
 using namespace kiln;
+using kiln::test::random_ids;
 
 namespace {
 
@@ -21,13 +22,6 @@ nn::gpt2_config tiny(float pdrop = 0.0f) {
   c.n_head = 2;
   c.embd_pdrop = c.attn_pdrop = c.resid_pdrop = pdrop;
   return c;
-}
-
-tensor<i64> ids_of(std::int64_t b, std::int64_t t, std::int64_t vocab, std::uint64_t seed) {
-  tensor<i64> ids(shape{b, t});
-  const philox_stream s{seed, 0};
-  for (std::int64_t i = 0; i < ids.numel(); ++i) ids.data()[i] = s.bits(static_cast<std::uint64_t>(i)) % vocab;
-  return ids;
 }
 
 // Mean next-token loss over rows [r.begin, r.end) of ids, weighted by the rows' share.
@@ -57,6 +51,19 @@ double worst_diff(const std::vector<std::vector<float>>& a, const std::vector<st
   return w;
 }
 
+// The unsplit step's loss and gradients, from a model built after manual_seed(seed).
+struct reference {
+  double loss;
+  std::vector<std::vector<float>> grads;
+};
+reference whole_batch(const nn::gpt2_config& c, const tensor<i64>& ids, std::uint64_t seed) {
+  manual_seed(seed);
+  nn::gpt2<> whole(c);
+  auto loss = shard_loss(whole, ids, {0, ids.size(0)});
+  loss.backward();
+  return {loss.value().flat(0), grads_of(whole)};
+}
+
 // Runs one split step over `ids` and returns the summed loss.
 double split_step(nn::thread_replicas<nn::gpt2<>>& reps, const tensor<i64>& ids) {
   std::vector<double> losses(static_cast<std::size_t>(reps.size()));
@@ -74,13 +81,8 @@ double split_step(nn::thread_replicas<nn::gpt2<>>& reps, const tensor<i64>& ids)
 
 TEST_CASE("thread_replicas: a split batch gives the whole batch's loss and gradients, deterministically") {
   const auto c = tiny();
-  const auto ids = ids_of(6, 16, c.vocab_size, 3);
-  manual_seed(11);
-  nn::gpt2<> whole(c);
-  auto loss = shard_loss(whole, ids, {0, 6});
-  loss.backward();
-  const double whole_loss = loss.value().flat(0);
-  const auto whole_grads = grads_of(whole);
+  const auto ids = random_ids(6, 16, c.vocab_size, 3);
+  const auto [whole_loss, whole_grads] = whole_batch(c, ids, 11);
 
   for (int n : {1, 2, 3}) {
     CAPTURE(n);
@@ -103,12 +105,8 @@ TEST_CASE("thread_replicas: a split batch gives the whole batch's loss and gradi
 
 TEST_CASE("thread_replicas: run_split covers every row once, in cached pieces, with the whole batch's gradient") {
   const auto c = tiny();
-  const auto ids = ids_of(7, 16, c.vocab_size, 13);
-  manual_seed(5);
-  nn::gpt2<> whole(c);
-  auto loss = shard_loss(whole, ids, {0, 7});
-  loss.backward();
-  const auto whole_grads = grads_of(whole);
+  const auto ids = random_ids(7, 16, c.vocab_size, 13);
+  const auto [whole_loss, whole_grads] = whole_batch(c, ids, 5);
   for (int chunks : {1, 2, 5}) {
     CAPTURE(chunks);
     manual_seed(5);
@@ -124,7 +122,7 @@ TEST_CASE("thread_replicas: run_split covers every row once, in cached pieces, w
       l.backward();
     });
     for (double l : losses) total += l;
-    CHECK(std::abs(total - loss.value().flat(0)) < 1e-5);
+    CHECK(std::abs(total - whole_loss) < 1e-5);
     CHECK(worst_diff(grads_of(primary), whole_grads) < 1e-5);
     // Replica 0 has rows [0, 3), replica 1 rows [3, 7); pieces are contiguous and in order.
     std::int64_t next = 0;
@@ -148,7 +146,7 @@ TEST_CASE("thread_replicas: run_split covers every row once, in cached pieces, w
 
 TEST_CASE("thread_replicas: twins see the primary's values; gradients accumulate in the primary's window") {
   const auto c = tiny();
-  const auto ids = ids_of(4, 16, c.vocab_size, 5);
+  const auto ids = random_ids(4, 16, c.vocab_size, 5);
   manual_seed(2);
   nn::gpt2<> primary(c);
   nn::thread_replicas<nn::gpt2<>> reps(primary, 2, c);
@@ -183,7 +181,7 @@ TEST_CASE("thread_replicas: twins see the primary's values; gradients accumulate
 
 TEST_CASE("thread_replicas: dropout masks differ per replica and replay from the primary's state") {
   const auto c = tiny(0.2f);
-  const auto ids = ids_of(2, 16, c.vocab_size, 9);
+  const auto ids = random_ids(2, 16, c.vocab_size, 9);
   auto run = [&](std::uint64_t offset_shift) {
     manual_seed(4);
     nn::gpt2<> primary(c);
@@ -226,7 +224,7 @@ TEST_CASE("thread_replicas: errors") {
   {
     no_grad ng;
     reps.run([&](nn::gpt2<>& m, int k) {
-      recorded[static_cast<std::size_t>(k)] = m(ids_of(1, 4, c.vocab_size, 1)).requires_grad();
+      recorded[static_cast<std::size_t>(k)] = m(random_ids(1, 4, c.vocab_size, 1)).requires_grad();
     });
   }
   CHECK(recorded == std::vector<int>{0, 0});

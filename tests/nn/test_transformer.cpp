@@ -7,6 +7,7 @@
 #include "kiln/nn/llama.hpp"
 
 using namespace kiln;
+using kiln::test::random_ids;
 
 namespace {
 
@@ -33,13 +34,6 @@ nn::llama_config tiny_llama(bool tied = false) {
   c.rope_theta = 10000.0;
   c.tie_word_embeddings = tied;
   return c;
-}
-
-tensor<i64> random_ids(std::int64_t b, std::int64_t t, std::int64_t vocab, std::uint64_t seed) {
-  tensor<i64> ids(shape{b, t});
-  const philox_stream s{seed, 0};
-  for (std::int64_t i = 0; i < ids.numel(); ++i) ids.data()[i] = s.bits(static_cast<std::uint64_t>(i)) % vocab;
-  return ids;
 }
 
 template <class M>

@@ -23,6 +23,13 @@
 #include "kiln/ops/cpu/softmax.hpp"
 #include "kiln/ops/grad_write.hpp"
 
+// In an op that has no device path yet: a compile error naming the op, instead of host
+// loops over device memory.
+#define KILN_HOST_ONLY_OP(Dev, op)                                                 \
+  static_assert(Dev::is_host, op                                                   \
+                " is not ported to cuda tensors yet (kiln/cuda/ops.hpp lists the " \
+                "ops that are); compute it on the cpu")
+
 namespace kiln::ops::gpu {
 
 template <class T>
@@ -67,5 +74,16 @@ template <class T>
 void cross_entropy_backward(const dtensor<T>& logits, const dtensor<std::int64_t>& target,
                             const cpu::cross_entropy_options& opt, std::int64_t count, const dtensor<T>& gloss,
                             dtensor<T>& gx, grad_write mode);
+
+// layer_norm (rms = false) / rms_norm over the last dimension of x [rows, cols], w and b
+// optional (null): y, and f32 stats [2·rows] (mean, then rstd) for the backward, which
+// writes each non-null gradient with its mode (weight and bias gradients are summed in
+// f32 in a fixed order, then stored as T).
+template <class T>
+void norm_forward(const dtensor<T>& x, const T* w, const T* b, double eps, bool rms, dtensor<T>& y,
+                  dtensor<float>& stats);
+template <class T>
+void norm_backward(const dtensor<T>& x, const T* w, const dtensor<T>& gy, const dtensor<float>& stats, bool rms, T* gx,
+                   grad_write mx, T* gw, grad_write mw, T* gb, grad_write mb);
 
 }  // namespace kiln::ops::gpu

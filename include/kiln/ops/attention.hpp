@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/cuda/ops.hpp"
 #include "kiln/ops/attention_mask.hpp"
 #include "kiln/ops/cast.hpp"
 #include "kiln/ops/cpu/attention.hpp"
@@ -69,6 +70,7 @@ cpu::heads_view<P> heads_at(P* data, std::int64_t offset, std::int64_t len, std:
 
 template <attention_mask Mask = mask::causal, floating_element T, device Dev>
 var<T, Dev> attention(const var<T, Dev>& q, const var<T, Dev>& k, const var<T, Dev>& v, attention_options opt = {}) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::attention");
   KILN_CHECK(q.rank() == 4 && k.rank() == 4 && v.rank() == 4,
              "attention: expects q [B, T, Hq, D] and k, v [B, S, Hkv, D], got q ", q.shape().str(), ", k ",
              k.shape().str(), ", v ", v.shape().str());
@@ -120,6 +122,7 @@ var<T, Dev> attention(const var<T, Dev>& q, const var<T, Dev>& k, const var<T, D
 template <attention_mask Mask = mask::causal, floating_element T, device Dev>
 var<T, Dev> attention_packed(const var<T, Dev>& qkv, std::int64_t q_heads, std::int64_t kv_heads,
                              attention_options opt = {}) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::attention_packed");
   KILN_CHECK(qkv.rank() == 3, "attention_packed: expects qkv [B, T, (Hq + 2·Hkv)·D], got ", qkv.shape().str());
   KILN_CHECK(q_heads > 0 && kv_heads > 0 && q_heads % kv_heads == 0, "attention_packed: ", q_heads,
              " query heads cannot share ", kv_heads,

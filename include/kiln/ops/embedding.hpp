@@ -2,6 +2,7 @@
 #pragma once
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/cuda/ops.hpp"
 #include "kiln/ops/cpu/reduce.hpp"
 
 namespace kiln::ops {
@@ -9,6 +10,7 @@ namespace kiln::ops {
 // out[..., :] = weight[ids[...], :]; ids of any shape, weight [V, D].
 template <floating_element T, device Dev, index_element I>
 var<T, Dev> embedding(const tensor<I, Dev>& ids, const var<T, Dev>& weight) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::embedding");
   KILN_CHECK(weight.rank() == 2, "embedding: weight must be [num_embeddings, dim], got ", weight.shape().str());
   auto iv = ids.contiguous();
   shape os = iv.shape();

@@ -4,6 +4,7 @@
 #include <optional>
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/cuda/ops.hpp"
 #include "kiln/ops/cpu/matmul.hpp"
 
 namespace kiln::ops {
@@ -11,6 +12,7 @@ namespace kiln::ops {
 // [M, K] · [K, N] → [M, N]
 template <floating_element T, device Dev>
 var<T, Dev> matmul(const var<T, Dev>& a, const var<T, Dev>& b) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::matmul");
   KILN_CHECK(a.rank() == 2 && b.rank() == 2, "matmul: expects 2-D operands, got ", a.shape().str(), " and ",
              b.shape().str(), " (use bmm for batches)");
   KILN_CHECK(a.size(1) == b.size(0), "matmul: inner dimensions differ, ", a.shape().str(), " · ", b.shape().str());
@@ -36,6 +38,7 @@ var<T, Dev> matmul(const var<T, Dev>& a, const var<T, Dev>& b) {
 // [B, M, K] · [B, K, N] → [B, M, N]; b may also be [K, N], shared by every batch.
 template <floating_element T, device Dev>
 var<T, Dev> bmm(const var<T, Dev>& a, const var<T, Dev>& b) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::bmm");
   KILN_CHECK(a.rank() == 3 && (b.rank() == 3 || b.rank() == 2), "bmm: expects [B, M, K] and [B, K, N] or [K, N], got ",
              a.shape().str(), " and ", b.shape().str());
   const bool shared = b.rank() == 2;

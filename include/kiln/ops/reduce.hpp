@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/cuda/ops.hpp"
 #include "kiln/ops/cpu/reduce.hpp"
 
 namespace kiln::ops {
@@ -23,6 +24,7 @@ inline shape reduced_shape(const shape& s, int dim, bool keepdim) {
 
 template <floating_element T, device Dev>
 var<T, Dev> sum_scaled(const var<T, Dev>& x, int dim, bool keepdim, bool mean, bool all) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::sum / kiln::mean");
   auto xv = x.value().contiguous();
   cpu::reduce_geometry g;
   shape out_shape;
@@ -70,6 +72,7 @@ namespace detail {
 // max over geometry g of a contiguous value; one node routing the gradient to the argmax.
 template <floating_element T, device Dev>
 var<T, Dev> max_over(const var<T, Dev>& x, const tensor<T, Dev>& xv, cpu::reduce_geometry g, const shape& out_shape) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::max");
   auto arg = std::make_shared<std::vector<std::int64_t>>(static_cast<std::size_t>(g.outer * g.inner));
   tensor<T, Dev> y(out_shape);
   cpu::max_dim(xv, g, y, arg->data());
@@ -102,6 +105,7 @@ var<T, Dev> max(const var<T, Dev>& x) {
 // Mean squared error: mean((a - b)²), one node.
 template <floating_element T, device Dev>
 var<T, Dev> mse(const var<T, Dev>& a, const var<T, Dev>& b) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::mse");
   check_same_shape(a.shape(), b.shape(), "mse");
   using C = compute_t<T>;
   auto av = a.value().contiguous(), bv = b.value().contiguous();

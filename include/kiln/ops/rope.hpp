@@ -12,6 +12,7 @@
 
 #include "kiln/autograd/var.hpp"
 #include "kiln/core/cpu_runtime.hpp"
+#include "kiln/cuda/ops.hpp"
 #include "kiln/ops/functors.hpp"
 
 namespace kiln::ops {
@@ -61,6 +62,7 @@ void rope_apply(const T* x, T* y, std::int64_t b, std::int64_t t, std::int64_t h
 
 template <floating_element T, device Dev>
 var<T, Dev> rope(const var<T, Dev>& x, std::int64_t first_position = 0, double theta = 10000.0) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::rope");
   KILN_CHECK(x.rank() == 4 && x.size(3) % 2 == 0, "rope: expects x [B, T, H, D] with an even D, got ", x.shape().str());
   KILN_CHECK(first_position >= 0 && theta > 0.0, "rope: first_position ", first_position, " and theta ", theta,
              " must be non-negative and positive");

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/cuda/ops.hpp"
 #include "kiln/ops/cpu/reduce.hpp"
 
 namespace kiln::ops {
@@ -33,6 +34,7 @@ var<T, Dev> reshape(const var<T, Dev>& x, shape s) {
 
 template <floating_element T, device Dev>
 var<T, Dev> transpose(const var<T, Dev>& x, int d0, int d1) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::transpose");
   tensor<T, Dev> y = x.value().transpose(d0, d1);
   return autograd::record(
       std::move(y),
@@ -53,6 +55,7 @@ var<T, Dev> unflatten(const var<T, Dev>& x, int dim, std::initializer_list<std::
 // Elements [start, end) of `dim` with step (a view).
 template <floating_element T, device Dev>
 var<T, Dev> slice(const var<T, Dev>& x, int dim, std::int64_t start, std::int64_t end, std::int64_t step = 1) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::slice");
   tensor<T, Dev> y = x.value().slice(dim, start, end, step);
   return autograd::record(
       std::move(y),
@@ -68,6 +71,7 @@ var<T, Dev> slice(const var<T, Dev>& x, int dim, std::int64_t start, std::int64_
 // Joins tensors along `dim`; all other dimensions must agree.
 template <floating_element T, device Dev>
 var<T, Dev> concat(const std::vector<var<T, Dev>>& xs, int dim) {
+  KILN_HOST_ONLY_OP(Dev, "kiln::concat");
   KILN_CHECK(!xs.empty(), "concat: no inputs");
   const shape& s0 = xs[0].shape();
   if (dim < 0) dim += s0.rank();

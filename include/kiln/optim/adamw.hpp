@@ -107,38 +107,12 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
       return;
     }
     cpu_runtime::ensure_initialised();
-    struct chunk {
-      T *p, *m, *v;
-      const T* g;
-      std::int64_t n;
-      std::size_t group;
-      std::int64_t first;  // index of the chunk's first element among all the optimizer's elements
-    };
-    std::int64_t element = 0;
-    std::vector<chunk> chunks;
-    std::vector<ops::fn::adamw_update> upd;
-    for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
-      auto& g = groups_[gi];
-      bool any = false;
-      for (std::size_t i = 0; i < g.params.size(); ++i) {
-        auto& p = g.params[i].param;
-        if (!p.has_grad()) continue;
-        any = true;
-        const std::int64_t n = p.numel();
-        for (std::int64_t off = 0; off < n; off += chunk_elements)
-          chunks.push_back({p.value().data() + off, g.exp_avg[i].data() + off, g.exp_avg_sq[i].data() + off,
-                            p.grad().data() + off, std::min(chunk_elements, n - off), gi, element + off});
-        element += n;
-      }
-      if (any) ++g.step;
-      const double bc1 = 1.0 - std::pow(defaults_.beta1, static_cast<double>(g.step));
-      const double bc2 = 1.0 - std::pow(defaults_.beta2, static_cast<double>(g.step));
-      upd.push_back({g.lr, defaults_.beta1, defaults_.beta2, defaults_.eps, g.weight_decay, bc1, std::sqrt(bc2)});
-    }
+    std::vector<step_chunk> chunks;
+    const std::vector<ops::fn::adamw_update> upd = plan_step(chunks);
     using C = compute_t<T>;
     cpu_runtime::parallel_for(static_cast<std::int64_t>(chunks.size()), 1, [&](std::int64_t b, std::int64_t e) {
       for (std::int64_t c = b; c < e; ++c) {
-        const chunk& ch = chunks[static_cast<std::size_t>(c)];
+        const step_chunk& ch = chunks[static_cast<std::size_t>(c)];
         const auto u = upd[ch.group].template as<C>();
         // Distinct tensors never overlap: restrict lets the loop vectorise.
         T* __restrict pp = ch.p;
@@ -174,17 +148,21 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
     });
   }
 
-  // The GPU step: every chunk of every parameter in one launch of the fused multi-tensor
-  // kernel (kernels/adamw.cu) on kiln's compute stream — the same chunking, update functor
-  // and stochastic-rounding stream as the CPU loop above. The chunk table goes to the
-  // device through caching-allocator blocks (stream-ordered, so the next step may reuse
-  // them once the kernel has run).
-  void step_device() {
-    namespace ck = cuda_kernels;
-    static_assert(!std::is_same_v<T, f64>, "adamw: the CUDA kernels step f32, bf16 or f16 parameters");
-    std::vector<ck::adamw_chunk> chunks;
-    std::vector<ck::adamw_group> gs;
+  // One step's work, shared by the CPU loop and the GPU launch: every chunk of at most
+  // chunk_elements of every parameter that has a gradient (`first`: the chunk's first
+  // element among all the optimizer's elements, the stochastic-rounding counter), each
+  // group's step counter advanced when any of its parameters has one, and the groups'
+  // updates for this step.
+  struct step_chunk {
+    T *p, *m, *v;
+    const T* g;
+    std::int64_t n;
+    std::size_t group;
+    std::int64_t first;
+  };
+  std::vector<ops::fn::adamw_update> plan_step(std::vector<step_chunk>& chunks) {
     std::int64_t element = 0;
+    std::vector<ops::fn::adamw_update> upd;
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
       auto& g = groups_[gi];
       bool any = false;
@@ -193,21 +171,40 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
         if (!p.has_grad()) continue;
         any = true;
         const std::int64_t n = p.numel();
-        for (std::int64_t off = 0; off < n; off += ck::adamw_chunk_elements)
-          chunks.push_back({p.value().data() + off, p.grad().data() + off, g.exp_avg[i].data() + off,
-                            g.exp_avg_sq[i].data() + off, nullptr, std::min(ck::adamw_chunk_elements, n - off),
-                            element + off, static_cast<std::int32_t>(gi)});
+        for (std::int64_t off = 0; off < n; off += chunk_elements)
+          chunks.push_back({p.value().data() + off, g.exp_avg[i].data() + off, g.exp_avg_sq[i].data() + off,
+                            p.grad().data() + off, std::min(chunk_elements, n - off), gi, element + off});
         element += n;
       }
       if (any) ++g.step;
       const double bc1 = 1.0 - std::pow(defaults_.beta1, static_cast<double>(g.step));
       const double bc2 = 1.0 - std::pow(defaults_.beta2, static_cast<double>(g.step));
+      upd.push_back({g.lr, defaults_.beta1, defaults_.beta2, defaults_.eps, g.weight_decay, bc1, std::sqrt(bc2)});
+    }
+    return upd;
+  }
+
+  // The GPU step: every chunk of every parameter in one launch of the fused multi-tensor
+  // kernel (kernels/adamw.cu) on kiln's compute stream — the same chunking, update functor
+  // and stochastic-rounding stream as the CPU loop above. The chunk table goes to the
+  // device through caching-allocator blocks (stream-ordered, so the next step may reuse
+  // them once the kernel has run).
+  void step_device() {
+    namespace ck = cuda_kernels;
+    static_assert(!std::is_same_v<T, f64>, "adamw: the CUDA kernels step f32, bf16 or f16 parameters");
+    static_assert(chunk_elements == ck::adamw_chunk_elements, "adamw: the CPU and GPU steps chunk alike");
+    std::vector<step_chunk> plan;
+    const std::vector<ops::fn::adamw_update> upd = plan_step(plan);
+    std::vector<ck::adamw_chunk> chunks;
+    for (const step_chunk& c : plan)
+      chunks.push_back({c.p, c.g, c.m, c.v, nullptr, c.n, c.first, static_cast<std::int32_t>(c.group)});
+    std::vector<ck::adamw_group> gs;
+    for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
       ck::adamw_group cg;
-      cg.update = ops::fn::adamw_update{g.lr, defaults_.beta1, defaults_.beta2, defaults_.eps, g.weight_decay,
-                                        bc1,  std::sqrt(bc2)}
-                      .template as<float>();
+      cg.update = upd[gi].template as<float>();
       if (rounding_.stochastic) {
-        cg.sr = {rounding_.seed ^ (0x9E3779B97F4A7C15ULL * (gi + 1)), static_cast<std::uint64_t>(g.step) << 40};
+        cg.sr = {rounding_.seed ^ (0x9E3779B97F4A7C15ULL * (gi + 1)), static_cast<std::uint64_t>(groups_[gi].step)
+                                                                          << 40};
         cg.stochastic = 1;
       }
       gs.push_back(cg);
