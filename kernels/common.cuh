@@ -13,6 +13,11 @@
 #include "kiln/core/dtype.hpp"
 #include "kiln/core/error.hpp"
 
+// A grid-stride loop: i runs over [0, n) across every thread of the launch.
+#define KILN_GRID_STRIDE(i, n)                                                                     \
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+
 namespace kiln::cuda_kernels::detail {
 
 // kiln's types and CUDA's have the same bits; kernels use CUDA's.

@@ -8,10 +8,6 @@ namespace {
 
 constexpr int block = 256;
 
-#define KILN_GRID_STRIDE(i, n)                                                                     \
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-
 template <class D>
 __global__ void gelu_forward_kernel(const D* __restrict__ x, D* __restrict__ y, std::int64_t n) {
   KILN_GRID_STRIDE(i, n) y[i] = detail::from_f32<D>(ops::fn::gelu_tanh{}(detail::to_f32(x[i])));

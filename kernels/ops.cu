@@ -34,22 +34,19 @@ __device__ __forceinline__ void store(D& dst, float v, grad_write mode) {
 // ---- element-wise functors -------------------------------------------------------------
 template <class F, class D>
 __global__ void unary_forward_kernel(F f, const D* __restrict__ x, D* __restrict__ y, std::int64_t n) {
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::int64_t(gridDim.x) * blockDim.x)
-    y[i] = from_f32<D>(f(to_f32(x[i])));
+  KILN_GRID_STRIDE(i, n)
+  y[i] = from_f32<D>(f(to_f32(x[i])));
 }
 template <class F, class D>
 __global__ void unary_backward_kernel(F f, const D* __restrict__ x, const D* __restrict__ gy, D* __restrict__ gx,
                                       std::int64_t n, grad_write mode) {
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::int64_t(gridDim.x) * blockDim.x)
-    store(gx[i], f.grad(to_f32(x[i]), to_f32(gy[i])), mode);
+  KILN_GRID_STRIDE(i, n)
+  store(gx[i], f.grad(to_f32(x[i]), to_f32(gy[i])), mode);
 }
 template <class D>
 __global__ void scale_kernel(const D* __restrict__ x, float s, D* __restrict__ y, std::int64_t n, grad_write mode) {
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::int64_t(gridDim.x) * blockDim.x)
-    store(y[i], to_f32(x[i]) * s, mode);
+  KILN_GRID_STRIDE(i, n)
+  store(y[i], to_f32(x[i]) * s, mode);
 }
 
 // ---- broadcasting ----------------------------------------------------------------------
@@ -93,8 +90,7 @@ __device__ __forceinline__ float partial(int which, float av, float bv, float gv
 template <cpu::binary_op Op, class D>
 __global__ void binary_forward_kernel(bcast bc, const D* __restrict__ a, const D* __restrict__ b, D* __restrict__ y,
                                       std::int64_t n) {
-  for (std::int64_t o = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; o < n;
-       o += std::int64_t(gridDim.x) * blockDim.x) {
+  KILN_GRID_STRIDE(o, n) {
     std::int64_t ia, ib;
     offsets(bc, o, ia, ib);
     y[o] = from_f32<D>(cpu::apply_binary<Op>(to_f32(a[ia]), to_f32(b[ib])));
@@ -113,8 +109,7 @@ template <cpu::binary_op Op, class D>
 __global__ void binary_backward_kernel(bcast bc, reduction r, int which, const D* __restrict__ a,
                                        const D* __restrict__ b, const D* __restrict__ gy, D* __restrict__ g,
                                        std::int64_t n, grad_write mode) {
-  for (std::int64_t t = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; t < n;
-       t += std::int64_t(gridDim.x) * blockDim.x) {
+  KILN_GRID_STRIDE(t, n) {
     std::int64_t idx[8];
     std::int64_t rest = t;
     for (int d = r.rank - 1; d >= 0; --d) {
@@ -145,8 +140,7 @@ __global__ void binary_backward_kernel(bcast bc, reduction r, int which, const D
 template <class D>
 __global__ void column_sum_kernel(const D* __restrict__ gy, D* __restrict__ gb, std::int64_t rows, std::int64_t cols,
                                   grad_write mode) {
-  for (std::int64_t c = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; c < cols;
-       c += std::int64_t(gridDim.x) * blockDim.x) {
+  KILN_GRID_STRIDE(c, cols) {
     float s = 0.0f;
     for (std::int64_t r = 0; r < rows; ++r) s += to_f32(gy[r * cols + c]);
     store(gb[c], s, mode);
@@ -178,9 +172,8 @@ __global__ void loss_reduce_kernel(const float* __restrict__ rows_loss, const st
 // f32 sums into a T gradient, honouring its mode.
 template <class D>
 __global__ void store_f32_kernel(const float* __restrict__ src, D* __restrict__ dst, std::int64_t n, grad_write mode) {
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::int64_t(gridDim.x) * blockDim.x)
-    store(dst[i], src[i], mode);
+  KILN_GRID_STRIDE(i, n)
+  store(dst[i], src[i], mode);
 }
 
 }  // namespace

@@ -148,9 +148,7 @@ void raw_memory<cuda>::deallocate(void* p) {
 namespace {
 template <class U>
 __global__ void fill_kernel(U* p, std::size_t n, U v) {
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::size_t(gridDim.x) * blockDim.x)
-    p[i] = v;
+  KILN_GRID_STRIDE(i, static_cast<std::int64_t>(n)) p[i] = v;
 }
 template <class U>
 void launch_fill(void* p, std::size_t n, const void* value, cudaStream_t s) {

@@ -3,6 +3,7 @@
 
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "kiln/autograd/var.hpp"
@@ -21,44 +22,40 @@ var<T, Dev> norm_impl(const var<T, Dev>& x, const std::optional<var<T, Dev>>& w,
   KILN_CHECK(!b || (b->rank() == 1 && b->size(0) == d), name, ": bias ", b ? b->shape().str() : "",
              " does not match the last dimension of input ", x.shape().str());
   auto xv = x.value().contiguous();
-  if constexpr (!Dev::is_host) {  // kernels/ops.cu over kernels/norm.cu; f32 stats on the device
-    const std::int64_t rows = xv.shape().rows();
-    auto stats = std::make_shared<tensor<float, Dev>>(shape{2 * rows});
-    tensor<T, Dev> y(xv.shape());
-    gpu::norm_forward(xv, w ? w->value().data() : nullptr, b ? b->value().data() : nullptr, eps, rms, y, *stats);
-    auto backward = [x, w, b, xv, stats, rms](const tensor<T, Dev>& gy) mutable {
-      const bool bx = x.requires_grad(), bw = w && w->requires_grad(), bb = b && b->requires_grad();
-      const grad_write mx = bx ? x.begin_grad_write() : grad_write::overwrite;
-      const grad_write mw = bw ? w->begin_grad_write() : grad_write::overwrite;
-      const grad_write mb = bb ? b->begin_grad_write() : grad_write::overwrite;
-      gpu::norm_backward(xv, w ? w->value().data() : nullptr, gy, *stats, rms, bx ? x.grad().data() : nullptr, mx,
-                         bw ? w->grad().data() : nullptr, mw, bb ? b->grad().data() : nullptr, mb);
-    };
-    if (w && b) return autograd::record(std::move(y), std::move(backward), x, *w, *b);
-    if (w) return autograd::record(std::move(y), std::move(backward), x, *w);
-    if (b) return autograd::record(std::move(y), std::move(backward), x, *b);
-    return autograd::record(std::move(y), std::move(backward), x);
-  } else {
-    using C = compute_t<T>;
-    const auto rows = static_cast<std::size_t>(xv.shape().rows());
-    auto stats = std::make_shared<std::vector<C>>(2 * rows);
-    tensor<T, Dev> y(xv.shape());
-    cpu::norm_forward(xv, w ? w->value().data() : nullptr, b ? b->value().data() : nullptr, eps, rms, y, stats->data(),
-                      stats->data() + rows);
-    auto backward = [x, w, b, xv, stats, rows, rms](const tensor<T, Dev>& gy) mutable {
-      const bool bx = x.requires_grad(), bw = w && w->requires_grad(), bb = b && b->requires_grad();
-      const grad_write mx = bx ? x.begin_grad_write() : grad_write::overwrite;
-      const grad_write mw = bw ? w->begin_grad_write() : grad_write::overwrite;
-      const grad_write mb = bb ? b->begin_grad_write() : grad_write::overwrite;
-      cpu::norm_backward(xv, w ? w->value().data() : nullptr, gy, stats->data(), stats->data() + rows, rms,
-                         bx ? x.grad().data() : nullptr, mx, bw ? w->grad().data() : nullptr, mw,
-                         bb ? b->grad().data() : nullptr, mb);
-    };
-    if (w && b) return autograd::record(std::move(y), std::move(backward), x, *w, *b);
-    if (w) return autograd::record(std::move(y), std::move(backward), x, *w);
-    if (b) return autograd::record(std::move(y), std::move(backward), x, *b);
-    return autograd::record(std::move(y), std::move(backward), x);
-  }
+  const std::int64_t rows = xv.shape().rows();
+  // mean and rstd per row, kept for backward: compute_t<T> on the host, f32 on the device
+  // (kernels/norm.cu through kernels/ops.cu).
+  using stats_t = std::conditional_t<Dev::is_host, std::vector<compute_t<T>>, tensor<float, Dev>>;
+  auto stats = [&] {
+    if constexpr (Dev::is_host)
+      return std::make_shared<stats_t>(static_cast<std::size_t>(2 * rows));
+    else
+      return std::make_shared<stats_t>(shape{2 * rows});
+  }();
+  const T* wp = w ? w->value().data() : nullptr;
+  tensor<T, Dev> y(xv.shape());
+  if constexpr (Dev::is_host)
+    cpu::norm_forward(xv, wp, b ? b->value().data() : nullptr, eps, rms, y, stats->data(), stats->data() + rows);
+  else
+    gpu::norm_forward(xv, wp, b ? b->value().data() : nullptr, eps, rms, y, *stats);
+  auto backward = [x, w, b, xv, stats, rows, rms](const tensor<T, Dev>& gy) mutable {
+    const bool bx = x.requires_grad(), bw = w && w->requires_grad(), bb = b && b->requires_grad();
+    const grad_write mx = bx ? x.begin_grad_write() : grad_write::overwrite;
+    const grad_write mw = bw ? w->begin_grad_write() : grad_write::overwrite;
+    const grad_write mb = bb ? b->begin_grad_write() : grad_write::overwrite;
+    T* gx = bx ? x.grad().data() : nullptr;
+    T* gw = bw ? w->grad().data() : nullptr;
+    T* gb = bb ? b->grad().data() : nullptr;
+    const T* wp = w ? w->value().data() : nullptr;
+    if constexpr (Dev::is_host)
+      cpu::norm_backward(xv, wp, gy, stats->data(), stats->data() + rows, rms, gx, mx, gw, mw, gb, mb);
+    else
+      gpu::norm_backward(xv, wp, gy, *stats, rms, gx, mx, gw, mw, gb, mb);
+  };
+  if (w && b) return autograd::record(std::move(y), std::move(backward), x, *w, *b);
+  if (w) return autograd::record(std::move(y), std::move(backward), x, *w);
+  if (b) return autograd::record(std::move(y), std::move(backward), x, *b);
+  return autograd::record(std::move(y), std::move(backward), x);
 }
 }  // namespace detail
 
