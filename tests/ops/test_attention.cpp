@@ -70,6 +70,71 @@ void check_against_naive(std::int64_t B, std::int64_t T, std::int64_t S, std::in
 
 }  // namespace
 
+TEST_CASE("tile_gemm: register-blocked tile products equal the plain triple loop") {
+  // Every path of the kernel: 8-, 4- and 1-row blocks, two-vector and one-vector column
+  // strips, scalar tail columns, a read as a tile or its transpose, overwrite and accumulate.
+  auto run = []<class C>(C, std::int64_t m, std::int64_t n, std::int64_t kk, bool transposed_a, bool accumulate,
+                         std::uint64_t seed) {
+    CAPTURE(m);
+    CAPTURE(n);
+    CAPTURE(kk);
+    CAPTURE(transposed_a);
+    CAPTURE(accumulate);
+    const std::int64_t lda = transposed_a ? m + 3 : kk + 2, ldb = n + 5, ldc = n + 1;
+    const std::int64_t ars = transposed_a ? 1 : lda, acs = transposed_a ? lda : 1;
+    auto a = rand_tensor<f64>({transposed_a ? kk : m, lda}, seed), b = rand_tensor<f64>({kk, ldb}, seed + 1),
+         c0 = rand_tensor<f64>({m, ldc}, seed + 2);
+    std::vector<C> av(a.numel()), bv(b.numel()), cv(c0.numel());
+    for (std::int64_t i = 0; i < a.numel(); ++i) av[i] = C(a.flat(i));
+    for (std::int64_t i = 0; i < b.numel(); ++i) bv[i] = C(b.flat(i));
+    for (std::int64_t i = 0; i < c0.numel(); ++i) cv[i] = C(c0.flat(i));
+    ops::cpu::tile_gemm(m, n, kk, av.data(), ars, acs, bv.data(), ldb, cv.data(), ldc, accumulate);
+    double worst = 0;
+    for (std::int64_t i = 0; i < m; ++i) {
+      for (std::int64_t j = 0; j < n; ++j) {
+        double want = accumulate ? double(C(c0.flat(i * ldc + j))) : 0.0;
+        for (std::int64_t k = 0; k < kk; ++k) want += double(av[i * ars + k * acs]) * double(bv[k * ldb + j]);
+        worst = std::max(worst, std::abs(double(cv[i * ldc + j]) - want));
+      }
+      for (std::int64_t j = n; j < ldc; ++j)  // the padding past n is never written
+        CHECK(cv[i * ldc + j] == C(c0.flat(i * ldc + j)));
+    }
+    CHECK(worst < (std::is_same_v<C, float> ? 1e-4 : 1e-12));
+  };
+  std::uint64_t seed = 40;
+  for (std::int64_t m : {1, 3, 4, 8, 13, 32})
+    for (std::int64_t n : {1, 7, 8, 16, 17, 32, 33, 64})
+      for (std::int64_t kk : {0, 1, 5, 32})
+        for (bool t : {false, true})
+          for (bool acc : {false, true}) {
+            run(float{}, m, n, kk, t, acc, seed);
+            run(double{}, m, n, kk, t, acc, seed);
+            seed += 3;
+          }
+}
+
+TEST_CASE("attention: a NaN in a query makes that query's output NaN and leaves the others alone") {
+  const std::int64_t B = 1, T = 40, H = 2, D = 32;
+  auto q = rand_tensor<f32>({B, T, H, D}, 71), k = rand_tensor<f32>({B, T, H, D}, 72),
+       v = rand_tensor<f32>({B, T, H, D}, 73);
+  auto clean = attention<mask::causal>(var<f32>(q.clone()), var<f32>(k), var<f32>(v)).value();
+  q(0, 35, 1, 4) = std::numeric_limits<float>::quiet_NaN();
+  auto qv = var<f32>(q, true), kv = var<f32>(k, true), vv = var<f32>(v, true);
+  auto out = attention<mask::causal>(qv, kv, vv);
+  for (std::int64_t i = 0; i < T; ++i)
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t c = 0; c < D; ++c) {
+        if (i == 35 && h == 1)
+          CHECK(std::isnan(out.value()(0, i, h, c)));
+        else
+          CHECK(out.value()(0, i, h, c) == clean(0, i, h, c));
+      }
+  sum(out).backward();
+  CHECK(std::isnan(qv.grad()(0, 35, 1, 0)));
+  CHECK(std::isfinite(qv.grad()(0, 34, 1, 0)));
+  CHECK(std::isfinite(qv.grad()(0, 35, 0, 0)));
+}
+
 TEST_CASE("attention: values match the naive formulation for every mask, GQA and tile edges") {
   check_against_naive<mask::none>(2, 5, 5, 2, 2, 4, 1);
   check_against_naive<mask::causal>(2, 5, 5, 4, 2, 4, 2);

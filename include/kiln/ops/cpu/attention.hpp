@@ -18,10 +18,11 @@
 // uniform(((b·Hq + h)·T + i)·S + j), so backward regenerates the mask instead of storing it.
 //
 // Napkin math: 4·B·Hq·T·S·D FLOPs forward (two GEMMs per tile) and 2.5x that backward
-// (five GEMMs, one a recomputation); tiles are 32×32×D, small enough for L1, so the
-// kernel runs at Eigen's small-GEMM rate (~100 GFLOP/s per core here at D = 64). 32 over
-// 64: under a causal mask a T = 128 sequence computes 10 of 16 tiles instead of 3 of 4, and the work splits
-// into more tasks (bench/gpt_train.cpp: 65-66 ms → 58-61 ms per step on 2 threads).
+// (five GEMMs, one a recomputation); tiles are 32×32×D, small enough for L1. Their
+// products run in kiln/ops/cpu/tile_gemm.hpp (register-blocked, nothing packed), not in
+// Eigen's GEMM, whose packing cost as much as its arithmetic at this size. 32 over 64:
+// under a causal mask a T = 128 sequence computes 10 of 16 tiles instead of 3 of 4, and
+// the work splits into more tasks.
 #pragma once
 
 #include <Eigen/Core>
@@ -32,6 +33,7 @@
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/philox.hpp"
 #include "kiln/ops/attention_mask.hpp"
+#include "kiln/ops/cpu/tile_gemm.hpp"
 #include "kiln/ops/grad_write.hpp"
 
 namespace kiln::ops::cpu {
@@ -62,10 +64,17 @@ namespace detail {
 // Tile sizes (queries × keys); tests cross several tiles with T and S above 32.
 inline constexpr std::int64_t attn_block_q = 32, attn_block_k = 32;
 
+// Tiles are held transposed, [keys × queries] with row stride attn_block_q: the online
+// softmax's per-query state (running max, normaliser, Δ, L) then runs along a row, so
+// every step of it is a vector operation over 32 queries, and the products read the
+// query side (Qᵀ, dOᵀ) from one transposed copy per query block that all key blocks share.
+// Buffers are aligned and rows attn_block_q apart keep that alignment, so Eigen's
+// vectorised exp runs on whole packets (an unaligned map peels up to a packet's worth of
+// scalar expf calls off the front of every row: 5% of a GPT step).
 template <class C>
-using attn_mat = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using attn_row = Eigen::Map<Eigen::Array<C, 1, Eigen::Dynamic>, Eigen::AlignedMax>;
 template <class C>
-using attn_cmap = Eigen::Map<const attn_mat<C>, Eigen::Unaligned, Eigen::OuterStride<>>;
+using attn_buffer = std::vector<C, Eigen::aligned_allocator<C>>;
 
 // Keys that any query in [p0, p1] may see.
 template <attention_mask M>
@@ -79,25 +88,33 @@ void key_range(std::int64_t p0, std::int64_t p1, std::int64_t s, std::int64_t& k
   kb = std::max<std::int64_t>(kb, 0);
 }
 
-// Sets masked entries of the tile (rows from absolute position p0, keys from j0) to -inf.
-template <attention_mask M, class Tile>
-void apply_mask(Tile& s, std::int64_t p0, std::int64_t j0) {
-  const std::int64_t nq = s.rows(), nk = s.cols();
+// Sets masked entries of the transposed tile st [nk × nq] (queries from absolute position
+// p0, keys from j0) to -inf.
+template <attention_mask M, class C>
+void apply_mask(C* st, std::int64_t nk, std::int64_t nq, std::int64_t p0, std::int64_t j0) {
   if (M::dense(p0, p0 + nq - 1, j0, j0 + nk - 1)) return;
-  using C = typename Tile::Scalar;
-  for (std::int64_t r = 0; r < nq; ++r)
-    for (std::int64_t c = 0; c < nk; ++c)
-      if (!M::allowed(p0 + r, j0 + c)) s(r, c) = -std::numeric_limits<C>::infinity();
+  for (std::int64_t j = 0; j < nk; ++j)
+    for (std::int64_t r = 0; r < nq; ++r)
+      if (!M::allowed(p0 + r, j0 + j)) st[j * attn_block_q + r] = -std::numeric_limits<C>::infinity();
 }
 
-// Multiplies the tile by the dropout keep-mask scaled by 1/(1-p).
-template <class Tile>
-void apply_dropout(Tile& p, const attention_dims& d, std::int64_t b, std::int64_t h, std::int64_t i0, std::int64_t j0) {
-  using C = typename Tile::Scalar;
+// Multiplies the transposed tile by the dropout keep-mask scaled by 1/(1-p).
+template <class C>
+void apply_dropout(C* pt, std::int64_t nk, std::int64_t nq, const attention_dims& d, std::int64_t b, std::int64_t h,
+                   std::int64_t i0, std::int64_t j0) {
   const C keep_scale = C(1) / (C(1) - C(d.dropout_p));
-  for (std::int64_t r = 0; r < p.rows(); ++r)
-    for (std::int64_t c = 0; c < p.cols(); ++c)
-      p(r, c) = d.rng.uniform(d.rng_index(b, h, i0 + r, j0 + c)) < d.dropout_p ? C(0) : p(r, c) * keep_scale;
+  for (std::int64_t j = 0; j < nk; ++j)
+    for (std::int64_t r = 0; r < nq; ++r) {
+      C& x = pt[j * attn_block_q + r];
+      x = d.rng.uniform(d.rng_index(b, h, i0 + r, j0 + j)) < d.dropout_p ? C(0) : x * keep_scale;
+    }
+}
+
+// dst[c·attn_block_q + r] = alpha · rows[r·stride + c]: nq rows of D values, transposed.
+template <class C>
+void transpose_rows(const C* rows, std::int64_t stride, std::int64_t nq, std::int64_t D, C alpha, C* dst) {
+  for (std::int64_t r = 0; r < nq; ++r)
+    for (std::int64_t c = 0; c < D; ++c) dst[c * attn_block_q + r] = alpha * rows[r * stride + c];
 }
 }  // namespace detail
 
@@ -106,56 +123,63 @@ template <attention_mask M, class C>
 void attention_forward(const attention_dims& d, heads_view<const C> q, heads_view<const C> k, heads_view<const C> v,
                        heads_view<C> o, C* lse) {
   using namespace detail;
-  using mat = attn_mat<C>;
+  constexpr std::int64_t BQ = attn_block_q, BK = attn_block_k;
+  constexpr C inf = std::numeric_limits<C>::infinity();
   const std::int64_t D = d.head_dim, T = d.q_len, S = d.kv_len, Hq = d.q_heads, group = d.q_heads / d.kv_heads;
-  const std::int64_t nqb = (T + attn_block_q - 1) / attn_block_q;
+  const std::int64_t nqb = (T + BQ - 1) / BQ;
   cpu_runtime::ensure_initialised();
   cpu_runtime::parallel_for(d.batch * Hq * nqb, 1, [&](std::int64_t t0, std::int64_t t1) {
-    mat tile(attn_block_q, attn_block_k), acc(attn_block_q, D);
-    std::vector<C> m(attn_block_q), l(attn_block_q);
+    attn_buffer<C> qt(D * BQ), st(BK * BQ), acc(BQ * D), m(BQ), l(BQ), shift(BQ), corr(BQ);
     for (std::int64_t task = t0; task < t1; ++task) {
-      const std::int64_t b = task / (Hq * nqb), h = (task / nqb) % Hq, i0 = (task % nqb) * attn_block_q;
-      const std::int64_t nq = std::min(attn_block_q, T - i0), kvh = h / group, p0 = d.q_offset + i0;
-      attn_cmap<C> Q(q.at(b, i0, h, D), nq, D, Eigen::OuterStride<>(q.pos_stride));
-      auto A = acc.topRows(nq);
-      A.setZero();
-      std::fill(m.begin(), m.end(), -std::numeric_limits<C>::infinity());
+      const std::int64_t b = task / (Hq * nqb), h = (task / nqb) % Hq, i0 = (task % nqb) * BQ;
+      const std::int64_t nq = std::min(BQ, T - i0), kvh = h / group, p0 = d.q_offset + i0;
+      transpose_rows(q.at(b, i0, h, D), q.pos_stride, nq, D, C(d.scale), qt.data());
+      std::fill(acc.begin(), acc.end(), C(0));
+      std::fill(m.begin(), m.end(), -inf);
       std::fill(l.begin(), l.end(), C(0));
       std::int64_t kb, ke;
       key_range<M>(p0, p0 + nq - 1, S, kb, ke);
-      for (std::int64_t j0 = kb; j0 < ke; j0 += attn_block_k) {
-        const std::int64_t nk = std::min(attn_block_k, ke - j0);
-        attn_cmap<C> K(k.at(b, j0, kvh, D), nk, D, Eigen::OuterStride<>(k.pos_stride));
-        attn_cmap<C> V(v.at(b, j0, kvh, D), nk, D, Eigen::OuterStride<>(v.pos_stride));
-        auto P = tile.topLeftCorner(nq, nk);
-        P.noalias() = (C(d.scale) * Q) * K.transpose();
-        apply_mask<M>(P, p0, j0);
+      for (std::int64_t j0 = kb; j0 < ke; j0 += BK) {
+        const std::int64_t nk = std::min(BK, ke - j0);
+        // Sᵀ[j, r] = K[j0 + j] · (scale·Q[r])
+        tile_gemm(nk, nq, D, k.at(b, j0, kvh, D), k.pos_stride, std::int64_t{1}, qt.data(), BQ, st.data(), BQ, false);
+        apply_mask<M>(st.data(), nk, nq, p0, j0);
+        for (std::int64_t r = 0; r < nq; ++r) shift[r] = m[r];
+        for (std::int64_t j = 0; j < nk; ++j)
+          for (std::int64_t r = 0; r < nq; ++r) shift[r] = std::max(shift[r], st[j * BQ + r]);
         for (std::int64_t r = 0; r < nq; ++r) {
-          const C mx = P.row(r).maxCoeff();
-          if (mx == -std::numeric_limits<C>::infinity()) {  // nothing visible in this tile
-            P.row(r).setZero();
-            continue;
-          }
-          const C mnew = std::max(m[r], mx);
-          const C corr = std::exp(m[r] - mnew);  // 0 on the first visible tile (m = -inf)
-          P.row(r) = (P.row(r).array() - mnew).exp().matrix();
-          l[r] = l[r] * corr + P.row(r).sum();
-          A.row(r) *= corr;
-          m[r] = mnew;
+          // A query that has seen no key yet keeps m = -inf: its column is all -inf,
+          // exp(-inf - 0) = 0, and its zero accumulator stays zero.
+          const bool none = shift[r] == -inf;
+          corr[r] = none ? C(1) : std::exp(m[r] - shift[r]);  // 0 on the first visible tile (m = -inf)
+          m[r] = shift[r];
+          if (none) shift[r] = C(0);
+          l[r] *= corr[r];
         }
-        if (d.dropout()) apply_dropout(P, d, b, h, i0, j0);
-        A.noalias() += P * V;
+        const attn_row<C> sh(shift.data(), nq);
+        for (std::int64_t j = 0; j < nk; ++j) {
+          attn_row<C> row(st.data() + j * BQ, nq);
+          row = (row - sh).exp();
+        }
+        for (std::int64_t j = 0; j < nk; ++j)
+          for (std::int64_t r = 0; r < nq; ++r) l[r] += st[j * BQ + r];
+        for (std::int64_t r = 0; r < nq; ++r)
+          if (corr[r] != C(1))
+            for (std::int64_t c = 0; c < D; ++c) acc[r * D + c] *= corr[r];
+        if (d.dropout()) apply_dropout(st.data(), nk, nq, d, b, h, i0, j0);
+        // acc[r] += Σ_j P[r, j]·V[j0 + j]
+        tile_gemm(nq, D, nk, st.data(), std::int64_t{1}, BQ, v.at(b, j0, kvh, D), v.pos_stride, acc.data(), D, true);
       }
       for (std::int64_t r = 0; r < nq; ++r) {
         C* out = o.at(b, i0 + r, h, D);
         C* row_lse = lse + (b * Hq + h) * T + i0 + r;
-        if (l[r] > C(0)) {
+        if (l[r] != C(0)) {  // a NaN normaliser (a NaN score) gives a NaN row, not a zero one
           const C inv = C(1) / l[r];
-          for (std::int64_t c = 0; c < D; ++c) out[c] = A(r, c) * inv;
+          for (std::int64_t c = 0; c < D; ++c) out[c] = acc[r * D + c] * inv;
           *row_lse = m[r] + std::log(l[r]);
         } else {
           for (std::int64_t c = 0; c < D; ++c) out[c] = C(0);
-          *row_lse = -std::numeric_limits<C>::infinity();
+          *row_lse = -inf;
         }
       }
     }
@@ -169,74 +193,89 @@ void attention_backward(const attention_dims& d, heads_view<const C> q, heads_vi
                         heads_view<const C> o, heads_view<const C> dout, const C* lse, heads_view<C> dq, grad_write mq,
                         heads_view<C> dk, grad_write mk, heads_view<C> dv, grad_write mv) {
   using namespace detail;
-  using mat = attn_mat<C>;
+  constexpr std::int64_t BQ = attn_block_q, BK = attn_block_k, one = 1;
+  constexpr C inf = std::numeric_limits<C>::infinity();
   const std::int64_t D = d.head_dim, T = d.q_len, S = d.kv_len, Hq = d.q_heads, Hkv = d.kv_heads;
-  const std::int64_t group = Hq / Hkv, nqb = (T + attn_block_q - 1) / attn_block_q;
+  const std::int64_t group = Hq / Hkv, nqb = (T + BQ - 1) / BQ;
+  const C scale = C(d.scale);
   cpu_runtime::ensure_initialised();
   cpu_runtime::parallel_for(d.batch * Hkv, 1, [&](std::int64_t t0, std::int64_t t1) {
-    mat dK(S, D), dV(S, D), dQ(attn_block_q, D), P(attn_block_q, attn_block_k), dP(attn_block_q, attn_block_k);
-    mat Z(attn_block_q, attn_block_k);
-    std::vector<C> delta(attn_block_q);
+    attn_buffer<C> dK(S * D), dV(S * D), dQ(BQ * D), qt(D * BQ), dot(D * BQ);
+    attn_buffer<C> pt(BK * BQ), dpt(BK * BQ), zt(BK * BQ), delta(BQ), lsub(BQ);
     for (std::int64_t task = t0; task < t1; ++task) {
       const std::int64_t b = task / Hkv, kvh = task % Hkv;
-      dK.setZero();
-      dV.setZero();
+      std::fill(dK.begin(), dK.end(), C(0));
+      std::fill(dV.begin(), dV.end(), C(0));
       for (std::int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
         for (std::int64_t qb = 0; qb < nqb; ++qb) {
-          const std::int64_t i0 = qb * attn_block_q, nq = std::min(attn_block_q, T - i0), p0 = d.q_offset + i0;
-          attn_cmap<C> Q(q.at(b, i0, h, D), nq, D, Eigen::OuterStride<>(q.pos_stride));
-          attn_cmap<C> O(o.at(b, i0, h, D), nq, D, Eigen::OuterStride<>(o.pos_stride));
-          attn_cmap<C> dO(dout.at(b, i0, h, D), nq, D, Eigen::OuterStride<>(dout.pos_stride));
+          const std::int64_t i0 = qb * BQ, nq = std::min(BQ, T - i0), p0 = d.q_offset + i0;
+          const C* Q = q.at(b, i0, h, D);
+          const C* dO = dout.at(b, i0, h, D);
           const C* L = lse + (b * Hq + h) * T + i0;
-          for (std::int64_t r = 0; r < nq; ++r) delta[r] = dO.row(r).dot(O.row(r));
-          auto dQb = dQ.topRows(nq);
-          dQb.setZero();
+          transpose_rows(Q, q.pos_stride, nq, D, scale, qt.data());
+          transpose_rows(dO, dout.pos_stride, nq, D, C(1), dot.data());
+          for (std::int64_t r = 0; r < nq; ++r) {
+            const C* orow = o.at(b, i0 + r, h, D);
+            C s = 0;
+            for (std::int64_t c = 0; c < D; ++c) s += dO[r * dout.pos_stride + c] * orow[c];
+            delta[r] = s;
+            lsub[r] = L[r] == -inf ? inf : L[r];  // a query that saw no key: P = exp(· − inf) = 0
+          }
+          std::fill(dQ.begin(), dQ.end(), C(0));
+          const attn_row<C> lrow(lsub.data(), nq), drow(delta.data(), nq);
           std::int64_t kb, ke;
           key_range<M>(p0, p0 + nq - 1, S, kb, ke);
-          for (std::int64_t j0 = kb; j0 < ke; j0 += attn_block_k) {
-            const std::int64_t nk = std::min(attn_block_k, ke - j0);
-            attn_cmap<C> K(k.at(b, j0, kvh, D), nk, D, Eigen::OuterStride<>(k.pos_stride));
-            attn_cmap<C> V(v.at(b, j0, kvh, D), nk, D, Eigen::OuterStride<>(v.pos_stride));
-            auto Pt = P.topLeftCorner(nq, nk);
-            auto dPt = dP.topLeftCorner(nq, nk);
-            Pt.noalias() = (C(d.scale) * Q) * K.transpose();
-            apply_mask<M>(Pt, p0, j0);
-            for (std::int64_t r = 0; r < nq; ++r) {
-              if (L[r] == -std::numeric_limits<C>::infinity())
-                Pt.row(r).setZero();
-              else
-                Pt.row(r) = (Pt.row(r).array() - L[r]).exp().matrix();
+          for (std::int64_t j0 = kb; j0 < ke; j0 += BK) {
+            const std::int64_t nk = std::min(BK, ke - j0);
+            const C* K = k.at(b, j0, kvh, D);
+            const C* V = v.at(b, j0, kvh, D);
+            // Pᵀ = exp(Sᵀ − L), dPᵀ[j, r] = V[j0 + j] · dO[r]
+            tile_gemm(nk, nq, D, K, k.pos_stride, one, qt.data(), BQ, pt.data(), BQ, false);
+            apply_mask<M>(pt.data(), nk, nq, p0, j0);
+            for (std::int64_t j = 0; j < nk; ++j) {
+              attn_row<C> row(pt.data() + j * BQ, nq);
+              row = (row - lrow).exp();
             }
-            dPt.noalias() = dO * V.transpose();
+            tile_gemm(nk, nq, D, V, v.pos_stride, one, dot.data(), BQ, dpt.data(), BQ, false);
+            // dV[j0 + j] += Σ_r (P∘Z)[r, j]·dO[r], with Z the dropout keep-mask (scaled)
+            const C* pv = pt.data();
             if (d.dropout()) {
-              auto Zt = Z.topLeftCorner(nq, nk);
-              Zt.setOnes();
-              apply_dropout(Zt, d, b, h, i0, j0);
-              dV.middleRows(j0, nk).noalias() += Pt.cwiseProduct(Zt).transpose() * dO;
-              dPt = dPt.cwiseProduct(Zt);
-            } else {
-              dV.middleRows(j0, nk).noalias() += Pt.transpose() * dO;
+              for (std::int64_t j = 0; j < nk; ++j)
+                for (std::int64_t r = 0; r < nq; ++r) zt[j * BQ + r] = C(1);
+              apply_dropout(zt.data(), nk, nq, d, b, h, i0, j0);
+              for (std::int64_t j = 0; j < nk; ++j)
+                for (std::int64_t r = 0; r < nq; ++r) {
+                  dpt[j * BQ + r] *= zt[j * BQ + r];
+                  zt[j * BQ + r] *= pt[j * BQ + r];
+                }
+              pv = zt.data();
             }
-            for (std::int64_t r = 0; r < nq; ++r)
-              dPt.row(r).array() = Pt.row(r).array() * (dPt.row(r).array() - delta[r]);
-            dQb.noalias() += C(d.scale) * (dPt * K);
-            dK.middleRows(j0, nk).noalias() += C(d.scale) * (dPt.transpose() * Q);
+            tile_gemm(nk, D, nq, pv, BQ, one, dO, dout.pos_stride, dV.data() + j0 * D, D, true);
+            // dSᵀ = scale · Pᵀ ∘ (dPᵀ − Δ)
+            for (std::int64_t j = 0; j < nk; ++j) {
+              attn_row<C> ds(dpt.data() + j * BQ, nq);
+              const attn_row<C> p(pt.data() + j * BQ, nq);
+              ds = scale * p * (ds - drow);
+            }
+            // dQ[r] += Σ_j dS[r, j]·K[j0 + j];  dK[j0 + j] += Σ_r dS[r, j]·Q[r]
+            tile_gemm(nq, D, nk, dpt.data(), one, BQ, K, k.pos_stride, dQ.data(), D, true);
+            tile_gemm(nk, D, nq, dpt.data(), BQ, one, Q, q.pos_stride, dK.data() + j0 * D, D, true);
           }
           if (dq.data)
             for (std::int64_t r = 0; r < nq; ++r) {
               C* dst = dq.at(b, i0 + r, h, D);
-              for (std::int64_t c = 0; c < D; ++c) store_grad(dst[c], dQb(r, c), mq);
+              for (std::int64_t c = 0; c < D; ++c) store_grad(dst[c], dQ[r * D + c], mq);
             }
         }
       }
       for (std::int64_t j = 0; j < S; ++j) {
         if (dk.data) {
           C* dst = dk.at(b, j, kvh, D);
-          for (std::int64_t c = 0; c < D; ++c) store_grad(dst[c], dK(j, c), mk);
+          for (std::int64_t c = 0; c < D; ++c) store_grad(dst[c], dK[j * D + c], mk);
         }
         if (dv.data) {
           C* dst = dv.at(b, j, kvh, D);
-          for (std::int64_t c = 0; c < D; ++c) store_grad(dst[c], dV(j, c), mv);
+          for (std::int64_t c = 0; c < D; ++c) store_grad(dst[c], dV[j * D + c], mv);
         }
       }
     }
