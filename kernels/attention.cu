@@ -242,9 +242,9 @@ void backward_d(const T* q, const T* k, const T* v, const T* o, const T* dout, c
 }
 
 void check_dims(const attention_dims& d, const char* what) {
-  if (d.head_dim != 64 && d.head_dim != 128)
+  if (d.head_dim != 32 && d.head_dim != 64 && d.head_dim != 128)
     throw error(std::string(what) + ": head dimension " + std::to_string(d.head_dim) +
-                " has no kernel (compiled for 64 and 128)");
+                " has no kernel (compiled for 32, 64 and 128)");
   if (d.kv_heads <= 0 || d.q_heads % d.kv_heads != 0)
     throw error(std::string(what) + ": " + std::to_string(d.q_heads) + " query heads cannot share " +
                 std::to_string(d.kv_heads) + " key/value heads");
@@ -257,7 +257,9 @@ void attention_forward(const T* q, const T* k, const T* v, T* o, float* lse, con
   check_dims(d, "attention forward");
   if (d.batch * d.q_heads * d.q_len == 0) return;
   auto s = detail::as_stream(stream);
-  if (d.head_dim == 64)
+  if (d.head_dim == 32)
+    forward_d<T, Mask, 32>(q, k, v, o, lse, d, s);
+  else if (d.head_dim == 64)
     forward_d<T, Mask, 64>(q, k, v, o, lse, d, s);
   else
     forward_d<T, Mask, 128>(q, k, v, o, lse, d, s);
@@ -270,7 +272,9 @@ void attention_backward(const T* q, const T* k, const T* v, const T* o, const T*
   check_dims(d, "attention backward");
   if (d.batch * d.q_heads * d.q_len == 0) return;
   auto s = detail::as_stream(stream);
-  if (d.head_dim == 64)
+  if (d.head_dim == 32)
+    backward_d<T, Mask, 32>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, s);
+  else if (d.head_dim == 64)
     backward_d<T, Mask, 64>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, s);
   else
     backward_d<T, Mask, 128>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, s);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "common.cuh"
@@ -12,6 +13,9 @@
 #include "kiln/cuda/kernels.hpp"
 #include "kiln/cuda/ops.hpp"
 #include "kiln/cuda/runtime.hpp"
+#include "kiln/ops/attention_mask.hpp"
+
+#include <cub/device/device_radix_sort.cuh>
 
 namespace kiln::ops::gpu {
 namespace {
@@ -176,6 +180,133 @@ __global__ void store_f32_kernel(const float* __restrict__ src, D* __restrict__ 
   store(dst[i], src[i], mode);
 }
 
+// ---- views: a contiguous source stored through a strided destination --------------------
+struct view_geometry {
+  int rank = 0;
+  std::int64_t dims[8] = {}, strides[8] = {};
+};
+template <class D>
+__global__ void strided_store_kernel(D* __restrict__ dst, view_geometry g, const D* __restrict__ src, std::int64_t n,
+                                     grad_write mode) {
+  KILN_GRID_STRIDE(i, n) {
+    std::int64_t rest = i, off = 0;
+    for (int d = g.rank - 1; d >= 0; --d) {
+      off += (rest % g.dims[d]) * g.strides[d];
+      rest /= g.dims[d];
+    }
+    store(dst[off], to_f32(src[i]), mode);
+  }
+}
+
+// ---- sum / mean over one dimension (or all) ---------------------------------------------
+// g.inner == 1: a block per output row, each thread summing k = t, t + block, .. in order,
+// then CUB's fixed tree over the block.
+template <class D>
+__global__ void sum_rows_kernel(const D* __restrict__ x, D* __restrict__ out, std::int64_t outer, std::int64_t n,
+                                float scale) {
+  for (std::int64_t o = blockIdx.x; o < outer; o += gridDim.x) {
+    float s = 0.0f;
+    for (std::int64_t k = threadIdx.x; k < n; k += block) s += to_f32(x[o * n + k]);
+    const float total = cuda_kernels::detail::block_sum<block>(s);
+    if (threadIdx.x == 0) out[o] = from_f32<D>(total * scale);
+  }
+}
+template <class D>
+__global__ void sum_strided_kernel(const D* __restrict__ x, D* __restrict__ out, std::int64_t outer, std::int64_t n,
+                                   std::int64_t inner, float scale) {
+  KILN_GRID_STRIDE(t, outer * inner) {
+    const std::int64_t o = t / inner, i = t % inner;
+    float s = 0.0f;
+    for (std::int64_t k = 0; k < n; ++k) s += to_f32(x[(o * n + k) * inner + i]);
+    out[t] = from_f32<D>(s * scale);
+  }
+}
+template <class D>
+__global__ void sum_backward_kernel(const D* __restrict__ gy, D* __restrict__ gx, std::int64_t total, std::int64_t n,
+                                    std::int64_t inner, float scale, grad_write mode) {
+  KILN_GRID_STRIDE(t, total) {
+    const std::int64_t o = t / (n * inner), i = t % inner;
+    store(gx[t], to_f32(gy[o * inner + i]) * scale, mode);
+  }
+}
+
+// ---- softmax over rows: a block per row ----------------------------------------------------
+template <class D>
+__global__ void softmax_forward_kernel(const D* __restrict__ x, D* __restrict__ y, std::int64_t rows, std::int64_t cols,
+                                       bool log) {
+  for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const D* xr = x + r * cols;
+    D* yr = y + r * cols;
+    float mx = -INFINITY;
+    for (std::int64_t c = threadIdx.x; c < cols; c += block) mx = fmaxf(mx, to_f32(xr[c]));
+    mx = cuda_kernels::detail::block_max<block>(mx);
+    float s = 0.0f;
+    for (std::int64_t c = threadIdx.x; c < cols; c += block) s += expf(to_f32(xr[c]) - mx);
+    s = cuda_kernels::detail::block_sum<block>(s);
+    const float lse = mx + logf(s), inv = 1.0f / s;
+    for (std::int64_t c = threadIdx.x; c < cols; c += block) {
+      const float v = to_f32(xr[c]);
+      yr[c] = from_f32<D>(log ? v - lse : expf(v - mx) * inv);
+    }
+  }
+}
+// softmax: gx = y·(gy − Σ gy·y); log-softmax: gx = gy − exp(y)·Σ gy.
+template <class D>
+__global__ void softmax_backward_kernel(const D* __restrict__ y, const D* __restrict__ gy, D* __restrict__ gx,
+                                        std::int64_t rows, std::int64_t cols, bool log, grad_write mode) {
+  for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const D *yr = y + r * cols, *gr = gy + r * cols;
+    D* out = gx + r * cols;
+    float s = 0.0f;
+    for (std::int64_t c = threadIdx.x; c < cols; c += block) s += log ? to_f32(gr[c]) : to_f32(gr[c]) * to_f32(yr[c]);
+    s = cuda_kernels::detail::block_sum<block>(s);
+    for (std::int64_t c = threadIdx.x; c < cols; c += block) {
+      const float yv = to_f32(yr[c]), g = to_f32(gr[c]);
+      store(out[c], log ? g - expf(yv) * s : yv * (g - s), mode);
+    }
+  }
+}
+
+// ---- embedding ---------------------------------------------------------------------------
+template <class D, class I>
+__global__ void embedding_forward_kernel(const I* __restrict__ ids, const D* __restrict__ w, D* __restrict__ y,
+                                         std::int64_t n, std::int64_t vocab, std::int64_t cols,
+                                         long long* __restrict__ bad) {
+  KILN_GRID_STRIDE(t, n * cols) {
+    const std::int64_t r = t / cols, c = t % cols, id = static_cast<std::int64_t>(ids[r]);
+    if (id < 0 || id >= vocab) {
+      if (c == 0) atomicMin(bad, static_cast<long long>(r));  // the first bad position
+      y[t] = from_f32<D>(0.0f);
+    } else {
+      y[t] = w[id * cols + c];
+    }
+  }
+}
+template <class I>
+__global__ void embedding_keys_kernel(const I* __restrict__ ids, std::int64_t* __restrict__ keys,
+                                      std::int64_t* __restrict__ pos, std::int64_t n) {
+  KILN_GRID_STRIDE(i, n) {
+    keys[i] = static_cast<std::int64_t>(ids[i]);
+    pos[i] = i;
+  }
+}
+// A block per sorted position i; the block that starts a run of equal ids sums the run's
+// rows of gy (in position order) into that id's row of gw, its threads across columns.
+template <class D>
+__global__ void embedding_backward_kernel(const std::int64_t* __restrict__ keys, const std::int64_t* __restrict__ pos,
+                                          const D* __restrict__ gy, D* __restrict__ gw, std::int64_t n,
+                                          std::int64_t cols) {
+  for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const std::int64_t id = keys[i];
+    if (i > 0 && keys[i - 1] == id) continue;
+    for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      float s = 0.0f;
+      for (std::int64_t j = i; j < n && keys[j] == id; ++j) s += to_f32(gy[pos[j] * cols + c]);
+      gw[id * cols + c] = from_f32<D>(to_f32(gw[id * cols + c]) + s);
+    }
+  }
+}
+
 }  // namespace
 
 template <class T>
@@ -327,6 +458,190 @@ void cross_entropy_backward(const dtensor<T>& logits, const dtensor<std::int64_t
   if (mode == grad_write::accumulate) scale(scratch, 1.0f, gx, grad_write::accumulate);
 }
 
+template <class T>
+void strided_store(dtensor<T> dst, const dtensor<T>& src, grad_write mode) {
+  KILN_CHECK(dst.shape() == src.shape(), "strided_store: shape ", src.shape().str(), " does not match ",
+             dst.shape().str());
+  KILN_CHECK(src.is_contiguous(), "strided_store: the source ", src.shape().str(), " must be contiguous");
+  const std::int64_t n = src.numel();
+  if (!n) return;
+  if (dst.is_contiguous()) {
+    scale(src, 1.0f, dst, mode);
+    return;
+  }
+  KILN_CHECK(dst.rank() <= 8, "strided_store: rank ", dst.rank(), " exceeds the device limit of 8 dimensions");
+  view_geometry g;
+  g.rank = dst.rank();
+  for (int d = 0; d < g.rank; ++d) {
+    g.dims[d] = dst.shape()[d];
+    g.strides[d] = dst.strides()[d];
+  }
+  strided_store_kernel<<<grid_for(n, block), block, 0, stream()>>>(dev(dst.data()), g, dev(src.data()), n, mode);
+  check_launch("strided_store");
+}
+
+template <class T>
+void sum_dim(const dtensor<T>& x, cpu::reduce_geometry g, float scale_by, dtensor<T>& out) {
+  if (g.outer * g.inner == 0) return;
+  if (g.inner == 1)
+    sum_rows_kernel<<<grid_for(g.outer * block, block), block, 0, stream()>>>(dev(x.data()), dev(out.data()), g.outer,
+                                                                              g.n, scale_by);
+  else
+    sum_strided_kernel<<<grid_for(g.outer * g.inner, block), block, 0, stream()>>>(dev(x.data()), dev(out.data()),
+                                                                                   g.outer, g.n, g.inner, scale_by);
+  check_launch("sum");
+}
+template <class T>
+void sum_dim_backward(const dtensor<T>& gy, cpu::reduce_geometry g, float scale_by, dtensor<T>& gx, grad_write mode) {
+  const std::int64_t total = g.outer * g.n * g.inner;
+  if (!total) return;
+  sum_backward_kernel<<<grid_for(total, block), block, 0, stream()>>>(dev(gy.data()), dev(gx.data()), total, g.n,
+                                                                      g.inner, scale_by, mode);
+  check_launch("sum backward");
+}
+
+template <class T, class I>
+void embedding_forward(const dtensor<I>& ids, const dtensor<T>& weight, dtensor<T>& y) {
+  const std::int64_t n = ids.numel(), vocab = weight.size(0), cols = weight.size(1);
+  if (!n || !cols) return;
+  constexpr std::int64_t none = std::numeric_limits<std::int64_t>::max();
+  dtensor<std::int64_t> bad(shape{1});
+  bad.fill(none);
+  embedding_forward_kernel<<<grid_for(n * cols, block), block, 0, stream()>>>(
+      ids.data(), dev(weight.data()), dev(y.data()), n, vocab, cols, reinterpret_cast<long long*>(bad.data()));
+  check_launch("embedding forward");
+  std::int64_t first_bad = none;
+  cuda_runtime::copy(&first_bad, bad.data(), sizeof first_bad, cuda_runtime::copy_kind::device_to_host,
+                     cuda_runtime::compute_stream());
+  cuda_runtime::synchronize(cuda_runtime::compute_stream());
+  if (first_bad != none) {
+    I id{};
+    cuda_runtime::copy(&id, ids.data() + first_bad, sizeof id, cuda_runtime::copy_kind::device_to_host,
+                       cuda_runtime::compute_stream());
+    cuda_runtime::synchronize(cuda_runtime::compute_stream());
+    KILN_CHECK(false, "embedding: id ", static_cast<std::int64_t>(id), " at position ", first_bad, " of ids ",
+               ids.shape().str(), " is outside the table's ", vocab, " rows");
+  }
+}
+
+template <class T, class I>
+void embedding_backward(const dtensor<I>& ids, const dtensor<T>& gy, dtensor<T>& gw, grad_write mode) {
+  const std::int64_t n = ids.numel(), vocab = gw.size(0), cols = gw.size(1);
+  if (mode == grad_write::overwrite) gw.fill(T(0));
+  if (!n || !cols) return;
+  dtensor<std::int64_t> keys(shape{n}), pos(shape{n}), sorted_keys(shape{n}), sorted_pos(shape{n});
+  embedding_keys_kernel<<<grid_for(n, block), block, 0, stream()>>>(ids.data(), keys.data(), pos.data(), n);
+  check_launch("embedding backward (keys)");
+  // Only the bits that can differ among valid ids take part in the sort.
+  int end_bit = 1;
+  while (end_bit < 63 && (std::int64_t{1} << end_bit) < vocab) ++end_bit;
+  std::size_t temp_bytes = 0;
+  cuda_kernels::detail::check(
+      cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys.data(), sorted_keys.data(), pos.data(),
+                                      sorted_pos.data(), static_cast<int>(n), 0, end_bit, stream()),
+      "embedding backward: cub::DeviceRadixSort (size query)");
+  dtensor<u8> temp(shape{static_cast<std::int64_t>(std::max<std::size_t>(temp_bytes, 1))});
+  cuda_kernels::detail::check(
+      cub::DeviceRadixSort::SortPairs(temp.data(), temp_bytes, keys.data(), sorted_keys.data(), pos.data(),
+                                      sorted_pos.data(), static_cast<int>(n), 0, end_bit, stream()),
+      "embedding backward: cub::DeviceRadixSort");
+  embedding_backward_kernel<<<grid_for(n * block, block), block, 0, stream()>>>(
+      sorted_keys.data(), sorted_pos.data(), dev(gy.data()), dev(gw.data()), n, cols);
+  check_launch("embedding backward");
+}
+
+template <class T, class Mask>
+void attention_forward(const dtensor<T>& q, const dtensor<T>& k, const dtensor<T>& v, dtensor<T>& o,
+                       dtensor<float>& lse, const cuda_kernels::attention_dims& d) {
+  cuda_kernels::attention_forward<T, Mask>(q.data(), k.data(), v.data(), o.data(), lse.data(), d,
+                                           cuda_runtime::compute_stream());
+}
+
+namespace {
+// A kernel that overwrites its output, under a gradient's mode: straight into g when
+// overwriting (or a null g: not wanted), through scratch added into g when accumulating.
+template <class T>
+struct mode_target {
+  dtensor<T>* g;
+  grad_write mode;
+  dtensor<T> scratch;
+  mode_target(dtensor<T>* g_, grad_write m, const shape& s) : g(g_), mode(m) {
+    if (g && mode == grad_write::accumulate) scratch = dtensor<T>(s);
+  }
+  T* ptr() { return !g ? nullptr : mode == grad_write::accumulate ? scratch.data() : g->data(); }
+  void finish() {
+    if (g && mode == grad_write::accumulate) scale(scratch, 1.0f, *g, grad_write::accumulate);
+  }
+};
+}  // namespace
+
+template <class T, class Mask>
+void attention_backward(const dtensor<T>& q, const dtensor<T>& k, const dtensor<T>& v, const dtensor<T>& o,
+                        const dtensor<T>& dout, const dtensor<float>& lse, const cuda_kernels::attention_dims& d,
+                        dtensor<T>* dq, grad_write mq, dtensor<T>* dk, grad_write mk, dtensor<T>* dv, grad_write mv) {
+  // The kernels write all three; a gradient not wanted lands in scratch.
+  dtensor<T> none_q, none_k, none_v;
+  mode_target<T> tq(dq ? dq : &(none_q = dtensor<T>(q.shape())), dq ? mq : grad_write::overwrite, q.shape());
+  mode_target<T> tk(dk ? dk : &(none_k = dtensor<T>(k.shape())), dk ? mk : grad_write::overwrite, k.shape());
+  mode_target<T> tv(dv ? dv : &(none_v = dtensor<T>(v.shape())), dv ? mv : grad_write::overwrite, v.shape());
+  dtensor<float> delta(shape{d.batch * d.q_heads * d.q_len});
+  cuda_kernels::attention_backward<T, Mask>(q.data(), k.data(), v.data(), o.data(), dout.data(), lse.data(),
+                                            delta.data(), tq.ptr(), tk.ptr(), tv.ptr(), d,
+                                            cuda_runtime::compute_stream());
+  tq.finish();
+  tk.finish();
+  tv.finish();
+}
+
+template <class T>
+void rope(const dtensor<T>& x, dtensor<T>& y, std::int64_t first, float theta, bool backward, grad_write mode) {
+  mode_target<T> t(&y, mode, x.shape());
+  cuda_kernels::rope<T>(x.data(), t.ptr(), x.size(0), x.size(1), x.size(2), x.size(3), first, theta, backward,
+                        cuda_runtime::compute_stream());
+  t.finish();
+}
+
+template <class T>
+void swiglu_forward(const dtensor<T>& gate, const dtensor<T>& up, dtensor<T>& y) {
+  cuda_kernels::swiglu_forward<T>(gate.data(), up.data(), y.data(), gate.numel(), cuda_runtime::compute_stream());
+}
+template <class T>
+void swiglu_backward(const dtensor<T>& gate, const dtensor<T>& up, const dtensor<T>& gy, dtensor<T>* ggate,
+                     grad_write mg, dtensor<T>* gup, grad_write mu) {
+  dtensor<T> none_g, none_u;
+  mode_target<T> tg(ggate ? ggate : &(none_g = dtensor<T>(gate.shape())), ggate ? mg : grad_write::overwrite,
+                    gate.shape());
+  mode_target<T> tu(gup ? gup : &(none_u = dtensor<T>(up.shape())), gup ? mu : grad_write::overwrite, up.shape());
+  cuda_kernels::swiglu_backward<T>(gate.data(), up.data(), gy.data(), tg.ptr(), tu.ptr(), gate.numel(),
+                                   cuda_runtime::compute_stream());
+  tg.finish();
+  tu.finish();
+}
+
+template <class T>
+void softmax_forward(const dtensor<T>& x, dtensor<T>& y, bool log) {
+  const std::int64_t cols = x.shape().back(), rows = x.shape().rows();
+  if (!rows || !cols) return;
+  softmax_forward_kernel<<<grid_for(rows * block, block), block, 0, stream()>>>(dev(x.data()), dev(y.data()), rows,
+                                                                                cols, log);
+  check_launch("softmax forward");
+}
+template <class T>
+void softmax_backward(const dtensor<T>& y, const dtensor<T>& gy, dtensor<T>& gx, bool log, grad_write mode) {
+  const std::int64_t cols = y.shape().back(), rows = y.shape().rows();
+  if (!rows || !cols) return;
+  softmax_backward_kernel<<<grid_for(rows * block, block), block, 0, stream()>>>(dev(y.data()), dev(gy.data()),
+                                                                                 dev(gx.data()), rows, cols, log, mode);
+  check_launch("softmax backward");
+}
+
+template <class T>
+void dropout_apply(const dtensor<T>& x, float p, philox_stream rng, dtensor<T>& y, grad_write mode) {
+  mode_target<T> t(&y, mode, x.shape());
+  cuda_kernels::dropout<T>(x.data(), t.ptr(), x.numel(), p, rng, cuda_runtime::compute_stream());
+  t.finish();
+}
+
 // ---- explicit instantiations -------------------------------------------------------------
 #define KILN_GPU_UNARY(F, T)                                            \
   template void unary_forward<F, T>(F, const dtensor<T>&, dtensor<T>&); \
@@ -356,8 +671,35 @@ void cross_entropy_backward(const dtensor<T>& logits, const dtensor<std::int64_t
   template void cross_entropy_backward<T>(const dtensor<T>&, const dtensor<std::int64_t>&,                           \
                                           const cpu::cross_entropy_options&, std::int64_t, const dtensor<T>&,        \
                                           dtensor<T>&, grad_write);
+#define KILN_GPU_MASK(T, M)                                                                                          \
+  template void attention_forward<T, M>(const dtensor<T>&, const dtensor<T>&, const dtensor<T>&, dtensor<T>&,        \
+                                        dtensor<float>&, const cuda_kernels::attention_dims&);                       \
+  template void attention_backward<T, M>(const dtensor<T>&, const dtensor<T>&, const dtensor<T>&, const dtensor<T>&, \
+                                         const dtensor<T>&, const dtensor<float>&,                                   \
+                                         const cuda_kernels::attention_dims&, dtensor<T>*, grad_write, dtensor<T>*,  \
+                                         grad_write, dtensor<T>*, grad_write);
+#define KILN_GPU_VIEWS(T)                                                                                            \
+  template void strided_store<T>(dtensor<T>, const dtensor<T>&, grad_write);                                         \
+  template void sum_dim<T>(const dtensor<T>&, cpu::reduce_geometry, float, dtensor<T>&);                             \
+  template void sum_dim_backward<T>(const dtensor<T>&, cpu::reduce_geometry, float, dtensor<T>&, grad_write);        \
+  template void embedding_forward<T, i64>(const dtensor<i64>&, const dtensor<T>&, dtensor<T>&);                      \
+  template void embedding_forward<T, i32>(const dtensor<i32>&, const dtensor<T>&, dtensor<T>&);                      \
+  template void embedding_backward<T, i64>(const dtensor<i64>&, const dtensor<T>&, dtensor<T>&, grad_write);         \
+  template void embedding_backward<T, i32>(const dtensor<i32>&, const dtensor<T>&, dtensor<T>&, grad_write);         \
+  template void rope<T>(const dtensor<T>&, dtensor<T>&, std::int64_t, float, bool, grad_write);                      \
+  template void swiglu_forward<T>(const dtensor<T>&, const dtensor<T>&, dtensor<T>&);                                \
+  template void swiglu_backward<T>(const dtensor<T>&, const dtensor<T>&, const dtensor<T>&, dtensor<T>*, grad_write, \
+                                   dtensor<T>*, grad_write);                                                         \
+  template void dropout_apply<T>(const dtensor<T>&, float, philox_stream, dtensor<T>&, grad_write);                  \
+  template void softmax_forward<T>(const dtensor<T>&, dtensor<T>&, bool);                                            \
+  template void softmax_backward<T>(const dtensor<T>&, const dtensor<T>&, dtensor<T>&, bool, grad_write);            \
+  KILN_GPU_MASK(T, ops::mask::none)                                                                                  \
+  KILN_GPU_MASK(T, ops::mask::causal)
 KILN_GPU_TYPE(f32)
 KILN_GPU_TYPE(bf16)
 KILN_GPU_TYPE(f16)
+KILN_GPU_VIEWS(f32)
+KILN_GPU_VIEWS(bf16)
+KILN_GPU_VIEWS(f16)
 
 }  // namespace kiln::ops::gpu

@@ -188,6 +188,68 @@ void raw_memory<cuda>::fill(void* p, std::size_t count, std::size_t elem_bytes, 
 void raw_memory<cuda>::copy(void* dst, const void* src, std::size_t bytes) {
   cuda_runtime::copy(dst, src, bytes, cuda_runtime::copy_kind::device_to_device, cuda_runtime::compute_stream());
 }
+
+namespace {
+struct strided_geometry {
+  int rank = 0;
+  std::int64_t dims[8] = {}, dst[8] = {}, src[8] = {};
+};
+// One thread per element, in row-major order of `dims` (consecutive threads read and
+// write consecutive elements of whichever side is contiguous in the last dimension).
+template <class U>
+__global__ void copy_strided_kernel(U* __restrict__ dst, const U* __restrict__ src, strided_geometry g,
+                                    std::int64_t n) {
+  KILN_GRID_STRIDE(i, n) {
+    std::int64_t rest = i, od = 0, os = 0;
+    for (int d = g.rank - 1; d >= 0; --d) {
+      const std::int64_t idx = rest % g.dims[d];
+      rest /= g.dims[d];
+      od += idx * g.dst[d];
+      os += idx * g.src[d];
+    }
+    dst[od] = src[os];
+  }
+}
+template <class U>
+void launch_copy_strided(void* dst, const void* src, const strided_geometry& g, std::int64_t n, cudaStream_t s) {
+  const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>((n + 255) / 256, 65535LL * 32));
+  copy_strided_kernel<U><<<blocks, 256, 0, s>>>(static_cast<U*>(dst), static_cast<const U*>(src), g, n);
+  cuda_kernels::detail::check(cudaGetLastError(), "copy_strided_kernel");
+}
+}  // namespace
+
+void raw_memory<cuda>::copy_strided(void* dst, const std::int64_t* dst_strides, const void* src,
+                                    const std::int64_t* src_strides, const std::int64_t* dims, int rank,
+                                    std::size_t elem_bytes) {
+  if (rank < 0 || rank > 8) throw error("cuda strided copy: rank " + std::to_string(rank) + " is outside [0, 8]");
+  strided_geometry g;
+  g.rank = rank;
+  std::int64_t n = 1;
+  for (int d = 0; d < rank; ++d) {
+    g.dims[d] = dims[d];
+    g.dst[d] = dst_strides[d];
+    g.src[d] = src_strides[d];
+    n *= dims[d];
+  }
+  if (n == 0) return;
+  const auto s = static_cast<cudaStream_t>(cuda_runtime::compute_stream());
+  switch (elem_bytes) {
+    case 1:
+      launch_copy_strided<std::uint8_t>(dst, src, g, n, s);
+      break;
+    case 2:
+      launch_copy_strided<std::uint16_t>(dst, src, g, n, s);
+      break;
+    case 4:
+      launch_copy_strided<std::uint32_t>(dst, src, g, n, s);
+      break;
+    case 8:
+      launch_copy_strided<std::uint64_t>(dst, src, g, n, s);
+      break;
+    default:
+      throw error("cuda strided copy: element size " + std::to_string(elem_bytes) + " is not 1, 2, 4 or 8 bytes");
+  }
+}
 }  // namespace detail
 
 }  // namespace kiln

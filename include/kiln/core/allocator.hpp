@@ -56,6 +56,11 @@ struct raw_memory<cuda> {
   // 4 or 8) set to *value; a device-to-device copy of `bytes`.
   static void fill(void* p, std::size_t count, std::size_t elem_bytes, const void* value);
   static void copy(void* dst, const void* src, std::size_t bytes);
+  // Element (i0, .., i{rank-1}) of `dims` from src to dst, each addressed through its own
+  // strides (in elements of elem_bytes: 1, 2, 4 or 8); rank <= 8. What contiguous() and
+  // copy_from need for transposed, sliced and broadcast views.
+  static void copy_strided(void* dst, const std::int64_t* dst_strides, const void* src, const std::int64_t* src_strides,
+                           const std::int64_t* dims, int rank, std::size_t elem_bytes);
 };
 #if !defined(KILN_WITH_CUDA)
 inline void* raw_memory<cuda>::allocate(std::size_t) {
@@ -66,6 +71,10 @@ inline void raw_memory<cuda>::fill(void*, std::size_t, std::size_t, const void*)
   throw error("cuda tensor fill, but kiln was built without CUDA");
 }
 inline void raw_memory<cuda>::copy(void*, const void*, std::size_t) {
+  throw error("cuda tensor copy, but kiln was built without CUDA");
+}
+inline void raw_memory<cuda>::copy_strided(void*, const std::int64_t*, const void*, const std::int64_t*,
+                                           const std::int64_t*, int, std::size_t) {
   throw error("cuda tensor copy, but kiln was built without CUDA");
 }
 #endif

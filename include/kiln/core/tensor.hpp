@@ -172,9 +172,15 @@ class tensor {
     KILN_CHECK(src.shape() == shape_, "copy_from: shape ", src.shape().str(), " does not match destination ",
                shape_.str());
     if constexpr (!Dev::is_host) {
-      KILN_CHECK(is_contiguous() && src.is_contiguous(), "copy_from: strided ", Dev::name, " tensors ",
-                 src.shape().str(), " (device copies are contiguous; strided ones come with the device ops)");
-      if (numel()) detail::raw_memory<Dev>::copy(data(), src.data(), nbytes());
+      if (!numel()) return *this;
+      if (is_contiguous() && src.is_contiguous()) {
+        detail::raw_memory<Dev>::copy(data(), src.data(), nbytes());
+      } else {
+        KILN_CHECK(rank() <= 8, "copy_from: a strided ", Dev::name, " tensor ", shape_.str(), " has rank ", rank(),
+                   "; device copies take at most 8 dimensions");
+        detail::raw_memory<Dev>::copy_strided(data(), strides_.begin(), src.data(), src.strides().begin(),
+                                              shape_.begin(), rank(), sizeof(T));
+      }
     } else if (is_contiguous() && src.is_contiguous()) {
       if (numel()) std::memmove(data(), src.data(), nbytes());
     } else {

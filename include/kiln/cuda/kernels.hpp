@@ -85,7 +85,7 @@ void cross_entropy(const T* logits, const std::int64_t* targets, float* loss, T*
 // Scaled dot-product attention with an online softmax (the CPU op's algorithm, as in
 // FlashAttention): q [B, T, Hq, D], k and v [B, S, Hkv, D] contiguous, Hq a multiple of
 // Hkv (grouped-query); queries at absolute positions q_offset + i, keys at 0..S−1; Mask
-// one of kiln::ops::mask (none and causal are compiled); D 64 or 128. The forward writes
+// one of kiln::ops::mask (none and causal are compiled); D 32, 64 or 128. The forward writes
 // O [B, T, Hq, D] and lse [B, Hq, T] (f32, for the backward). Dropout on the
 // probabilities draws the CPU's Philox index ((b·Hq + h)·T + i)·S + j.
 struct attention_dims {

@@ -19,7 +19,9 @@
 
 #include "kiln/core/device.hpp"
 #include "kiln/core/tensor.hpp"
+#include "kiln/cuda/kernels.hpp"
 #include "kiln/ops/cpu/elementwise.hpp"
+#include "kiln/ops/cpu/reduce.hpp"
 #include "kiln/ops/cpu/softmax.hpp"
 #include "kiln/ops/grad_write.hpp"
 
@@ -85,5 +87,63 @@ void norm_forward(const dtensor<T>& x, const T* w, const T* b, double eps, bool 
 template <class T>
 void norm_backward(const dtensor<T>& x, const T* w, const dtensor<T>& gy, const dtensor<float>& stats, bool rms, T* gx,
                    grad_write mx, T* gw, grad_write mw, T* gb, grad_write mb);
+
+// dst (=|+=) src element by element: dst is any strided view with src's shape, src is
+// contiguous (the backward of transpose, slice, concat and reshape; rank <= 8).
+template <class T>
+void strided_store(dtensor<T> dst, const dtensor<T>& src, grad_write mode);
+
+// out[o, i] = scale · Σ_k x[o, k, i] over geometry g (sum, mean): a block per output
+// element when g.inner == 1 (a whole-tensor sum; CUB's fixed tree), a thread per output
+// element otherwise (k in order). The backward: gx[o, k, i] (=|+=) scale · gy[o, i].
+template <class T>
+void sum_dim(const dtensor<T>& x, cpu::reduce_geometry g, float scale, dtensor<T>& out);
+template <class T>
+void sum_dim_backward(const dtensor<T>& gy, cpu::reduce_geometry g, float scale, dtensor<T>& gx, grad_write mode);
+
+// y[..., :] = weight[ids[...], :]. An id outside [0, V) throws, naming it (the op reads
+// back one flag, so it synchronises). The backward adds each position's gradient into its
+// row of gw: positions are sorted by id (CUB's stable radix sort), then each row sums its
+// positions in their original order — deterministic, no atomics.
+template <class T, class I>
+void embedding_forward(const dtensor<I>& ids, const dtensor<T>& weight, dtensor<T>& y);
+template <class T, class I>
+void embedding_backward(const dtensor<I>& ids, const dtensor<T>& gy, dtensor<T>& gw, grad_write mode);
+
+// Attention over contiguous q [B, T, Hq, D], k and v [B, S, Hkv, D] (kernels/attention.cu:
+// masks none and causal, head dims 32, 64 and 128): o and f32 lse [B·Hq·T]. The backward
+// writes each non-null gradient with its mode.
+template <class T, class Mask>
+void attention_forward(const dtensor<T>& q, const dtensor<T>& k, const dtensor<T>& v, dtensor<T>& o,
+                       dtensor<float>& lse, const cuda_kernels::attention_dims& d);
+template <class T, class Mask>
+void attention_backward(const dtensor<T>& q, const dtensor<T>& k, const dtensor<T>& v, const dtensor<T>& o,
+                        const dtensor<T>& dout, const dtensor<float>& lse, const cuda_kernels::attention_dims& d,
+                        dtensor<T>* dq, grad_write mq, dtensor<T>* dk, grad_write mk, dtensor<T>* dv, grad_write mv);
+
+// RoPE on a contiguous x [B, T, H, D] (positions first + t): y, or with backward the
+// gradient of x from y's, written with mode.
+template <class T>
+void rope(const dtensor<T>& x, dtensor<T>& y, std::int64_t first, float theta, bool backward, grad_write mode);
+
+// SwiGLU: y = silu(gate)·up; the backward writes each non-null gradient with its mode.
+template <class T>
+void swiglu_forward(const dtensor<T>& gate, const dtensor<T>& up, dtensor<T>& y);
+template <class T>
+void swiglu_backward(const dtensor<T>& gate, const dtensor<T>& up, const dtensor<T>& gy, dtensor<T>* ggate,
+                     grad_write mg, dtensor<T>* gup, grad_write mu);
+
+// Softmax (log = false) or log-softmax over the last dimension of a contiguous x, a block
+// per row (CUB's fixed trees for the max and the sum); the backward from the forward's
+// output y, written with mode.
+template <class T>
+void softmax_forward(const dtensor<T>& x, dtensor<T>& y, bool log);
+template <class T>
+void softmax_backward(const dtensor<T>& y, const dtensor<T>& gy, dtensor<T>& gx, bool log, grad_write mode);
+
+// Inverted dropout with the CPU's mask (element i kept iff rng.uniform(i) >= p), y written
+// with mode (the backward is the same call on the gradient).
+template <class T>
+void dropout_apply(const dtensor<T>& x, float p, philox_stream rng, dtensor<T>& y, grad_write mode);
 
 }  // namespace kiln::ops::gpu

@@ -51,15 +51,22 @@ var<T, Dev> swiglu(const var<T, Dev>& gate, const var<T, Dev>& up) {
   check_same_shape(gate.shape(), up.shape(), "swiglu");
   auto g = gate.value().contiguous(), u = up.value().contiguous();
   tensor<T, Dev> y(g.shape());
-  cpu::swiglu_forward(g, u, y);
+  if constexpr (Dev::is_host)
+    cpu::swiglu_forward(g, u, y);
+  else
+    gpu::swiglu_forward(g, u, y);
   return autograd::record(
       std::move(y),
       [gate, up, g, u](const tensor<T, Dev>& gy) mutable {
         grad_write mg = grad_write::overwrite, mu = grad_write::overwrite;
         if (gate.requires_grad()) mg = gate.begin_grad_write();
         if (up.requires_grad()) mu = up.begin_grad_write();
-        cpu::swiglu_backward(g, u, gy, gate.requires_grad() ? &gate.grad() : nullptr, mg,
-                             up.requires_grad() ? &up.grad() : nullptr, mu);
+        auto* gg = gate.requires_grad() ? &gate.grad() : nullptr;
+        auto* gu = up.requires_grad() ? &up.grad() : nullptr;
+        if constexpr (Dev::is_host)
+          cpu::swiglu_backward(g, u, gy, gg, mg, gu, mu);
+        else
+          gpu::swiglu_backward(g, u, gy.contiguous(), gg, mg, gu, mu);
       },
       gate, up);
 }
@@ -73,12 +80,18 @@ var<T, Dev> dropout(const var<T, Dev>& x, float p, philox_stream rng, bool train
   if (!training || p == 0.0f) return x;
   auto xv = x.value().contiguous();
   tensor<T, Dev> y(xv.shape());
-  cpu::dropout_apply(xv, p, rng, y, grad_write::overwrite);
+  if constexpr (Dev::is_host)
+    cpu::dropout_apply(xv, p, rng, y, grad_write::overwrite);
+  else
+    gpu::dropout_apply(xv, p, rng, y, grad_write::overwrite);
   return autograd::record(
       std::move(y),
       [x, p, rng](const tensor<T, Dev>& gy) mutable {
         const grad_write m = x.begin_grad_write();
-        cpu::dropout_apply(gy, p, rng, x.grad(), m);
+        if constexpr (Dev::is_host)
+          cpu::dropout_apply(gy, p, rng, x.grad(), m);
+        else
+          gpu::dropout_apply(gy.contiguous(), p, rng, x.grad(), m);
       },
       x);
 }

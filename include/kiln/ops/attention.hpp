@@ -66,11 +66,57 @@ template <class P>
 cpu::heads_view<P> heads_at(P* data, std::int64_t offset, std::int64_t len, std::int64_t pos_stride) {
   return {data ? data + offset : nullptr, len * pos_stride, pos_stride};
 }
+
+// The device path (kernels/attention.cu through kiln/cuda/ops.hpp): q, k, v made
+// contiguous [B, ·, H, D]; every gradient written with its own mode.
+template <attention_mask Mask>
+inline constexpr bool has_device_kernel = std::is_same_v<Mask, mask::none> || std::is_same_v<Mask, mask::causal>;
+
+inline cuda_kernels::attention_dims device_dims(const cpu::attention_dims& d) {
+  cuda_kernels::attention_dims g;
+  g.batch = d.batch;
+  g.q_len = d.q_len;
+  g.kv_len = d.kv_len;
+  g.q_heads = d.q_heads;
+  g.kv_heads = d.kv_heads;
+  g.head_dim = d.head_dim;
+  g.q_offset = d.q_offset;
+  g.scale = static_cast<float>(d.scale);
+  g.dropout_p = d.dropout_p;
+  g.rng = d.rng;
+  return g;
+}
+
+template <attention_mask Mask, floating_element T, device Dev>
+var<T, Dev> attention_device(const var<T, Dev>& q, const var<T, Dev>& k, const var<T, Dev>& v,
+                             const attention_options& opt) {
+  static_assert(has_device_kernel<Mask>,
+                "kiln::attention on cuda tensors: masks none and causal have device kernels "
+                "(kernels/attention.cu); compute this mask on the cpu");
+  const cpu::attention_dims d =
+      attention_dims_for(q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), opt);
+  const cuda_kernels::attention_dims gd = device_dims(d);
+  auto qv = q.value().contiguous(), kv = k.value().contiguous(), vv = v.value().contiguous();
+  tensor<T, Dev> o(shape{d.batch, d.q_len, d.q_heads, d.head_dim});
+  tensor<float, Dev> lse(shape{d.batch * d.q_heads * d.q_len});
+  gpu::attention_forward<T, Mask>(qv, kv, vv, o, lse, gd);
+  if (!autograd::any_requires_grad(q, k, v)) return var<T, Dev>(std::move(o));
+  return autograd::record(
+      o,
+      [q, k, v, qv, kv, vv, o, lse, gd](const tensor<T, Dev>& gy) mutable {
+        const bool bq = q.requires_grad(), bk = k.requires_grad(), bv = v.requires_grad();
+        const grad_write mq = bq ? q.begin_grad_write() : grad_write::overwrite;
+        const grad_write mk = bk ? k.begin_grad_write() : grad_write::overwrite;
+        const grad_write mv = bv ? v.begin_grad_write() : grad_write::overwrite;
+        gpu::attention_backward<T, Mask>(qv, kv, vv, o, gy.contiguous(), lse, gd, bq ? &q.grad() : nullptr, mq,
+                                         bk ? &k.grad() : nullptr, mk, bv ? &v.grad() : nullptr, mv);
+      },
+      q, k, v);
+}
 }  // namespace detail
 
 template <attention_mask Mask = mask::causal, floating_element T, device Dev>
 var<T, Dev> attention(const var<T, Dev>& q, const var<T, Dev>& k, const var<T, Dev>& v, attention_options opt = {}) {
-  KILN_HOST_ONLY_OP(Dev, "kiln::attention");
   KILN_CHECK(q.rank() == 4 && k.rank() == 4 && v.rank() == 4,
              "attention: expects q [B, T, Hq, D] and k, v [B, S, Hkv, D], got q ", q.shape().str(), ", k ",
              k.shape().str(), ", v ", v.shape().str());
@@ -79,7 +125,9 @@ var<T, Dev> attention(const var<T, Dev>& q, const var<T, Dev>& k, const var<T, D
              k.shape().str(), " differ in batch or head dimension");
   KILN_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "attention: ", q.size(2), " query heads cannot share ",
              k.size(2), " key/value heads (grouped-query attention needs Hq to be a multiple of Hkv)");
-  if constexpr (!std::is_same_v<T, compute_t<T>>) {
+  if constexpr (!Dev::is_host) {
+    return detail::attention_device<Mask>(q, k, v, opt);
+  } else if constexpr (!std::is_same_v<T, compute_t<T>>) {
     return cast<T>(attention<Mask>(cast<f32>(q), cast<f32>(k), cast<f32>(v), opt));
   } else {
     const cpu::attention_dims d =
@@ -122,7 +170,6 @@ var<T, Dev> attention(const var<T, Dev>& q, const var<T, Dev>& k, const var<T, D
 template <attention_mask Mask = mask::causal, floating_element T, device Dev>
 var<T, Dev> attention_packed(const var<T, Dev>& qkv, std::int64_t q_heads, std::int64_t kv_heads,
                              attention_options opt = {}) {
-  KILN_HOST_ONLY_OP(Dev, "kiln::attention_packed");
   KILN_CHECK(qkv.rank() == 3, "attention_packed: expects qkv [B, T, (Hq + 2·Hkv)·D], got ", qkv.shape().str());
   KILN_CHECK(q_heads > 0 && kv_heads > 0 && q_heads % kv_heads == 0, "attention_packed: ", q_heads,
              " query heads cannot share ", kv_heads,
@@ -130,7 +177,39 @@ var<T, Dev> attention_packed(const var<T, Dev>& qkv, std::int64_t q_heads, std::
   const std::int64_t width = qkv.size(2), heads = q_heads + 2 * kv_heads;
   KILN_CHECK(width % heads == 0, "attention_packed: the last dimension ", width, " of qkv ", qkv.shape().str(),
              " is not (Hq + 2·Hkv)·D for Hq = ", q_heads, ", Hkv = ", kv_heads);
-  if constexpr (!std::is_same_v<T, compute_t<T>>) {
+  if constexpr (!Dev::is_host) {
+    // On the device: the three head groups copied out contiguous, the kernels, and the
+    // gradients stored back into their slices of qkv's (each element once, so each
+    // slice takes the gradient's mode).
+    const std::int64_t B = qkv.size(0), L = qkv.size(1), D = width / heads;
+    const cpu::attention_dims d = detail::attention_dims_for(B, L, L, q_heads, kv_heads, D, opt);
+    const cuda_kernels::attention_dims gd = detail::device_dims(d);
+    static_assert(detail::has_device_kernel<Mask>,
+                  "kiln::attention_packed on cuda tensors: masks none and causal have device kernels "
+                  "(kernels/attention.cu); compute this mask on the cpu");
+    auto x = qkv.value().contiguous().reshape(shape{B, L, heads, D});
+    auto qv = x.slice(2, 0, q_heads).contiguous(), kv = x.slice(2, q_heads, q_heads + kv_heads).contiguous(),
+         vv = x.slice(2, q_heads + kv_heads, heads).contiguous();
+    tensor<T, Dev> o(shape{B, L, q_heads, D});
+    tensor<float, Dev> lse(shape{B * q_heads * L});
+    gpu::attention_forward<T, Mask>(qv, kv, vv, o, lse, gd);
+    tensor<T, Dev> out = o.reshape(shape{B, L, q_heads * D});
+    if (!autograd::any_requires_grad(qkv)) return var<T, Dev>(std::move(out));
+    return autograd::record(
+        out,
+        [qkv, qv, kv, vv, o, lse, gd, B, L, D, heads, q_heads, kv_heads](const tensor<T, Dev>& gy) mutable {
+          const grad_write m = qkv.begin_grad_write();
+          tensor<T, Dev> dq(qv.shape()), dk(kv.shape()), dv(vv.shape());
+          gpu::attention_backward<T, Mask>(qv, kv, vv, o, gy.contiguous().reshape(o.shape()), lse, gd, &dq,
+                                           grad_write::overwrite, &dk, grad_write::overwrite, &dv,
+                                           grad_write::overwrite);
+          auto g = qkv.grad().reshape(shape{B, L, heads, D});
+          gpu::strided_store(g.slice(2, 0, q_heads), dq, m);
+          gpu::strided_store(g.slice(2, q_heads, q_heads + kv_heads), dk, m);
+          gpu::strided_store(g.slice(2, q_heads + kv_heads, heads), dv, m);
+        },
+        qkv);
+  } else if constexpr (!std::is_same_v<T, compute_t<T>>) {
     return cast<T>(attention_packed<Mask>(cast<f32>(qkv), q_heads, kv_heads, opt));
   } else {
     const std::int64_t B = qkv.size(0), L = qkv.size(1), D = width / heads;

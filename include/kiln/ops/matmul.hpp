@@ -4,32 +4,57 @@
 #include <optional>
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/cuda/blas.hpp"
 #include "kiln/cuda/ops.hpp"
+#include "kiln/cuda/runtime.hpp"
 #include "kiln/ops/cpu/matmul.hpp"
 
 namespace kiln::ops {
 
+namespace detail {
+// The row-major GEMM of ops::cpu::gemm on either device (cuBLASLt on kiln's compute
+// stream for cuda), and its batched form (on the device, one GEMM per batch entry).
+template <class T, device Dev>
+void gemm_on(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const T* a, std::int64_t lda, const T* b,
+             std::int64_t ldb, T* c, std::int64_t ldc, grad_write mode) {
+  if constexpr (Dev::is_host)
+    cpu::gemm<T>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, mode);
+  else
+    cuda_kernels::gemm<T>({ta, tb, m, n, k, lda, ldb, ldc}, a, b, c, mode, cuda_runtime::compute_stream());
+}
+template <class T, device Dev>
+void batched_gemm_on(std::int64_t batch, bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const T* a,
+                     std::int64_t stride_a, const T* b, std::int64_t stride_b, T* c, grad_write mode) {
+  if constexpr (Dev::is_host) {
+    cpu::batched_gemm<T>(batch, ta, tb, m, n, k, a, stride_a, b, stride_b, c, mode);
+  } else {
+    for (std::int64_t i = 0; i < batch; ++i)
+      gemm_on<T, Dev>(ta, tb, m, n, k, a + i * stride_a, ta ? m : k, b + i * stride_b, tb ? k : n, c + i * m * n, n,
+                      mode);
+  }
+}
+}  // namespace detail
+
 // [M, K] · [K, N] → [M, N]
 template <floating_element T, device Dev>
 var<T, Dev> matmul(const var<T, Dev>& a, const var<T, Dev>& b) {
-  KILN_HOST_ONLY_OP(Dev, "kiln::matmul");
   KILN_CHECK(a.rank() == 2 && b.rank() == 2, "matmul: expects 2-D operands, got ", a.shape().str(), " and ",
              b.shape().str(), " (use bmm for batches)");
   KILN_CHECK(a.size(1) == b.size(0), "matmul: inner dimensions differ, ", a.shape().str(), " · ", b.shape().str());
   auto av = a.value().contiguous(), bv = b.value().contiguous();
   const std::int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   tensor<T, Dev> y(shape{m, n});
-  cpu::gemm<T>(false, false, m, n, k, av.data(), k, bv.data(), n, y.data(), n, grad_write::overwrite);
+  detail::gemm_on<T, Dev>(false, false, m, n, k, av.data(), k, bv.data(), n, y.data(), n, grad_write::overwrite);
   return autograd::record(
       std::move(y),
       [a, b, av, bv, m, n, k](const tensor<T, Dev>& gy) mutable {
         if (a.requires_grad()) {  // dA = dY · Bᵀ
           const grad_write md = a.begin_grad_write();
-          cpu::gemm<T>(false, true, m, k, n, gy.data(), n, bv.data(), n, a.grad().data(), k, md);
+          detail::gemm_on<T, Dev>(false, true, m, k, n, gy.data(), n, bv.data(), n, a.grad().data(), k, md);
         }
         if (b.requires_grad()) {  // dB = Aᵀ · dY
           const grad_write md = b.begin_grad_write();
-          cpu::gemm<T>(true, false, k, n, m, av.data(), k, gy.data(), n, b.grad().data(), n, md);
+          detail::gemm_on<T, Dev>(true, false, k, n, m, av.data(), k, gy.data(), n, b.grad().data(), n, md);
         }
       },
       a, b);
@@ -38,7 +63,6 @@ var<T, Dev> matmul(const var<T, Dev>& a, const var<T, Dev>& b) {
 // [B, M, K] · [B, K, N] → [B, M, N]; b may also be [K, N], shared by every batch.
 template <floating_element T, device Dev>
 var<T, Dev> bmm(const var<T, Dev>& a, const var<T, Dev>& b) {
-  KILN_HOST_ONLY_OP(Dev, "kiln::bmm");
   KILN_CHECK(a.rank() == 3 && (b.rank() == 3 || b.rank() == 2), "bmm: expects [B, M, K] and [B, K, N] or [K, N], got ",
              a.shape().str(), " and ", b.shape().str());
   const bool shared = b.rank() == 2;
@@ -47,22 +71,23 @@ var<T, Dev> bmm(const var<T, Dev>& a, const var<T, Dev>& b) {
              " do not multiply");
   auto av = a.value().contiguous(), bv = b.value().contiguous();
   tensor<T, Dev> y(shape{bt, m, n});
-  cpu::batched_gemm<T>(bt, false, false, m, n, k, av.data(), m * k, bv.data(), shared ? 0 : k * n, y.data(),
-                       grad_write::overwrite);
+  detail::batched_gemm_on<T, Dev>(bt, false, false, m, n, k, av.data(), m * k, bv.data(), shared ? 0 : k * n, y.data(),
+                                  grad_write::overwrite);
   return autograd::record(
       std::move(y),
       [a, b, av, bv, bt, m, n, k, shared](const tensor<T, Dev>& gy) mutable {
         if (a.requires_grad()) {  // dA[i] = dY[i] · B[i]ᵀ
           const grad_write md = a.begin_grad_write();
-          cpu::batched_gemm<T>(bt, false, true, m, k, n, gy.data(), m * n, bv.data(), shared ? 0 : k * n,
-                               a.grad().data(), md);
+          detail::batched_gemm_on<T, Dev>(bt, false, true, m, k, n, gy.data(), m * n, bv.data(), shared ? 0 : k * n,
+                                          a.grad().data(), md);
         }
         if (b.requires_grad()) {
           const grad_write md = b.begin_grad_write();
           if (shared)  // dB = Σ_i A[i]ᵀ dY[i] = A_flatᵀ · dY_flat, one GEMM over B·M rows
-            cpu::gemm<T>(true, false, k, n, bt * m, av.data(), k, gy.data(), n, b.grad().data(), n, md);
+            detail::gemm_on<T, Dev>(true, false, k, n, bt * m, av.data(), k, gy.data(), n, b.grad().data(), n, md);
           else
-            cpu::batched_gemm<T>(bt, true, false, k, n, m, av.data(), m * k, gy.data(), m * n, b.grad().data(), md);
+            detail::batched_gemm_on<T, Dev>(bt, true, false, k, n, m, av.data(), m * k, gy.data(), m * n,
+                                            b.grad().data(), md);
         }
       },
       a, b);

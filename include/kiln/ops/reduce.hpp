@@ -24,7 +24,6 @@ inline shape reduced_shape(const shape& s, int dim, bool keepdim) {
 
 template <floating_element T, device Dev>
 var<T, Dev> sum_scaled(const var<T, Dev>& x, int dim, bool keepdim, bool mean, bool all) {
-  KILN_HOST_ONLY_OP(Dev, "kiln::sum / kiln::mean");
   auto xv = x.value().contiguous();
   cpu::reduce_geometry g;
   shape out_shape;
@@ -38,12 +37,18 @@ var<T, Dev> sum_scaled(const var<T, Dev>& x, int dim, bool keepdim, bool mean, b
   using C = compute_t<T>;
   const C s = mean ? (g.n ? C(1) / C(g.n) : C(0)) : C(1);
   tensor<T, Dev> y(out_shape);
-  cpu::sum_dim(xv, g, s, y);
+  if constexpr (Dev::is_host)
+    cpu::sum_dim(xv, g, s, y);
+  else
+    gpu::sum_dim(xv, g, static_cast<float>(s), y);
   return autograd::record(
       std::move(y),
       [x, g, s](const tensor<T, Dev>& gy) mutable {
         const grad_write m = x.begin_grad_write();
-        cpu::sum_dim_backward(gy, g, s, x.grad(), m);
+        if constexpr (Dev::is_host)
+          cpu::sum_dim_backward(gy, g, s, x.grad(), m);
+        else
+          gpu::sum_dim_backward(gy.contiguous(), g, static_cast<float>(s), x.grad(), m);
       },
       x);
 }

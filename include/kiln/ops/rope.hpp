@@ -62,23 +62,36 @@ void rope_apply(const T* x, T* y, std::int64_t b, std::int64_t t, std::int64_t h
 
 template <floating_element T, device Dev>
 var<T, Dev> rope(const var<T, Dev>& x, std::int64_t first_position = 0, double theta = 10000.0) {
-  KILN_HOST_ONLY_OP(Dev, "kiln::rope");
   KILN_CHECK(x.rank() == 4 && x.size(3) % 2 == 0, "rope: expects x [B, T, H, D] with an even D, got ", x.shape().str());
   KILN_CHECK(first_position >= 0 && theta > 0.0, "rope: first_position ", first_position, " and theta ", theta,
              " must be non-negative and positive");
   const std::int64_t B = x.size(0), Tn = x.size(1), H = x.size(2), D = x.size(3);
-  auto table = std::make_shared<std::vector<float>>(cpu::rope_table(Tn, D, first_position, theta));
-  auto xv = x.value().contiguous();
-  tensor<T, Dev> y(xv.shape());
-  cpu::rope_apply(xv.data(), y.data(), B, Tn, H, D, *table, false, grad_write::overwrite);
-  return autograd::record(
-      std::move(y),
-      [x, table, B, Tn, H, D](const tensor<T, Dev>& gy) mutable {
-        const grad_write m = x.begin_grad_write();
-        auto g = gy.contiguous();
-        cpu::rope_apply(g.data(), x.grad().data(), B, Tn, H, D, *table, true, m);
-      },
-      x);
+  if constexpr (!Dev::is_host) {
+    auto xv = x.value().contiguous();
+    tensor<T, Dev> y(xv.shape());
+    const float th = static_cast<float>(theta);
+    gpu::rope(xv, y, first_position, th, false, grad_write::overwrite);
+    return autograd::record(
+        std::move(y),
+        [x, first_position, th](const tensor<T, Dev>& gy) mutable {
+          const grad_write m = x.begin_grad_write();
+          gpu::rope(gy.contiguous(), x.grad(), first_position, th, true, m);
+        },
+        x);
+  } else {
+    auto table = std::make_shared<std::vector<float>>(cpu::rope_table(Tn, D, first_position, theta));
+    auto xv = x.value().contiguous();
+    tensor<T, Dev> y(xv.shape());
+    cpu::rope_apply(xv.data(), y.data(), B, Tn, H, D, *table, false, grad_write::overwrite);
+    return autograd::record(
+        std::move(y),
+        [x, table, B, Tn, H, D](const tensor<T, Dev>& gy) mutable {
+          const grad_write m = x.begin_grad_write();
+          auto g = gy.contiguous();
+          cpu::rope_apply(g.data(), x.grad().data(), B, Tn, H, D, *table, true, m);
+        },
+        x);
+  }
 }
 
 }  // namespace kiln::ops

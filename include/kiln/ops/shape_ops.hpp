@@ -14,6 +14,15 @@
 namespace kiln::ops {
 
 namespace detail {
+// dst (=|+=) src through dst's strides, on either device (src contiguous).
+template <floating_element T, device Dev>
+void store_view(tensor<T, Dev> dst, const tensor<T, Dev>& src, grad_write mode) {
+  if constexpr (Dev::is_host)
+    cpu::strided_store(dst, src, mode);
+  else
+    gpu::strided_store(dst, src, mode);
+}
+
 // Backward of an op whose output is x's elements in the same order under another shape
 // (reshape, unflatten): x's gradient buffer is contiguous, so viewing it in the output's
 // shape is free.
@@ -21,8 +30,7 @@ template <floating_element T, device Dev>
 auto same_order_backward(const var<T, Dev>& x) {
   return [x](const tensor<T, Dev>& gy) mutable {
     const grad_write m = x.begin_grad_write();
-    auto g = x.grad().reshape(gy.shape());
-    cpu::strided_store(g, gy.contiguous(), m);
+    store_view(x.grad().reshape(gy.shape()), gy.contiguous(), m);
   };
 }
 }  // namespace detail
@@ -34,14 +42,12 @@ var<T, Dev> reshape(const var<T, Dev>& x, shape s) {
 
 template <floating_element T, device Dev>
 var<T, Dev> transpose(const var<T, Dev>& x, int d0, int d1) {
-  KILN_HOST_ONLY_OP(Dev, "kiln::transpose");
   tensor<T, Dev> y = x.value().transpose(d0, d1);
   return autograd::record(
       std::move(y),
       [x, d0, d1](const tensor<T, Dev>& gy) mutable {
         const grad_write m = x.begin_grad_write();
-        auto g = x.grad().transpose(d0, d1);
-        cpu::strided_store(g, gy.contiguous(), m);
+        detail::store_view(x.grad().transpose(d0, d1), gy.contiguous(), m);
       },
       x);
 }
@@ -55,15 +61,13 @@ var<T, Dev> unflatten(const var<T, Dev>& x, int dim, std::initializer_list<std::
 // Elements [start, end) of `dim` with step (a view).
 template <floating_element T, device Dev>
 var<T, Dev> slice(const var<T, Dev>& x, int dim, std::int64_t start, std::int64_t end, std::int64_t step = 1) {
-  KILN_HOST_ONLY_OP(Dev, "kiln::slice");
   tensor<T, Dev> y = x.value().slice(dim, start, end, step);
   return autograd::record(
       std::move(y),
       [x, dim, start, end, step](const tensor<T, Dev>& gy) mutable {
         const grad_write m = x.begin_grad_write();
         if (m == grad_write::overwrite) x.grad().fill(T(0));
-        auto g = x.grad().slice(dim, start, end, step);
-        cpu::strided_store(g, gy.contiguous(), grad_write::accumulate);
+        detail::store_view(x.grad().slice(dim, start, end, step), gy.contiguous(), grad_write::accumulate);
       },
       x);
 }
@@ -71,7 +75,6 @@ var<T, Dev> slice(const var<T, Dev>& x, int dim, std::int64_t start, std::int64_
 // Joins tensors along `dim`; all other dimensions must agree.
 template <floating_element T, device Dev>
 var<T, Dev> concat(const std::vector<var<T, Dev>>& xs, int dim) {
-  KILN_HOST_ONLY_OP(Dev, "kiln::concat");
   KILN_CHECK(!xs.empty(), "concat: no inputs");
   const shape& s0 = xs[0].shape();
   if (dim < 0) dim += s0.rank();
@@ -104,7 +107,7 @@ var<T, Dev> concat(const std::vector<var<T, Dev>>& xs, int dim) {
       if (!x.requires_grad()) continue;
       const grad_write m = x.begin_grad_write();
       auto part = gy.slice(dim, starts[i], starts[i] + x.size(dim));
-      cpu::strided_store(x.grad(), part.contiguous(), m);
+      detail::store_view(x.grad(), part.contiguous(), m);
     }
   });
   return result;

@@ -16,12 +16,18 @@ template <floating_element T, device Dev>
 var<T, Dev> softmax_impl(const var<T, Dev>& x, bool log) {
   auto xv = x.value().contiguous();
   tensor<T, Dev> y(xv.shape());
-  cpu::softmax_forward(xv, y, log);
+  if constexpr (Dev::is_host)
+    cpu::softmax_forward(xv, y, log);
+  else
+    gpu::softmax_forward(xv, y, log);
   return autograd::record(
       y,
       [x, y, log](const tensor<T, Dev>& gy) mutable {
         const grad_write m = x.begin_grad_write();
-        cpu::softmax_backward(y, gy, x.grad(), log, m);
+        if constexpr (Dev::is_host)
+          cpu::softmax_backward(y, gy, x.grad(), log, m);
+        else
+          gpu::softmax_backward(y, gy.contiguous(), x.grad(), log, m);
       },
       x);
 }
