@@ -67,6 +67,12 @@ cpu::heads_view<P> heads_at(P* data, std::int64_t offset, std::int64_t len, std:
   return {data ? data + offset : nullptr, len * pos_stride, pos_stride};
 }
 
+// The mode of x's gradient write in a backward, when x wants one (overwrite otherwise).
+template <floating_element T, device Dev>
+grad_write grad_mode(const var<T, Dev>& x) {
+  return x.requires_grad() ? x.begin_grad_write() : grad_write::overwrite;
+}
+
 // The device path (kernels/attention.cu through kiln/cuda/ops.hpp): q, k, v made
 // contiguous [B, ·, H, D]; every gradient written with its own mode.
 template <attention_mask Mask>
@@ -105,9 +111,7 @@ var<T, Dev> attention_device(const var<T, Dev>& q, const var<T, Dev>& k, const v
       o,
       [q, k, v, qv, kv, vv, o, lse, gd](const tensor<T, Dev>& gy) mutable {
         const bool bq = q.requires_grad(), bk = k.requires_grad(), bv = v.requires_grad();
-        const grad_write mq = bq ? q.begin_grad_write() : grad_write::overwrite;
-        const grad_write mk = bk ? k.begin_grad_write() : grad_write::overwrite;
-        const grad_write mv = bv ? v.begin_grad_write() : grad_write::overwrite;
+        const grad_write mq = grad_mode(q), mk = grad_mode(k), mv = grad_mode(v);
         gpu::attention_backward<T, Mask>(qv, kv, vv, o, gy.contiguous(), lse, gd, bq ? &q.grad() : nullptr, mq,
                                          bk ? &k.grad() : nullptr, mk, bv ? &v.grad() : nullptr, mv);
       },
@@ -143,9 +147,7 @@ var<T, Dev> attention(const var<T, Dev>& q, const var<T, Dev>& k, const var<T, D
         o,
         [q, k, v, qv, kv, vv, o, lse, d](const tensor<T, Dev>& gy) mutable {
           const bool bq = q.requires_grad(), bk = k.requires_grad(), bv = v.requires_grad();
-          const grad_write mq = bq ? q.begin_grad_write() : grad_write::overwrite;
-          const grad_write mk = bk ? k.begin_grad_write() : grad_write::overwrite;
-          const grad_write mv = bv ? v.begin_grad_write() : grad_write::overwrite;
+          const grad_write mq = detail::grad_mode(q), mk = detail::grad_mode(k), mv = detail::grad_mode(v);
           auto g = gy.contiguous();
           const std::int64_t D = d.head_dim;
           cpu::attention_backward<Mask, T>(
