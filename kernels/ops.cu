@@ -230,6 +230,33 @@ __global__ void sum_backward_kernel(const D* __restrict__ gy, D* __restrict__ gx
   }
 }
 
+// ---- gradient clipping: Σ x² in f64, a fixed grid of partial sums then one block --------
+constexpr int square_blocks = 256;
+template <class D>
+__global__ void sum_squares_partial_kernel(const D* __restrict__ x, std::int64_t n, double* __restrict__ partial) {
+  double s = 0.0;
+  KILN_GRID_STRIDE(i, n) {
+    const double v = to_f32(x[i]);
+    s += v * v;
+  }
+  using reduce = cub::BlockReduce<double, block>;
+  __shared__ typename reduce::TempStorage tmp;
+  const double total = reduce(tmp).Sum(s);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+__global__ void sum_partials_kernel(const double* __restrict__ partial, int count, double* __restrict__ acc) {
+  using reduce = cub::BlockReduce<double, block>;
+  __shared__ typename reduce::TempStorage tmp;
+  double s = 0.0;
+  for (int i = threadIdx.x; i < count; i += block) s += partial[i];
+  const double total = reduce(tmp).Sum(s);
+  if (threadIdx.x == 0) *acc += total;
+}
+template <class D>
+__global__ void clamp_kernel(D* __restrict__ x, std::int64_t n, float lo, float hi) {
+  KILN_GRID_STRIDE(i, n) x[i] = from_f32<D>(fminf(fmaxf(to_f32(x[i]), lo), hi));
+}
+
 // ---- softmax over rows: a block per row ----------------------------------------------------
 template <class D>
 __global__ void softmax_forward_kernel(const D* __restrict__ x, D* __restrict__ y, std::int64_t rows, std::int64_t cols,
@@ -417,15 +444,13 @@ void linear_backward(const dtensor<T>& x, const dtensor<T>& w, const dtensor<T>&
 template <class T>
 std::int64_t cross_entropy_forward(const dtensor<T>& logits, const dtensor<std::int64_t>& target,
                                    const cpu::cross_entropy_options& opt, dtensor<T>& loss) {
-  KILN_CHECK(opt.label_smoothing == 0.0f, "cross_entropy on cuda: label_smoothing ", opt.label_smoothing,
-             " is not supported on the device yet (use 0, or compute the loss on the cpu)");
   const std::int64_t vocab = logits.shape().back(), rows = logits.shape().rows();
   KILN_CHECK(target.numel() == rows, "cross_entropy: ", rows, " rows of logits ", logits.shape().str(), " but ",
              target.numel(), " targets ", target.shape().str());
   dtensor<float> per_row(shape{rows});
   dtensor<std::int64_t> count(shape{1});
   cuda_kernels::cross_entropy<T>(logits.data(), target.data(), per_row.data(), nullptr, 0.0f, rows, vocab,
-                                 opt.ignore_index, cuda_runtime::compute_stream());
+                                 opt.ignore_index, cuda_runtime::compute_stream(), opt.label_smoothing);
   loss_reduce_kernel<<<1, block, 0, stream()>>>(per_row.data(), target.data(), rows, opt.ignore_index,
                                                 opt.reduce == cpu::cross_entropy_options::reduction::mean,
                                                 dev(loss.data()), count.data());
@@ -454,7 +479,7 @@ void cross_entropy_backward(const dtensor<T>& logits, const dtensor<std::int64_t
   dtensor<T> scratch;
   dtensor<T>& dst = mode == grad_write::overwrite ? gx : (scratch = dtensor<T>(logits.shape()));
   cuda_kernels::cross_entropy<T>(logits.data(), target.data(), per_row.data(), dst.data(), grad_scale, rows, vocab,
-                                 opt.ignore_index, cuda_runtime::compute_stream());
+                                 opt.ignore_index, cuda_runtime::compute_stream(), opt.label_smoothing);
   if (mode == grad_write::accumulate) scale(scratch, 1.0f, gx, grad_write::accumulate);
 }
 
@@ -619,6 +644,23 @@ void swiglu_backward(const dtensor<T>& gate, const dtensor<T>& up, const dtensor
 }
 
 template <class T>
+void add_sum_squares(const dtensor<T>& x, dtensor<double>& acc) {
+  const std::int64_t n = x.numel();
+  if (!n) return;
+  dtensor<double> partial(shape{square_blocks});
+  sum_squares_partial_kernel<<<square_blocks, block, 0, stream()>>>(dev(x.data()), n, partial.data());
+  sum_partials_kernel<<<1, block, 0, stream()>>>(partial.data(), square_blocks, acc.data());
+  check_launch("gradient sum of squares");
+}
+template <class T>
+void clamp(dtensor<T>& x, float lo, float hi) {
+  const std::int64_t n = x.numel();
+  if (!n) return;
+  clamp_kernel<<<grid_for(n, block), block, 0, stream()>>>(dev(x.data()), n, lo, hi);
+  check_launch("clamp");
+}
+
+template <class T>
 void softmax_forward(const dtensor<T>& x, dtensor<T>& y, bool log) {
   const std::int64_t cols = x.shape().back(), rows = x.shape().rows();
   if (!rows || !cols) return;
@@ -691,6 +733,8 @@ void dropout_apply(const dtensor<T>& x, float p, philox_stream rng, dtensor<T>& 
   template void swiglu_backward<T>(const dtensor<T>&, const dtensor<T>&, const dtensor<T>&, dtensor<T>*, grad_write, \
                                    dtensor<T>*, grad_write);                                                         \
   template void dropout_apply<T>(const dtensor<T>&, float, philox_stream, dtensor<T>&, grad_write);                  \
+  template void add_sum_squares<T>(const dtensor<T>&, dtensor<double>&);                                             \
+  template void clamp<T>(dtensor<T>&, float, float);                                                                 \
   template void softmax_forward<T>(const dtensor<T>&, dtensor<T>&, bool);                                            \
   template void softmax_backward<T>(const dtensor<T>&, const dtensor<T>&, dtensor<T>&, bool, grad_write);            \
   KILN_GPU_MASK(T, ops::mask::none)                                                                                  \

@@ -11,7 +11,11 @@
 #      cuBLASLt GEMM (log: test_kernels.log);
 #   2. the same under compute-sanitizer memcheck (memcheck.log);
 #   3. bench/gpu/adamw.cu against bench/gpu/torch_adamw.py (adamw.jsonl): fused AdamW GB/s
-#      as a fraction of the measured copy bandwidth, kiln and torch(fused=True).
+#      as a fraction of the measured copy bandwidth, kiln and torch(fused=True);
+#   4. bench/gpu/attention.cu against bench/gpu/torch_attention.py (attention.jsonl):
+#      causal bf16 attention forward + backward TFLOP/s, kiln and SDPA;
+#   5. bench/gpu/cross_entropy.cu against bench/gpu/torch_cross_entropy.py
+#      (cross_entropy.jsonl): fused cross-entropy time and memory beyond the logits.
 # Needs nvcc, Eigen's headers (/usr/include/eigen3, or EIGEN_DIR — on the device machine,
 # carry a copy: `cp -r /usr/include/eigen3 .deps/` here, `.deps` in .git/info/exclude,
 # carry [".deps"], EIGEN_DIR=.deps/eigen3), and python3 with torch for the peer.
@@ -42,8 +46,10 @@ rm -f "$b/libkiln_kernels.a"
 ar rcs "$b/libkiln_kernels.a" "$b"/*.o
 nvcc "${flags[@]}" -DKILN_WITH_CUDA -Xcompiler -fopenmp tests/gpu/test_kernels.cu "$b/libkiln_kernels.a" \
   -lgomp -lcublasLt -o "$b/test_kernels" || { echo "gpu-check: test_kernels did not build"; exit 1; }
-nvcc "${flags[@]}" bench/gpu/adamw.cu "$b/libkiln_kernels.a" -lcublasLt -o "$b/gpu_adamw" ||
-  { echo "gpu-check: bench/gpu/adamw.cu did not build"; exit 1; }
+for bench in adamw attention cross_entropy; do
+  nvcc "${flags[@]}" "bench/gpu/$bench.cu" "$b/libkiln_kernels.a" -lcublasLt -o "$b/gpu_$bench" ||
+    { echo "gpu-check: bench/gpu/$bench.cu did not build"; exit 1; }
+done
 
 if ! nvidia-smi -L > /dev/null 2>&1; then
   echo "gpu-check: built; no GPU visible here, nothing run"
@@ -60,9 +66,11 @@ if [ -x "$sanitizer" ]; then
 else
   echo "gpu-check: no compute-sanitizer" | tee "$out/memcheck.log"
 fi
-echo "gpu-check: fused AdamW, kiln and torch"
-: > "$out/adamw.jsonl"
-"$b/gpu_adamw" | tee -a "$out/adamw.jsonl" || status=1
-python3 bench/gpu/torch_adamw.py | tee -a "$out/adamw.jsonl" || echo "gpu-check: the torch peer did not run"
+for bench in adamw attention cross_entropy; do
+  echo "gpu-check: $bench, kiln and torch"
+  : > "$out/$bench.jsonl"
+  "$b/gpu_$bench" | tee -a "$out/$bench.jsonl" || status=1
+  python3 "bench/gpu/torch_$bench.py" | tee -a "$out/$bench.jsonl" || echo "gpu-check: the torch peer of $bench did not run"
+done
 echo "gpu-check: done (status $status); results in $out"
 exit $status

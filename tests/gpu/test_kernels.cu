@@ -30,6 +30,7 @@
 #include "kiln/ops/shape_ops.hpp"
 #include "kiln/ops/softmax.hpp"
 #include "kiln/optim/adamw.hpp"
+#include "kiln/optim/clip.hpp"
 
 using namespace kiln;
 namespace ck = kiln::cuda_kernels;
@@ -533,7 +534,8 @@ void test_adamw_optimizer() {
 // A small network's forward and backward through kiln's ops on cuda tensors — linear
 // (cuBLASLt, bias epilogue), layer_norm and rms_norm sharing a weight (its gradient
 // accumulates), GELU, a broadcast add, a product, a scale, cross-entropy with an ignored
-// row — against the same graph on the CPU: the loss and every gradient.
+// row (plain, and summed with label smoothing 0.1: its gradient accumulates into the
+// logits') — against the same graph on the CPU: the loss and every gradient.
 template <class T>
 void test_ops_graph() {
   namespace cr = kiln::cuda_runtime;
@@ -555,7 +557,11 @@ void test_ops_graph() {
     auto h = ops::gelu(ops::rms_norm(z, std::optional(p[6])), ops::gelu_approximation::tanh);
     auto g = ops::mul(ops::add(h, p[3]), h);  // broadcast add over rows, then a same-shape product
     auto y = ops::linear(ops::scale(g, 0.5), p[4], std::optional(p[5]));
-    auto loss = ops::cross_entropy(y, to_dev(ht));
+    ops::cross_entropy_options smooth;
+    smooth.label_smoothing = 0.1f;
+    smooth.reduce = ops::cross_entropy_options::reduction::sum;
+    auto loss =
+        ops::add(ops::cross_entropy(y, to_dev(ht)), ops::scale(ops::cross_entropy(y, to_dev(ht), smooth), 0.02));
     loss.backward();
     return std::pair{loss, p};
   };
@@ -628,8 +634,8 @@ void test_transformer_ops() {
   expect(named, n + ": an out-of-range id is named");
 }
 
-// matmul, bmm (per-batch and shared right operands) and softmax / log_softmax on cuda
-// tensors against the CPU: the loss and every gradient.
+// matmul, bmm (per-batch and shared right operands), softmax / log_softmax and mse on
+// cuda tensors against the CPU: the loss and every gradient.
 template <class T>
 void test_matmul_softmax() {
   namespace cr = kiln::cuda_runtime;
@@ -645,18 +651,59 @@ void test_matmul_softmax() {
     auto z = ops::add(ops::bmm(p[2], p[3]), ops::bmm(p[2], p[1]));  // per-batch and shared B
     auto s = ops::softmax(y);
     auto ls = ops::log_softmax(z);
-    auto loss = ops::add(ops::mean(ops::mul(s, y)), ops::mean(ops::mul(ls, ops::scale(z, 0.1))));
+    auto loss = ops::add(ops::add(ops::mean(ops::mul(s, y)), ops::mean(ops::mul(ls, ops::scale(z, 0.1)))),
+                         ops::mse(s, ops::scale(y, 0.1)));
     loss.backward();
     return std::pair{loss, p};
   };
   auto [hl, hp] = run(cpu{}, [](const auto& t) { return t.clone(); });
   auto [dl, dp] = run(cuda{}, [](const auto& t) { return cr::to_device(t); });
-  const std::string n = std::string("matmul/bmm/softmax ") + tname<T>();
+  const std::string n = std::string("matmul/bmm/softmax/mse ") + tname<T>();
   const double t = std::is_same_v<T, f32> ? 1e-4 : tol<T>();
   expect_close(n + " loss", cr::to_host(dl.value()).to_vector(), hl.value().to_vector(), t);
   const char* names[] = {"a", "b (matmul, shared bmm)", "A", "B"};
   for (std::size_t k = 0; k < hp.size(); ++k)
     expect_close_scaled(n + " grad " + names[k], cr::to_host(dp[k].grad()).to_vector(), hp[k].grad().to_vector(), t);
+}
+
+// Gradient clipping over cuda parameters (the f64 sum of squares on the device, scaling
+// and clamping there) against the same on the CPU.
+template <class Dv>
+struct clip_params {
+  std::vector<var<f32, Dv>> ps;
+  template <class F>
+  void for_each_child(F&& f) {
+    for (std::size_t i = 0; i < ps.size(); ++i) f(std::to_string(i), ps[i]);
+  }
+};
+void test_clipping() {
+  namespace cr = kiln::cuda_runtime;
+  const std::int64_t sizes[] = {1000, 70000, 5};
+  for (bool by_value : {false, true}) {
+    clip_params<cpu> h;
+    clip_params<cuda> d;
+    for (int k = 0; k < 3; ++k) {
+      auto g = as_tensor(random<f32>(static_cast<std::size_t>(sizes[k]), 80 + k, 0.05f), shape{sizes[k]});
+      h.ps.emplace_back(tensor<f32>::zeros(shape{sizes[k]}), true);
+      d.ps.emplace_back(tensor<f32, cuda>::zeros(shape{sizes[k]}), true);
+      h.ps[k].begin_grad_write();
+      h.ps[k].grad().copy_from(g);
+      d.ps[k].begin_grad_write();
+      d.ps[k].grad().copy_from(cr::to_device(g));
+    }
+    const std::string n = by_value ? "clip_grad_value(0.02)" : "clip_grad_norm(1.0)";
+    if (by_value) {
+      optim::clip_grad_value(h, 0.02);
+      optim::clip_grad_value(d, 0.02);
+    } else {
+      const double hn = optim::clip_grad_norm(h, 1.0), dn = optim::clip_grad_norm(d, 1.0);
+      expect_close(n + " norm", std::vector<double>{dn}, std::vector<double>{hn}, 1e-6);
+      expect(hn > 1.0, n + ": the norm exceeds 1, so the gradients were scaled");
+    }
+    for (int k = 0; k < 3; ++k)
+      expect_close_scaled(n + " grad " + std::to_string(k), cr::to_host(d.ps[k].grad()).to_vector(),
+                          h.ps[k].grad().to_vector(), 1e-6);
+  }
 }
 
 int main() {
@@ -678,6 +725,7 @@ int main() {
   test_transformer_ops<bf16>();
   test_matmul_softmax<f32>();
   test_matmul_softmax<bf16>();
+  test_clipping();
   test_gemm<f32>(ck::gemm_math::f32, true);
   test_gemm<f32>(ck::gemm_math::f32, false);
   test_gemm<f32>(ck::gemm_math::tf32, true);

@@ -77,9 +77,11 @@ void norm_backward(const T* h, const T* w, const float* mean, const float* rstd,
 // dlogits is given, dlogits = (softmax(row) − onehot(target)) · grad_scale (0 for ignored
 // rows) in a second pass — dlogits may alias logits (in place). grad_scale is the
 // caller's normalisation: 1 / (valid targets of the whole accumulation window).
+// label_smoothing ε mixes the one-hot target with the uniform distribution (PyTorch's).
 template <class T>
 void cross_entropy(const T* logits, const std::int64_t* targets, float* loss, T* dlogits, float grad_scale,
-                   std::int64_t rows, std::int64_t vocab, std::int64_t ignore_index, stream_t stream);
+                   std::int64_t rows, std::int64_t vocab, std::int64_t ignore_index, stream_t stream,
+                   float label_smoothing = 0.0f);
 
 // ---- attention ----------------------------------------------------------------------------
 // Scaled dot-product attention with an online softmax (the CPU op's algorithm, as in

@@ -63,8 +63,8 @@ template <class T>
 void linear_backward(const dtensor<T>& x, const dtensor<T>& w, const dtensor<T>& gy, dtensor<T>* gx, grad_write mx,
                      dtensor<T>* gw, grad_write mw, dtensor<T>* gb, grad_write mb);
 
-// Softmax cross-entropy over logits [rows, vocab] and i64 targets [rows] (no label
-// smoothing on the device yet): writes the loss (mean over the rows whose target is not
+// Softmax cross-entropy over logits [rows, vocab] and i64 targets [rows], with the
+// options' label smoothing: writes the loss (mean over the rows whose target is not
 // ignore_index, or their sum) into loss[] and returns the number of those rows. It
 // synchronises the stream to read that count back (the backward's scale needs it).
 template <class T>
@@ -132,6 +132,13 @@ void swiglu_forward(const dtensor<T>& gate, const dtensor<T>& up, dtensor<T>& y)
 template <class T>
 void swiglu_backward(const dtensor<T>& gate, const dtensor<T>& up, const dtensor<T>& gy, dtensor<T>* ggate,
                      grad_write mg, dtensor<T>* gup, grad_write mu);
+
+// Gradient clipping: acc[0] += Σ x² in f64 (fixed-order partial sums per block, then one
+// block over them: deterministic), and x clamped to [lo, hi] in place.
+template <class T>
+void add_sum_squares(const dtensor<T>& x, dtensor<double>& acc);
+template <class T>
+void clamp(dtensor<T>& x, float lo, float hi);
 
 // Softmax (log = false) or log-softmax over the last dimension of a contiguous x, a block
 // per row (CUB's fixed trees for the max and the sum); the backward from the forward's

@@ -6,6 +6,7 @@
 
 #include "kiln/autograd/var.hpp"
 #include "kiln/cuda/ops.hpp"
+#include "kiln/ops/arithmetic.hpp"
 #include "kiln/ops/cpu/reduce.hpp"
 
 namespace kiln::ops {
@@ -110,31 +111,36 @@ var<T, Dev> max(const var<T, Dev>& x) {
 // Mean squared error: mean((a - b)²), one node.
 template <floating_element T, device Dev>
 var<T, Dev> mse(const var<T, Dev>& a, const var<T, Dev>& b) {
-  KILN_HOST_ONLY_OP(Dev, "kiln::mse");
   check_same_shape(a.shape(), b.shape(), "mse");
-  using C = compute_t<T>;
-  auto av = a.value().contiguous(), bv = b.value().contiguous();
-  const std::int64_t n = av.numel();
-  C acc = 0;
-  for (std::int64_t i = 0; i < n; ++i) {
-    const C d = C(av.data()[i]) - C(bv.data()[i]);
-    acc += d * d;
+  if constexpr (!Dev::is_host) {
+    // On the device, from the ported ops: mean((a − b)²), three nodes instead of one.
+    const auto d = sub(a, b);
+    return mean(mul(d, d));
+  } else {
+    using C = compute_t<T>;
+    auto av = a.value().contiguous(), bv = b.value().contiguous();
+    const std::int64_t n = av.numel();
+    C acc = 0;
+    for (std::int64_t i = 0; i < n; ++i) {
+      const C d = C(av.data()[i]) - C(bv.data()[i]);
+      acc += d * d;
+    }
+    tensor<T, Dev> y = tensor<T, Dev>::full(shape{}, static_cast<T>(n ? acc / C(n) : C(0)));
+    return autograd::record(
+        std::move(y),
+        [a, b, av, bv, n](const tensor<T, Dev>& gy) mutable {
+          const C s = n ? C(2) * C(gy.data()[0]) / C(n) : C(0);
+          for (int side = 0; side < 2; ++side) {
+            auto& v = side == 0 ? a : b;
+            if (!v.requires_grad()) continue;
+            const grad_write m = v.begin_grad_write();
+            T* g = v.grad().data();
+            const C sign = side == 0 ? C(1) : C(-1);
+            for (std::int64_t i = 0; i < n; ++i) store_grad(g[i], sign * s * (C(av.data()[i]) - C(bv.data()[i])), m);
+          }
+        },
+        a, b);
   }
-  tensor<T, Dev> y = tensor<T, Dev>::full(shape{}, static_cast<T>(n ? acc / C(n) : C(0)));
-  return autograd::record(
-      std::move(y),
-      [a, b, av, bv, n](const tensor<T, Dev>& gy) mutable {
-        const C s = n ? C(2) * C(gy.data()[0]) / C(n) : C(0);
-        for (int side = 0; side < 2; ++side) {
-          auto& v = side == 0 ? a : b;
-          if (!v.requires_grad()) continue;
-          const grad_write m = v.begin_grad_write();
-          T* g = v.grad().data();
-          const C sign = side == 0 ? C(1) : C(-1);
-          for (std::int64_t i = 0; i < n; ++i) store_grad(g[i], sign * s * (C(av.data()[i]) - C(bv.data()[i])), m);
-        }
-      },
-      a, b);
 }
 
 }  // namespace kiln::ops

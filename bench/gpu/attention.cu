@@ -1,0 +1,96 @@
+// bench/gpu/attention.cu — kiln's attention forward + backward (kernels/attention.cu) in
+// TFLOP/s on bf16 causal self-attention at GPT-2 124M's shape and at a head dim of 128.
+// The peer, torch's scaled_dot_product_attention on the same shapes, is
+// bench/gpu/torch_attention.py; tools/gpu-check.sh runs both (issue 8's target: ≥ 0.9x
+// torch, stretch 1.0x).
+//
+// FLOPs counted as FlashAttention's benchmarks do: 4·B·H·T²·D forward (two GEMMs), 2.5x
+// that backward, halved under the causal mask. Output: one JSON line per shape.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "kiln/core/philox.hpp"
+#include "kiln/cuda/kernels.hpp"
+#include "kiln/ops/attention_mask.hpp"
+
+namespace ck = kiln::cuda_kernels;
+using kiln::bf16;
+
+namespace {
+void ok(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "gpu_attention: %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+template <class F>
+float time_ms(F f, int reps) {
+  cudaEvent_t a, b;
+  ok(cudaEventCreate(&a), "event");
+  ok(cudaEventCreate(&b), "event");
+  f();  // warm-up
+  ok(cudaEventRecord(a), "record");
+  for (int i = 0; i < reps; ++i) f();
+  ok(cudaEventRecord(b), "record");
+  ok(cudaEventSynchronize(b), "sync");
+  float ms = 0;
+  ok(cudaEventElapsedTime(&ms, a, b), "elapsed");
+  return ms / reps;
+}
+bf16* random_device(std::size_t n, std::uint64_t seed) {
+  kiln::philox_stream s{seed, 0};
+  std::vector<bf16> h(n);
+  for (std::size_t i = 0; i < n; ++i) h[i] = bf16(2.0f * s.uniform(i) - 1.0f);
+  bf16* d = nullptr;
+  ok(cudaMalloc(&d, n * sizeof(bf16)), "malloc");
+  ok(cudaMemcpy(d, h.data(), n * sizeof(bf16), cudaMemcpyHostToDevice), "copy");
+  return d;
+}
+
+void run(const char* device, std::int64_t B, std::int64_t T, std::int64_t H, std::int64_t D) {
+  ck::attention_dims d;
+  d.batch = B;
+  d.q_len = d.kv_len = T;
+  d.q_heads = d.kv_heads = H;
+  d.head_dim = D;
+  d.scale = 1.0f / std::sqrt(float(D));
+  const std::size_t n = static_cast<std::size_t>(B * T * H * D);
+  bf16 *q = random_device(n, 1), *k = random_device(n, 2), *v = random_device(n, 3), *dout = random_device(n, 4);
+  bf16 *o, *dq, *dk, *dv;
+  float *lse, *delta;
+  for (bf16** p : {&o, &dq, &dk, &dv}) ok(cudaMalloc(p, n * sizeof(bf16)), "malloc");
+  ok(cudaMalloc(&lse, B * H * T * sizeof(float)), "malloc");
+  ok(cudaMalloc(&delta, B * H * T * sizeof(float)), "malloc");
+  using causal = kiln::ops::mask::causal;
+  const float fwd = time_ms([&] { ck::attention_forward<bf16, causal>(q, k, v, o, lse, d, nullptr); }, 10);
+  const float bwd =
+      time_ms([&] { ck::attention_backward<bf16, causal>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, nullptr); }, 10);
+  const double flops_fwd = 4.0 * B * H * double(T) * T * D * 0.5;
+  const double tflops = 3.5 * flops_fwd / ((fwd + bwd) * 1e-3) / 1e12;
+  std::printf(
+      "{\"impl\":\"kiln\",\"device\":\"%s\",\"dtype\":\"bf16\",\"mask\":\"causal\",\"B\":%lld,\"T\":%lld,\"H\":%lld,"
+      "\"D\":%lld,\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,\"fwd_bwd_tflops\":%.2f}\n",
+      device, static_cast<long long>(B), static_cast<long long>(T), static_cast<long long>(H),
+      static_cast<long long>(D), fwd, bwd, tflops);
+  for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(dout),
+                  static_cast<void*>(o), static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv),
+                  static_cast<void*>(lse), static_cast<void*>(delta)})
+    cudaFree(p);
+}
+}  // namespace
+
+int main() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("gpu_attention: no GPU visible, skipped\n");
+    return 77;
+  }
+  cudaDeviceProp prop{};
+  ok(cudaGetDeviceProperties(&prop, 0), "properties");
+  run(prop.name, 4, 1024, 12, 64);   // GPT-2 124M
+  run(prop.name, 2, 2048, 16, 128);  // a head dim of 128
+  return 0;
+}
