@@ -211,6 +211,23 @@ __global__ void sum_rows_kernel(const D* __restrict__ x, D* __restrict__ out, st
     if (threadIdx.x == 0) out[o] = from_f32<D>(total * scale);
   }
 }
+// A whole-tensor sum (outer == 1) over a fixed grid: each block's fixed-order partial sum,
+// then one block over the partials (sum_total_kernel) — deterministic, and not one SM.
+constexpr int total_blocks = 256;
+template <class D>
+__global__ void sum_partial_kernel(const D* __restrict__ x, std::int64_t n, float* __restrict__ partial) {
+  float s = 0.0f;
+  KILN_GRID_STRIDE(i, n) s += to_f32(x[i]);
+  const float total = cuda_kernels::detail::block_sum<block>(s);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+template <class D>
+__global__ void sum_total_kernel(const float* __restrict__ partial, int count, D* __restrict__ out, float scale) {
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < count; i += block) s += partial[i];
+  const float total = cuda_kernels::detail::block_sum<block>(s);
+  if (threadIdx.x == 0) *out = from_f32<D>(total * scale);
+}
 template <class D>
 __global__ void sum_strided_kernel(const D* __restrict__ x, D* __restrict__ out, std::int64_t outer, std::int64_t n,
                                    std::int64_t inner, float scale) {
@@ -254,7 +271,10 @@ __global__ void sum_partials_kernel(const double* __restrict__ partial, int coun
 }
 template <class D>
 __global__ void clamp_kernel(D* __restrict__ x, std::int64_t n, float lo, float hi) {
-  KILN_GRID_STRIDE(i, n) x[i] = from_f32<D>(fminf(fmaxf(to_f32(x[i]), lo), hi));
+  KILN_GRID_STRIDE(i, n) {
+    const float v = to_f32(x[i]);  // fmaxf would drop a NaN: keep it, as std::clamp does
+    x[i] = from_f32<D>(isnan(v) ? v : fminf(fmaxf(v, lo), hi));
+  }
 }
 
 // ---- softmax over rows: a block per row ----------------------------------------------------
@@ -508,7 +528,11 @@ void strided_store(dtensor<T> dst, const dtensor<T>& src, grad_write mode) {
 template <class T>
 void sum_dim(const dtensor<T>& x, cpu::reduce_geometry g, float scale_by, dtensor<T>& out) {
   if (g.outer * g.inner == 0) return;
-  if (g.inner == 1)
+  if (g.outer == 1 && g.inner == 1) {
+    dtensor<float> partial(shape{total_blocks});
+    sum_partial_kernel<<<total_blocks, block, 0, stream()>>>(dev(x.data()), g.n, partial.data());
+    sum_total_kernel<<<1, block, 0, stream()>>>(partial.data(), total_blocks, dev(out.data()), scale_by);
+  } else if (g.inner == 1)
     sum_rows_kernel<<<grid_for(g.outer * block, block), block, 0, stream()>>>(dev(x.data()), dev(out.data()), g.outer,
                                                                               g.n, scale_by);
   else
@@ -554,6 +578,8 @@ void embedding_backward(const dtensor<I>& ids, const dtensor<T>& gy, dtensor<T>&
   const std::int64_t n = ids.numel(), vocab = gw.size(0), cols = gw.size(1);
   if (mode == grad_write::overwrite) gw.fill(T(0));
   if (!n || !cols) return;
+  KILN_CHECK(n <= std::numeric_limits<int>::max(), "embedding backward on cuda: ", n,
+             " ids exceed CUB's sort limit of 2^31 - 1 per call");
   dtensor<std::int64_t> keys(shape{n}), pos(shape{n}), sorted_keys(shape{n}), sorted_pos(shape{n});
   embedding_keys_kernel<<<grid_for(n, block), block, 0, stream()>>>(ids.data(), keys.data(), pos.data(), n);
   check_launch("embedding backward (keys)");
@@ -604,6 +630,11 @@ template <class T, class Mask>
 void attention_backward(const dtensor<T>& q, const dtensor<T>& k, const dtensor<T>& v, const dtensor<T>& o,
                         const dtensor<T>& dout, const dtensor<float>& lse, const cuda_kernels::attention_dims& d,
                         dtensor<T>* dq, grad_write mq, dtensor<T>* dk, grad_write mk, dtensor<T>* dv, grad_write mv) {
+  if (d.batch * d.q_heads * d.q_len == 0) {  // no queries: dK = dV = 0 (the kernels would not run)
+    for (auto [g, m] : {std::pair{dk, mk}, std::pair{dv, mv}})
+      if (g && m == grad_write::overwrite) g->fill(T(0));
+    return;
+  }
   // The kernels write all three; a gradient not wanted lands in scratch.
   dtensor<T> none_q, none_k, none_v;
   mode_target<T> tq(dq ? dq : &(none_q = dtensor<T>(q.shape())), dq ? mq : grad_write::overwrite, q.shape());

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -575,11 +576,12 @@ void test_ops_graph() {
     expect_close_scaled(n + " grad " + names[k], cr::to_host(dp[k].grad()).to_vector(), hp[k].grad().to_vector(), t);
 }
 
-// A transformer-shaped graph through the ops ported to cuda tensors — embedding (ids
-// that repeat, so its backward sums rows), attention_packed and attention with RoPE over
-// slices of one QKV projection (causal, grouped-query 2/1, head dim 32), SwiGLU, dropout,
-// transpose, concat, a product and mean/sum — against the same graph on the CPU: the
-// loss and every gradient.
+// A transformer-shaped graph through the ops ported to cuda tensors — embedding (i64 ids
+// that repeat, so its backward sums rows, and i32 ids into the same table, so the
+// gradient accumulates), attention_packed and attention with RoPE over slices of one QKV
+// projection (causal, and unmasked with dropout 0.1; grouped-query 2/1, head dim 32),
+// SwiGLU, dropout, transpose, concat, a product, mean and sums over the last and a middle
+// dimension — against the same graph on the CPU: the loss and every gradient.
 template <class T>
 void test_transformer_ops() {
   namespace cr = kiln::cuda_runtime;
@@ -587,6 +589,9 @@ void test_transformer_ops() {
   std::vector<i64> ids(B * L);
   for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<i64>((i * 13 + i / 7) % 23);  // repeats
   const auto hid = as_tensor(ids, shape{B, L});
+  std::vector<i32> ids2(B * L);  // i32 ids into the same table: its gradient accumulates
+  for (std::size_t i = 0; i < ids2.size(); ++i) ids2[i] = static_cast<i32>((i * 5 + 3) % V);
+  const auto hid2 = as_tensor(ids2, shape{B, L});
   const tensor<T> init[] = {as_tensor(random<T>(V * E, 300), shape{V, E}),
                             as_tensor(random<T>(4 * D * E, 301, 0.15f), shape{4 * D, E}),
                             as_tensor(random<T>(E * 2 * D, 302, 0.15f), shape{E, 2 * D}),
@@ -597,19 +602,24 @@ void test_transformer_ops() {
     using Dv = decltype(dev_tag);
     std::vector<var<T, Dv>> p;
     for (auto& t : init) p.emplace_back(to_dev(t), true);
-    auto x = ops::embedding(to_dev(hid), p[0]);  // [B, L, E]
-    auto qkv = ops::linear(x, p[1]);             // [B, L, (2 + 1 + 1)·D]
+    auto x = ops::add(ops::embedding(to_dev(hid), p[0]), ops::embedding(to_dev(hid2), p[0]));  // [B, L, E]
+    auto qkv = ops::linear(x, p[1]);                                                           // [B, L, (2 + 1 + 1)·D]
     auto a = ops::attention_packed<ops::mask::causal>(qkv, 2, 1);
     auto q = ops::rope(ops::reshape(ops::slice(qkv, 2, 0, 2 * D), shape{B, L, 2, D}));
     auto k = ops::rope(ops::reshape(ops::slice(qkv, 2, 2 * D, 3 * D), shape{B, L, 1, D}));
     auto v = ops::reshape(ops::slice(qkv, 2, 3 * D, 4 * D), shape{B, L, 1, D});
     auto a2 = ops::reshape(ops::attention<ops::mask::causal>(q, k, v), shape{B, L, 2 * D});
-    auto h = ops::add(x, ops::linear(ops::add(a, a2), p[2]));
+    ops::attention_options drop;
+    drop.dropout_p = 0.1f;
+    drop.rng = philox_stream{78, 0};
+    auto a3 = ops::reshape(ops::attention<ops::mask::none>(q, k, v, drop), shape{B, L, 2 * D});
+    auto h = ops::add(x, ops::linear(ops::add(ops::add(a, a2), a3), p[2]));
     auto m = ops::linear(ops::swiglu(ops::linear(h, p[3]), ops::linear(h, p[4])), p[5]);
     auto h2 = ops::add(h, ops::dropout(m, 0.1f, philox_stream{77, 0}));
     auto t = ops::transpose(h2, 1, 2);  // [B, E, L], a strided view
     auto c = ops::concat(std::vector<var<T, Dv>>{t, ops::scale(t, 0.5)}, 1);
-    auto loss = ops::add(ops::mean(ops::mul(c, c)), ops::mean(ops::sum(c, 2)));
+    auto loss = ops::add(ops::add(ops::mean(ops::mul(c, c)), ops::mean(ops::sum(c, 2))),
+                         ops::mean(ops::sum(c, 1)));  // a sum over the last and over a middle dimension
     loss.backward();
     return std::pair{loss, p};
   };
@@ -642,7 +652,8 @@ void test_matmul_softmax() {
   const std::int64_t Bt = 3, M = 12, K = 20, N = 16;
   const tensor<T> init[] = {
       as_tensor(random<T>(M * K, 400), shape{M, K}), as_tensor(random<T>(K * N, 401), shape{K, N}),
-      as_tensor(random<T>(Bt * M * K, 402), shape{Bt, M, K}), as_tensor(random<T>(Bt * K * N, 403), shape{Bt, K, N})};
+      as_tensor(random<T>(Bt * M * K, 402), shape{Bt, M, K}), as_tensor(random<T>(Bt * K * N, 403), shape{Bt, K, N}),
+      as_tensor(random<T>(4 * 1000, 404, 3.0f), shape{4, 1000})};  // rows wider than a block
   auto run = [&](auto dev_tag, auto to_dev) {
     using Dv = decltype(dev_tag);
     std::vector<var<T, Dv>> p;
@@ -652,7 +663,7 @@ void test_matmul_softmax() {
     auto s = ops::softmax(y);
     auto ls = ops::log_softmax(z);
     auto loss = ops::add(ops::add(ops::mean(ops::mul(s, y)), ops::mean(ops::mul(ls, ops::scale(z, 0.1)))),
-                         ops::mse(s, ops::scale(y, 0.1)));
+                         ops::add(ops::mse(s, ops::scale(y, 0.1)), ops::mean(ops::mul(ops::softmax(p[4]), p[4]))));
     loss.backward();
     return std::pair{loss, p};
   };
@@ -661,7 +672,7 @@ void test_matmul_softmax() {
   const std::string n = std::string("matmul/bmm/softmax/mse ") + tname<T>();
   const double t = std::is_same_v<T, f32> ? 1e-4 : tol<T>();
   expect_close(n + " loss", cr::to_host(dl.value()).to_vector(), hl.value().to_vector(), t);
-  const char* names[] = {"a", "b (matmul, shared bmm)", "A", "B"};
+  const char* names[] = {"a", "b (matmul, shared bmm)", "A", "B", "wide softmax input"};
   for (std::size_t k = 0; k < hp.size(); ++k)
     expect_close_scaled(n + " grad " + names[k], cr::to_host(dp[k].grad()).to_vector(), hp[k].grad().to_vector(), t);
 }
@@ -704,6 +715,16 @@ void test_clipping() {
       expect_close_scaled(n + " grad " + std::to_string(k), cr::to_host(d.ps[k].grad()).to_vector(),
                           h.ps[k].grad().to_vector(), 1e-6);
   }
+  // A NaN gradient stays NaN under clip_grad_value (std::clamp's behaviour on the CPU).
+  clip_params<cuda> d;
+  auto g = tensor<f32>::full(shape{4}, 5.0f);
+  g(2) = std::numeric_limits<float>::quiet_NaN();
+  d.ps.emplace_back(tensor<f32, cuda>::zeros(shape{4}), true);
+  d.ps[0].begin_grad_write();
+  d.ps[0].grad().copy_from(cr::to_device(g));
+  optim::clip_grad_value(d, 1.0);
+  const auto got = cr::to_host(d.ps[0].grad()).to_vector();
+  expect(got[0] == 1.0f && std::isnan(got[2]), "clip_grad_value keeps a NaN gradient NaN and clamps the rest");
 }
 
 int main() {

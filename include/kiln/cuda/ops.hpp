@@ -93,9 +93,10 @@ void norm_backward(const dtensor<T>& x, const T* w, const dtensor<T>& gy, const 
 template <class T>
 void strided_store(dtensor<T> dst, const dtensor<T>& src, grad_write mode);
 
-// out[o, i] = scale · Σ_k x[o, k, i] over geometry g (sum, mean): a block per output
-// element when g.inner == 1 (a whole-tensor sum; CUB's fixed tree), a thread per output
-// element otherwise (k in order). The backward: gx[o, k, i] (=|+=) scale · gy[o, i].
+// out[o, i] = scale · Σ_k x[o, k, i] over geometry g (sum, mean): for a whole-tensor sum,
+// 256 blocks' fixed-order partial sums then one block over them; a block per output
+// element when g.inner == 1 (CUB's fixed tree); a thread per output element otherwise
+// (k in order). The backward: gx[o, k, i] (=|+=) scale · gy[o, i].
 template <class T>
 void sum_dim(const dtensor<T>& x, cpu::reduce_geometry g, float scale, dtensor<T>& out);
 template <class T>
