@@ -314,6 +314,34 @@ __global__ void softmax_backward_kernel(const D* __restrict__ y, const D* __rest
   }
 }
 
+// ---- max over one dimension, and its backward to the argmax ------------------------------
+template <class D>
+__global__ void max_dim_kernel(const D* __restrict__ x, D* __restrict__ out, std::int64_t* __restrict__ arg,
+                               std::int64_t outer, std::int64_t n, std::int64_t inner) {
+  KILN_GRID_STRIDE(t, outer * inner) {
+    const std::int64_t o = t / inner, i = t % inner;
+    float best = -INFINITY;
+    std::int64_t bk = 0;
+    for (std::int64_t k = 0; k < n; ++k) {
+      const float v = to_f32(x[(o * n + k) * inner + i]);
+      if (k == 0 || v > best) {
+        best = v;
+        bk = k;
+      }
+    }
+    out[t] = from_f32<D>(best);
+    arg[t] = bk;
+  }
+}
+template <class D>
+__global__ void max_backward_kernel(const D* __restrict__ gy, const std::int64_t* __restrict__ arg, D* __restrict__ gx,
+                                    std::int64_t total, std::int64_t n, std::int64_t inner, grad_write mode) {
+  KILN_GRID_STRIDE(e, total) {
+    const std::int64_t o = e / (n * inner), k = (e / inner) % n, i = e % inner, j = o * inner + i;
+    store(gx[e], arg[j] == k ? to_f32(gy[j]) : 0.0f, mode);
+  }
+}
+
 // ---- embedding ---------------------------------------------------------------------------
 template <class D, class I>
 __global__ void embedding_forward_kernel(const I* __restrict__ ids, const D* __restrict__ w, D* __restrict__ y,
@@ -549,6 +577,24 @@ void sum_dim_backward(const dtensor<T>& gy, cpu::reduce_geometry g, float scale_
   check_launch("sum backward");
 }
 
+template <class T>
+void max_dim(const dtensor<T>& x, cpu::reduce_geometry g, dtensor<T>& out, dtensor<std::int64_t>& arg) {
+  const std::int64_t m = g.outer * g.inner;
+  if (!m) return;
+  max_dim_kernel<<<grid_for(m, block), block, 0, stream()>>>(dev(x.data()), dev(out.data()), arg.data(), g.outer, g.n,
+                                                             g.inner);
+  check_launch("max");
+}
+template <class T>
+void max_dim_backward(const dtensor<T>& gy, cpu::reduce_geometry g, const dtensor<std::int64_t>& arg, dtensor<T>& gx,
+                      grad_write mode) {
+  const std::int64_t total = g.outer * g.n * g.inner;
+  if (!total) return;
+  max_backward_kernel<<<grid_for(total, block), block, 0, stream()>>>(dev(gy.data()), arg.data(), dev(gx.data()), total,
+                                                                      g.n, g.inner, mode);
+  check_launch("max backward");
+}
+
 template <class T, class I>
 void embedding_forward(const dtensor<I>& ids, const dtensor<T>& weight, dtensor<T>& y) {
   const std::int64_t n = ids.numel(), vocab = weight.size(0), cols = weight.size(1);
@@ -764,6 +810,9 @@ void dropout_apply(const dtensor<T>& x, float p, philox_stream rng, dtensor<T>& 
   template void swiglu_backward<T>(const dtensor<T>&, const dtensor<T>&, const dtensor<T>&, dtensor<T>*, grad_write, \
                                    dtensor<T>*, grad_write);                                                         \
   template void dropout_apply<T>(const dtensor<T>&, float, philox_stream, dtensor<T>&, grad_write);                  \
+  template void max_dim<T>(const dtensor<T>&, cpu::reduce_geometry, dtensor<T>&, dtensor<std::int64_t>&);            \
+  template void max_dim_backward<T>(const dtensor<T>&, cpu::reduce_geometry, const dtensor<std::int64_t>&,           \
+                                    dtensor<T>&, grad_write);                                                        \
   template void add_sum_squares<T>(const dtensor<T>&, dtensor<double>&);                                             \
   template void clamp<T>(dtensor<T>&, float, float);                                                                 \
   template void softmax_forward<T>(const dtensor<T>&, dtensor<T>&, bool);                                            \

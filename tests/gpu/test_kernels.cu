@@ -644,16 +644,18 @@ void test_transformer_ops() {
   expect(named, n + ": an out-of-range id is named");
 }
 
-// matmul, bmm (per-batch and shared right operands), softmax / log_softmax and mse on
-// cuda tensors against the CPU: the loss and every gradient.
+// matmul, bmm (per-batch and shared right operands), softmax / log_softmax, mse and max
+// (over a dimension and over everything) on cuda tensors against the CPU: the loss and every gradient.
 template <class T>
 void test_matmul_softmax() {
   namespace cr = kiln::cuda_runtime;
   const std::int64_t Bt = 3, M = 12, K = 20, N = 16;
-  const tensor<T> init[] = {
-      as_tensor(random<T>(M * K, 400), shape{M, K}), as_tensor(random<T>(K * N, 401), shape{K, N}),
-      as_tensor(random<T>(Bt * M * K, 402), shape{Bt, M, K}), as_tensor(random<T>(Bt * K * N, 403), shape{Bt, K, N}),
-      as_tensor(random<T>(4 * 1000, 404, 3.0f), shape{4, 1000})};  // rows wider than a block
+  const tensor<T> init[] = {as_tensor(random<T>(M * K, 400), shape{M, K}),
+                            as_tensor(random<T>(K * N, 401), shape{K, N}),
+                            as_tensor(random<T>(Bt * M * K, 402), shape{Bt, M, K}),
+                            as_tensor(random<T>(Bt * K * N, 403), shape{Bt, K, N}),
+                            as_tensor(random<T>(4 * 1000, 404, 3.0f), shape{4, 1000}),  // rows wider than a block
+                            as_tensor(random<T>(6 * 50, 405), shape{6, 50})};  // max's input, its own parameter
   auto run = [&](auto dev_tag, auto to_dev) {
     using Dv = decltype(dev_tag);
     std::vector<var<T, Dv>> p;
@@ -664,15 +666,18 @@ void test_matmul_softmax() {
     auto ls = ops::log_softmax(z);
     auto loss = ops::add(ops::add(ops::mean(ops::mul(s, y)), ops::mean(ops::mul(ls, ops::scale(z, 0.1)))),
                          ops::add(ops::mse(s, ops::scale(y, 0.1)), ops::mean(ops::mul(ops::softmax(p[4]), p[4]))));
+    // Row maxima and the global max of inputs both sides hold bit for bit (a GEMM output
+    // could round differently and move a near-tie's argmax); ties take the first, as on the CPU.
+    loss = ops::add(loss, ops::add(ops::mean(ops::max(p[5], 1)), ops::max(p[5])));
     loss.backward();
     return std::pair{loss, p};
   };
   auto [hl, hp] = run(cpu{}, [](const auto& t) { return t.clone(); });
   auto [dl, dp] = run(cuda{}, [](const auto& t) { return cr::to_device(t); });
-  const std::string n = std::string("matmul/bmm/softmax/mse ") + tname<T>();
+  const std::string n = std::string("matmul/bmm/softmax/mse/max ") + tname<T>();
   const double t = std::is_same_v<T, f32> ? 1e-4 : tol<T>();
   expect_close(n + " loss", cr::to_host(dl.value()).to_vector(), hl.value().to_vector(), t);
-  const char* names[] = {"a", "b (matmul, shared bmm)", "A", "B", "wide softmax input"};
+  const char* names[] = {"a", "b (matmul, shared bmm)", "A", "B", "wide softmax input", "max input"};
   for (std::size_t k = 0; k < hp.size(); ++k)
     expect_close_scaled(n + " grad " + names[k], cr::to_host(dp[k].grad()).to_vector(), hp[k].grad().to_vector(), t);
 }

@@ -25,13 +25,6 @@
 #include "kiln/ops/cpu/softmax.hpp"
 #include "kiln/ops/grad_write.hpp"
 
-// In an op that has no device path yet: a compile error naming the op, instead of host
-// loops over device memory.
-#define KILN_HOST_ONLY_OP(Dev, op)                                                 \
-  static_assert(Dev::is_host, op                                                   \
-                " is not ported to cuda tensors yet (kiln/cuda/ops.hpp lists the " \
-                "ops that are); compute it on the cpu")
-
 namespace kiln::ops::gpu {
 
 template <class T>
@@ -101,6 +94,15 @@ template <class T>
 void sum_dim(const dtensor<T>& x, cpu::reduce_geometry g, float scale, dtensor<T>& out);
 template <class T>
 void sum_dim_backward(const dtensor<T>& gy, cpu::reduce_geometry g, float scale, dtensor<T>& gx, grad_write mode);
+
+// out[o, i] = max_k x[o, k, i] and arg[o, i] the first k attaining it (a thread per output
+// element, k in order: the CPU's tie rule); the backward routes gy[o, i] to x[o, arg, i]
+// and writes zeros elsewhere, with mode.
+template <class T>
+void max_dim(const dtensor<T>& x, cpu::reduce_geometry g, dtensor<T>& out, dtensor<std::int64_t>& arg);
+template <class T>
+void max_dim_backward(const dtensor<T>& gy, cpu::reduce_geometry g, const dtensor<std::int64_t>& arg, dtensor<T>& gx,
+                      grad_write mode);
 
 // y[..., :] = weight[ids[...], :]. An id outside [0, V) throws, naming it (the op reads
 // back one flag, so it synchronises). The backward adds each position's gradient into its

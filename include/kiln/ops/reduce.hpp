@@ -78,17 +78,29 @@ namespace detail {
 // max over geometry g of a contiguous value; one node routing the gradient to the argmax.
 template <floating_element T, device Dev>
 var<T, Dev> max_over(const var<T, Dev>& x, const tensor<T, Dev>& xv, cpu::reduce_geometry g, const shape& out_shape) {
-  KILN_HOST_ONLY_OP(Dev, "kiln::max");
-  auto arg = std::make_shared<std::vector<std::int64_t>>(static_cast<std::size_t>(g.outer * g.inner));
-  tensor<T, Dev> y(out_shape);
-  cpu::max_dim(xv, g, y, arg->data());
-  return autograd::record(
-      std::move(y),
-      [x, g, arg](const tensor<T, Dev>& gy) mutable {
-        const grad_write m = x.begin_grad_write();
-        cpu::max_dim_backward(gy, g, arg->data(), x.grad(), m);
-      },
-      x);
+  if constexpr (!Dev::is_host) {
+    tensor<std::int64_t, Dev> arg(shape{g.outer * g.inner});
+    tensor<T, Dev> y(out_shape);
+    gpu::max_dim(xv, g, y, arg);
+    return autograd::record(
+        std::move(y),
+        [x, g, arg](const tensor<T, Dev>& gy) mutable {
+          const grad_write m = x.begin_grad_write();
+          gpu::max_dim_backward(gy.contiguous(), g, arg, x.grad(), m);
+        },
+        x);
+  } else {
+    auto arg = std::make_shared<std::vector<std::int64_t>>(static_cast<std::size_t>(g.outer * g.inner));
+    tensor<T, Dev> y(out_shape);
+    cpu::max_dim(xv, g, y, arg->data());
+    return autograd::record(
+        std::move(y),
+        [x, g, arg](const tensor<T, Dev>& gy) mutable {
+          const grad_write m = x.begin_grad_write();
+          cpu::max_dim_backward(gy, g, arg->data(), x.grad(), m);
+        },
+        x);
+  }
 }
 }  // namespace detail
 
