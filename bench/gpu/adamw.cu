@@ -13,17 +13,15 @@
 #include <cstdio>
 #include <vector>
 
+#include "common.cuh"
 #include "kiln/cuda/kernels.hpp"
 
 namespace ck = kiln::cuda_kernels;
 
+using kiln_bench::ok;
+using kiln_bench::time_ms;
+
 namespace {
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "gpu_adamw: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
 
 // GPT-2 124M (HF names): wte, wpe, 12 blocks, ln_f.
 std::vector<std::int64_t> gpt2_shapes() {
@@ -36,30 +34,10 @@ std::vector<std::int64_t> gpt2_shapes() {
   return n;
 }
 
-template <class F>
-float time_ms(F f, int reps) {
-  cudaEvent_t a, b;
-  ok(cudaEventCreate(&a), "event");
-  ok(cudaEventCreate(&b), "event");
-  f();  // warm-up
-  ok(cudaEventRecord(a), "record");
-  for (int i = 0; i < reps; ++i) f();
-  ok(cudaEventRecord(b), "record");
-  ok(cudaEventSynchronize(b), "sync");
-  float ms = 0;
-  ok(cudaEventElapsedTime(&ms, a, b), "elapsed");
-  return ms / reps;
-}
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("gpu_adamw: no GPU visible, skipped\n");
-    return 77;
-  }
-  cudaDeviceProp prop{};
-  ok(cudaGetDeviceProperties(&prop, 0), "properties");
+  const cudaDeviceProp prop = kiln_bench::device_or_skip("gpu_adamw");
   const auto shapes = gpt2_shapes();
   std::int64_t total = 0;
   for (auto n : shapes) total += n;

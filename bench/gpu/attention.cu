@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "common.cuh"
 #include "kiln/core/philox.hpp"
 #include "kiln/cuda/kernels.hpp"
 #include "kiln/ops/attention_mask.hpp"
@@ -19,27 +20,10 @@
 namespace ck = kiln::cuda_kernels;
 using kiln::bf16;
 
+using kiln_bench::ok;
+using kiln_bench::time_ms;
+
 namespace {
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "gpu_attention: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-template <class F>
-float time_ms(F f, int reps) {
-  cudaEvent_t a, b;
-  ok(cudaEventCreate(&a), "event");
-  ok(cudaEventCreate(&b), "event");
-  f();  // warm-up
-  ok(cudaEventRecord(a), "record");
-  for (int i = 0; i < reps; ++i) f();
-  ok(cudaEventRecord(b), "record");
-  ok(cudaEventSynchronize(b), "sync");
-  float ms = 0;
-  ok(cudaEventElapsedTime(&ms, a, b), "elapsed");
-  return ms / reps;
-}
 bf16* random_device(std::size_t n, std::uint64_t seed) {
   kiln::philox_stream s{seed, 0};
   std::vector<bf16> h(n);
@@ -83,13 +67,7 @@ void run(const char* device, std::int64_t B, std::int64_t T, std::int64_t H, std
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("gpu_attention: no GPU visible, skipped\n");
-    return 77;
-  }
-  cudaDeviceProp prop{};
-  ok(cudaGetDeviceProperties(&prop, 0), "properties");
+  const cudaDeviceProp prop = kiln_bench::device_or_skip("gpu_attention");
   run(prop.name, 4, 1024, 12, 64);   // GPT-2 124M
   run(prop.name, 2, 2048, 16, 128);  // a head dim of 128
   return 0;

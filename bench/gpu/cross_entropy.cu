@@ -11,19 +11,16 @@
 #include <cstdio>
 #include <vector>
 
+#include "common.cuh"
 #include "kiln/core/philox.hpp"
 #include "kiln/cuda/kernels.hpp"
 
 namespace ck = kiln::cuda_kernels;
 using kiln::bf16;
 
+using kiln_bench::ok;
+
 namespace {
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "gpu_cross_entropy: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
 std::size_t used_bytes() {
   std::size_t free = 0, total = 0;
   ok(cudaDeviceSynchronize(), "sync");
@@ -33,13 +30,7 @@ std::size_t used_bytes() {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("gpu_cross_entropy: no GPU visible, skipped\n");
-    return 77;
-  }
-  cudaDeviceProp prop{};
-  ok(cudaGetDeviceProperties(&prop, 0), "properties");
+  const cudaDeviceProp prop = kiln_bench::device_or_skip("gpu_cross_entropy");
   const std::int64_t rows = 8 * 1024, vocab = 50257;
   kiln::philox_stream s{5, 0};
   std::vector<bf16> h(static_cast<std::size_t>(rows * vocab));

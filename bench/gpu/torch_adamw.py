@@ -4,17 +4,7 @@ line. Run by tools/gpu-check.sh."""
 import json
 
 import torch
-
-
-def time_ms(f, reps=20):
-    f()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        f()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / reps
+from timing import time_ms
 
 
 def main():

@@ -5,17 +5,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-
-
-def time_ms(f, reps=10):
-    f()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        f()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / reps
+from timing import time_ms
 
 
 def run(B, T, H, D):
@@ -33,9 +23,9 @@ def run(B, T, H, D):
     def bwd():
         torch.autograd.grad(out["o"], (q, k, v), dout, retain_graph=True)
 
-    fwd_ms = time_ms(fwd)
+    fwd_ms = time_ms(fwd, 10)
     fwd()
-    bwd_ms = time_ms(bwd)
+    bwd_ms = time_ms(bwd, 10)
     flops_fwd = 4.0 * B * H * T * T * D * 0.5
     print(json.dumps({"impl": "torch", "torch": torch.__version__, "device": torch.cuda.get_device_name(),
                       "dtype": "bf16", "mask": "causal", "B": B, "T": T, "H": H, "D": D,
