@@ -211,23 +211,6 @@ __global__ void sum_rows_kernel(const D* __restrict__ x, D* __restrict__ out, st
     if (threadIdx.x == 0) out[o] = from_f32<D>(total * scale);
   }
 }
-// A whole-tensor sum (outer == 1) over a fixed grid: each block's fixed-order partial sum,
-// then one block over the partials (sum_total_kernel) — deterministic, and not one SM.
-constexpr int total_blocks = 256;
-template <class D>
-__global__ void sum_partial_kernel(const D* __restrict__ x, std::int64_t n, float* __restrict__ partial) {
-  float s = 0.0f;
-  KILN_GRID_STRIDE(i, n) s += to_f32(x[i]);
-  const float total = cuda_kernels::detail::block_sum<block>(s);
-  if (threadIdx.x == 0) partial[blockIdx.x] = total;
-}
-template <class D>
-__global__ void sum_total_kernel(const float* __restrict__ partial, int count, D* __restrict__ out, float scale) {
-  float s = 0.0f;
-  for (int i = threadIdx.x; i < count; i += block) s += partial[i];
-  const float total = cuda_kernels::detail::block_sum<block>(s);
-  if (threadIdx.x == 0) *out = from_f32<D>(total * scale);
-}
 template <class D>
 __global__ void sum_strided_kernel(const D* __restrict__ x, D* __restrict__ out, std::int64_t outer, std::int64_t n,
                                    std::int64_t inner, float scale) {
@@ -247,27 +230,46 @@ __global__ void sum_backward_kernel(const D* __restrict__ gy, D* __restrict__ gx
   }
 }
 
-// ---- gradient clipping: Σ x² in f64, a fixed grid of partial sums then one block --------
-constexpr int square_blocks = 256;
-template <class D>
-__global__ void sum_squares_partial_kernel(const D* __restrict__ x, std::int64_t n, double* __restrict__ partial) {
-  double s = 0.0;
+// ---- whole-tensor sums (sum/mean of everything; Σ x² for gradient clipping) -------------
+// 256 blocks' fixed-order partial sums in Acc, then one block over them, whose result goes
+// to `finish` — deterministic, and spread over the device rather than one SM.
+constexpr int partial_blocks = 256;
+template <class Acc, bool Square, class D>
+__global__ void partial_sums_kernel(const D* __restrict__ x, std::int64_t n, Acc* __restrict__ partial) {
+  Acc s = 0;
   KILN_GRID_STRIDE(i, n) {
-    const double v = to_f32(x[i]);
-    s += v * v;
+    const Acc v = to_f32(x[i]);
+    s += Square ? v * v : v;
   }
-  using reduce = cub::BlockReduce<double, block>;
+  using reduce = cub::BlockReduce<Acc, block>;
   __shared__ typename reduce::TempStorage tmp;
-  const double total = reduce(tmp).Sum(s);
+  const Acc total = reduce(tmp).Sum(s);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
-__global__ void sum_partials_kernel(const double* __restrict__ partial, int count, double* __restrict__ acc) {
-  using reduce = cub::BlockReduce<double, block>;
+template <class Acc, class Finish>
+__global__ void total_sum_kernel(const Acc* __restrict__ partial, Finish finish) {
+  Acc s = 0;
+  for (int i = threadIdx.x; i < partial_blocks; i += block) s += partial[i];
+  using reduce = cub::BlockReduce<Acc, block>;
   __shared__ typename reduce::TempStorage tmp;
-  double s = 0.0;
-  for (int i = threadIdx.x; i < count; i += block) s += partial[i];
-  const double total = reduce(tmp).Sum(s);
-  if (threadIdx.x == 0) *acc += total;
+  const Acc total = reduce(tmp).Sum(s);
+  if (threadIdx.x == 0) finish(total);
+}
+template <class D>
+struct store_scaled {  // *out = Σ · scale (sum, mean)
+  D* out;
+  float scale;
+  __device__ void operator()(float total) const { *out = from_f32<D>(total * scale); }
+};
+struct add_to {  // *acc += Σ (the gradient norm's running sum over tensors)
+  double* acc;
+  __device__ void operator()(double total) const { *acc += total; }
+};
+template <class Acc, bool Square, class D, class Finish>
+void whole_sum(const D* x, std::int64_t n, Finish finish) {
+  dtensor<Acc> partial(shape{partial_blocks});
+  partial_sums_kernel<Acc, Square><<<partial_blocks, block, 0, stream()>>>(x, n, partial.data());
+  total_sum_kernel<<<1, block, 0, stream()>>>(partial.data(), finish);
 }
 template <class D>
 __global__ void clamp_kernel(D* __restrict__ x, std::int64_t n, float lo, float hi) {
@@ -556,11 +558,9 @@ void strided_store(dtensor<T> dst, const dtensor<T>& src, grad_write mode) {
 template <class T>
 void sum_dim(const dtensor<T>& x, cpu::reduce_geometry g, float scale_by, dtensor<T>& out) {
   if (g.outer * g.inner == 0) return;
-  if (g.outer == 1 && g.inner == 1) {
-    dtensor<float> partial(shape{total_blocks});
-    sum_partial_kernel<<<total_blocks, block, 0, stream()>>>(dev(x.data()), g.n, partial.data());
-    sum_total_kernel<<<1, block, 0, stream()>>>(partial.data(), total_blocks, dev(out.data()), scale_by);
-  } else if (g.inner == 1)
+  if (g.outer == 1 && g.inner == 1)
+    whole_sum<float, false>(dev(x.data()), g.n, store_scaled<device_t<T>>{dev(out.data()), scale_by});
+  else if (g.inner == 1)
     sum_rows_kernel<<<grid_for(g.outer * block, block), block, 0, stream()>>>(dev(x.data()), dev(out.data()), g.outer,
                                                                               g.n, scale_by);
   else
@@ -724,9 +724,7 @@ template <class T>
 void add_sum_squares(const dtensor<T>& x, dtensor<double>& acc) {
   const std::int64_t n = x.numel();
   if (!n) return;
-  dtensor<double> partial(shape{square_blocks});
-  sum_squares_partial_kernel<<<square_blocks, block, 0, stream()>>>(dev(x.data()), n, partial.data());
-  sum_partials_kernel<<<1, block, 0, stream()>>>(partial.data(), square_blocks, acc.data());
+  whole_sum<double, true>(dev(x.data()), n, add_to{acc.data()});
   check_launch("gradient sum of squares");
 }
 template <class T>
