@@ -10,22 +10,33 @@
 #   1. tests/gpu/test_kernels.cu: every kernel against the CPU backend, the runtime, the
 #      cuBLASLt GEMM (log: test_kernels.log);
 #   2. the same under compute-sanitizer memcheck (memcheck.log);
+#   2b. tests/gpu/test_training.cpp: a GPT trained on the GPU against the CPU, the
+#      trainer's resume on the GPU and its checkpoints on the CPU (test_training.log);
+#   2c. examples/01_fashion_mnist.cpp built for cuda: one epoch of Fashion-MNIST with the
+#      trainer on the GPU, against the CPU build's accuracy bar (fashion_mnist_cuda.log);
 #   3. bench/gpu/adamw.cu against bench/gpu/torch_adamw.py (adamw.jsonl): fused AdamW GB/s
 #      as a fraction of the measured copy bandwidth, kiln and torch(fused=True);
 #   4. bench/gpu/attention.cu against bench/gpu/torch_attention.py (attention.jsonl):
 #      causal bf16 attention forward + backward TFLOP/s, kiln and SDPA;
 #   5. bench/gpu/cross_entropy.cu against bench/gpu/torch_cross_entropy.py
-#      (cross_entropy.jsonl): fused cross-entropy time and memory beyond the logits.
-# Needs nvcc, Eigen's headers (/usr/include/eigen3, or EIGEN_DIR — on the device machine,
-# carry a copy: `cp -r /usr/include/eigen3 .deps/` here, `.deps` in .git/info/exclude,
-# carry [".deps"], EIGEN_DIR=.deps/eigen3), and python3 with torch for the peer.
+#      (cross_entropy.jsonl): fused cross-entropy time and memory beyond the logits;
+#   6. bench/gpu/gpt2_step.cpp against bench/gpu/torch_gpt2_step.py (gpt2_step.jsonl):
+#      a GPT-2 124M f32 training step, tokens/s, against PyTorch eager and torch.compile.
+# Needs nvcc, a host g++, Eigen's headers, the Boost.Hana and doctest headers, the
+# Fashion-MNIST files, and python3 with torch for the peers. The device image has only
+# the toolkit and Python: `bash tools/gpu-deps.sh` here copies the rest into .deps/
+# (~45 MB), which this script uses when present; carry [".deps"].
 # Exits non-zero if a build, a check or memcheck failed; 77 after the builds where no
 # GPU is visible.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/out/gpu}
 arch=${KILN_GPU_ARCH:-90}
+deps=${KILN_DEPS:-.deps}
 eigen=${EIGEN_DIR:-/usr/include/eigen3}
+[ -f "$deps/eigen3/Eigen/Core" ] && eigen=${EIGEN_DIR:-$deps/eigen3}
+fmnist=/usr/share/datasets/fashion-mnist
+[ -d "$deps/fashion-mnist" ] && fmnist=$deps/fashion-mnist
 b=build-gpu
 mkdir -p "$out" "$b"
 [ -f "$eigen/Eigen/Core" ] || { echo "gpu-check: Eigen headers not found at $eigen (set EIGEN_DIR)"; exit 2; }
@@ -46,6 +57,19 @@ rm -f "$b/libkiln_kernels.a"
 ar rcs "$b/libkiln_kernels.a" "$b"/*.o
 nvcc "${flags[@]}" -DKILN_WITH_CUDA -Xcompiler -fopenmp tests/gpu/test_kernels.cu "$b/libkiln_kernels.a" \
   -lgomp -lcublasLt -o "$b/test_kernels" || { echo "gpu-check: test_kernels did not build"; exit 1; }
+# The programs whose tensors live on the GPU, built by the host compiler (as Meson does)
+# and linked with the kernels, cuBLASLt and the CUDA runtime.
+cudalib=$(dirname "$(command -v nvcc)")/../lib64
+host=(-std=c++20 -O1 -fopenmp -fno-math-errno -DKILN_WITH_CUDA -DEIGEN_DONT_PARALLELIZE_INSIDE_OMP_REGIONS -Iinclude)
+[ -d "$deps/include" ] && host+=(-isystem "$deps/include")
+host+=(-isystem "$eigen")
+hostlibs=("$b/libkiln_kernels.a" -L"$cudalib" -lcublasLt -lcudart -Wl,-rpath,"$cudalib" -l:libz.so.1)
+g++ "${host[@]}" tests/gpu/test_training.cpp tests/test_main.cpp "${hostlibs[@]}" -o "$b/test_training" ||
+  { echo "gpu-check: test_training did not build"; exit 1; }
+g++ "${host[@]}" -O2 -DKILN_EXAMPLE_CUDA examples/01_fashion_mnist.cpp "${hostlibs[@]}" -o "$b/01_fashion_mnist_cuda" ||
+  { echo "gpu-check: 01_fashion_mnist_cuda did not build"; exit 1; }
+g++ "${host[@]}" -O2 bench/gpu/gpt2_step.cpp "${hostlibs[@]}" -o "$b/gpu_gpt2_step" ||
+  { echo "gpu-check: bench/gpu/gpt2_step.cpp did not build"; exit 1; }
 for bench in adamw attention cross_entropy; do
   nvcc "${flags[@]}" "bench/gpu/$bench.cu" "$b/libkiln_kernels.a" -lcublasLt -o "$b/gpu_$bench" ||
     { echo "gpu-check: bench/gpu/$bench.cu did not build"; exit 1; }
@@ -58,6 +82,11 @@ fi
 status=0
 echo "gpu-check: test_kernels"
 "$b/test_kernels" 2>&1 | tee "$out/test_kernels.log" || status=1
+echo "gpu-check: test_training (GPU training against the CPU)"
+"$b/test_training" 2>&1 | tee "$out/test_training.log" || status=1
+echo "gpu-check: 01_fashion_mnist_cuda"
+"$b/01_fashion_mnist_cuda" --epochs 1 --limit-batches 150 --min-accuracy 0.75 --no-progress --data "$fmnist" \
+  --out "$b/runs/01_fashion_mnist_cuda" 2>&1 | tee "$out/fashion_mnist_cuda.log" || status=1
 echo "gpu-check: compute-sanitizer memcheck"
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$sanitizer" ]; then
@@ -72,5 +101,9 @@ for bench in adamw attention cross_entropy; do
   "$b/gpu_$bench" | tee -a "$out/$bench.jsonl" || status=1
   python3 "bench/gpu/torch_$bench.py" | tee -a "$out/$bench.jsonl" || echo "gpu-check: the torch peer of $bench did not run"
 done
+echo "gpu-check: gpt2_step, kiln and torch (eager, compiled)"
+"$b/gpu_gpt2_step" | tee "$out/gpt2_step.jsonl" || status=1
+python3 bench/gpu/torch_gpt2_step.py --kiln "$out/gpt2_step.jsonl" | tee -a "$out/gpt2_step.jsonl" ||
+  echo "gpu-check: the torch peer of gpt2_step did not run"
 echo "gpu-check: done (status $status); results in $out"
 exit $status

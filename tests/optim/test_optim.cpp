@@ -163,3 +163,42 @@ TEST_CASE("training end to end: an MLP learns XOR-like data with adamw") {
   CHECK(first > 0.5f);
   CHECK(last < 0.05f);
 }
+
+namespace {
+// A module whose parameter is declared on the GPU (never allocated: the optimizers'
+// device check reads only its type and name), next to a cpu one.
+struct half_on_gpu {
+  var<float> bias;
+  var<float, cuda> weight;
+  template <class F>
+  void for_each_child(F&& f) {
+    f("bias", bias);
+    f("weight", weight);
+  }
+};
+struct on_gpu {
+  var<float, cuda> weight;
+  template <class F>
+  void for_each_child(F&& f) {
+    f("weight", weight);
+  }
+};
+}  // namespace
+
+TEST_CASE("an optimizer spelled for another device than the module's parameters is an error naming both") {
+  on_gpu g;
+  CHECK_THROWS_WITH_AS(optim::adamw<float>(g, {}),
+                       doctest::Contains("optimizer over cpu parameters: the module's parameters live on cuda (e.g. "
+                                         "'weight'); give the optimizer the module's device, e.g. "
+                                         "optim::adamw<T, kiln::cuda>(module, ...)"),
+                       kiln::error);
+  CHECK_THROWS_WITH_AS(optim::sgd<float>(g, {}), doctest::Contains("live on cuda (e.g. 'weight')"), kiln::error);
+  // A module with parameters on both: the cpu optimizer takes the cpu ones (a split the
+  // user chose), without an error.
+  half_on_gpu h;
+  h.bias = var<float>(tensor<float>::ones({3}), true);
+  optim::adamw<float> opt(h, {});
+  std::vector<std::string> names;
+  opt.for_each_parameter([&](const auto& np) { names.push_back(np.name); });
+  CHECK(names == std::vector<std::string>{"bias"});
+}

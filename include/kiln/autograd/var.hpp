@@ -16,6 +16,7 @@
 #include "kiln/autograd/grad_mode.hpp"
 #include "kiln/autograd/tape.hpp"
 #include "kiln/core/tensor.hpp"
+#include "kiln/core/transfer.hpp"
 #include "kiln/cuda/ops.hpp"
 #include "kiln/ops/grad_write.hpp"
 

@@ -75,8 +75,8 @@ struct early_stopping {
     if (!options.restore_best_weights || best_weights_.empty()) return;
     std::size_t i = 0;
     nn::visit_parameters(ctx.model(), [&](const std::string&, auto& p) {
-      using Ten = std::remove_cvref_t<decltype(p.value())>;
-      p.value().copy_from(std::get<Ten>(best_weights_[i++].second));
+      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+      copy_from_host(p.value(), std::get<tensor<T>>(best_weights_[i++].second));
     });
     if (options.verbose)
       std::fprintf(stderr, "early_stopping: restored the weights of the best %s = %g\n", options.monitor.c_str(),
@@ -168,7 +168,7 @@ struct early_stopping {
   void keep_best(auto& ctx) {
     best_weights_.clear();
     nn::visit_parameters(
-        ctx.model(), [&](const std::string& name, auto& p) { best_weights_.emplace_back(name, p.value().clone()); });
+        ctx.model(), [&](const std::string& name, auto& p) { best_weights_.emplace_back(name, host_copy(p.value())); });
   }
   static std::string first_param_name(auto& ctx) {
     std::string first;

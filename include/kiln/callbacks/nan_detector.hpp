@@ -7,7 +7,9 @@
 // parameter after the step (on_train_batch_end). The first NaN or infinity found throws
 // a kiln::error naming the tensor ("gradient of net.2.weight"), the element's flat index
 // and value, the epoch and the global step, instead of letting the run continue to
-// produce a NaN model.
+// produce a NaN model. A device tensor is checked on the device (Σ x² in f64 is finite
+// exactly when every element is: one 8-byte read back) and copied to the host only to
+// name the bad element.
 #pragma once
 
 #include <cmath>
@@ -25,7 +27,7 @@ struct nan_detector {
   bool check_parameters = true;
 
   void on_before_backward(auto& ctx, const auto& loss) {
-    const double v = static_cast<double>(loss.value().flat(0));
+    const double v = item(loss.value());
     if (!std::isfinite(v)) fail(ctx, "training loss", 0, v);
   }
   void on_before_optimizer_step(auto& ctx) {
@@ -46,6 +48,12 @@ struct nan_detector {
   template <class Ctx, class Tensor>
   static void scan(Ctx& ctx, const std::string& what, const Tensor& t) {
     if (!t.storage_resident()) return;
+    if constexpr (!Tensor::device_type::is_host) {
+      auto acc = tensor<double, typename Tensor::device_type>::zeros(shape{1});
+      ops::gpu::add_sum_squares(t.contiguous(), acc);
+      if (!std::isfinite(item(acc))) scan(ctx, what, to_host(t));
+      return;
+    }
     const auto* d = t.data();
     const std::int64_t n = t.numel();
     // x * 0 is 0 for finite x and NaN otherwise, so one vectorisable pass finds out.

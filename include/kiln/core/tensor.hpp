@@ -134,10 +134,17 @@ class tensor {
     return data()[element_offset(idx...)];
   }
   // Element by flat row-major index, whatever the strides.
-  T& flat(std::int64_t i) { return data()[flat_offset(i)]; }
-  const T& flat(std::int64_t i) const { return data()[flat_offset(i)]; }
+  T& flat(std::int64_t i) {
+    static_assert(Dev::is_host, "tensor::flat reads host memory; copy a device tensor with kiln::to_host first");
+    return data()[flat_offset(i)];
+  }
+  const T& flat(std::int64_t i) const {
+    static_assert(Dev::is_host, "tensor::flat reads host memory; copy a device tensor with kiln::to_host first");
+    return data()[flat_offset(i)];
+  }
 
   std::vector<T> to_vector() const {
+    static_assert(Dev::is_host, "tensor::to_vector reads host memory; copy a device tensor with kiln::to_host first");
     std::vector<T> v(static_cast<std::size_t>(numel()));
     if (is_contiguous()) {
       if (!v.empty()) std::memcpy(v.data(), data(), v.size() * sizeof(T));
@@ -190,6 +197,7 @@ class tensor {
   }
   template <element U>
   tensor<U, Dev> to() const {
+    static_assert(Dev::is_host, "tensor::to<U> converts on the host; copy a device tensor with kiln::to_host first");
     tensor<U, Dev> out(shape_);
     U* o = out.data();
     for (std::int64_t i = 0; i < numel(); ++i) o[i] = static_cast<U>(static_cast<compute_t<T>>(flat(i)));

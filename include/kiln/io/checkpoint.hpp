@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "kiln/core/crc32c.hpp"
+#include "kiln/core/transfer.hpp"
 #include "kiln/io/atomic_file.hpp"
 #include "kiln/io/hf.hpp"
 #include "kiln/io/json.hpp"
@@ -48,7 +49,7 @@ class checkpoint_writer {
   json& state() { return state_; }
   template <element T, device Dev>
   void add(const std::string& name, const tensor<T, Dev>& t) {
-    tensor<T, Dev> c = t.contiguous();
+    tensor<T, cpu> c = to_host(t).contiguous();
     crc_.set(name, json(static_cast<std::int64_t>(crc32c(c.data(), c.nbytes()))));
     st_.add(name, c);
   }
@@ -284,7 +285,7 @@ void copy_module(const safetensors_view& file, const std::string& prefix, M& mod
     auto b = file.bytes(*e);
     auto& v = p.value();
     KILN_CHECK(v.is_contiguous(), "load: parameter '", name, "' is not contiguous");
-    if (!b.empty()) std::memcpy(static_cast<void*>(v.data()), b.data(), b.size());
+    copy_bytes_from_host(v, b.data(), b.size());
   });
 }
 

@@ -142,8 +142,9 @@ class hf_directory {
 template <class M>
 void load_hf_weights(M& model, const hf_directory& d) {
   using T = typename M::value_type;
+  using Dev = typename M::device_type;
   struct pending {
-    var<T>* param;
+    var<T, Dev>* param;
     std::string name;
     bool transposed;
   };
@@ -180,7 +181,7 @@ void load_hf_weights(M& model, const hf_directory& d) {
   for (auto& t : todo) {
     tensor<T> v = d.template load<T>(t.name);
     if (t.transposed) v = v.transpose(0, 1).contiguous();
-    t.param->value().copy_from(v);
+    copy_from_host(t.param->value(), v);
   }
 }
 
@@ -196,11 +197,10 @@ M load_hf(const std::filesystem::path& dir) {
 // Writes dir/config.json and dir/model.safetensors in HF names and layouts. Returns the paths.
 template <class M>
 std::vector<std::filesystem::path> save_hf(M& model, const std::filesystem::path& dir) {
-  using T = typename M::value_type;
   std::filesystem::create_directories(dir);
   safetensors_writer w;
   nn::visit_parameters(model, [&](const std::string& name, auto& p) {
-    const tensor<T>& v = p.value();
+    const auto& v = p.value();
     if (M::hf_transposed(name))
       w.add(name, v.transpose(0, 1).contiguous());
     else

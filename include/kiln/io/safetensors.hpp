@@ -44,6 +44,7 @@
 
 #include "kiln/core/dtype.hpp"
 #include "kiln/core/tensor.hpp"
+#include "kiln/core/transfer.hpp"
 #include "kiln/io/atomic_file.hpp"
 #include "kiln/io/json.hpp"
 
@@ -324,16 +325,16 @@ class safetensors_file : public safetensors_view {
 
 class safetensors_writer {
  public:
-  // Adds a tensor; its storage is shared (no copy) until write() runs.
+  // Adds a tensor; a contiguous host tensor's storage is shared (no copy) until write()
+  // runs; a device tensor is copied to the host here (the value at the time of add).
   template <element T, device Dev>
   void add(std::string name, const tensor<T, Dev>& t) {
-    static_assert(std::is_same_v<Dev, cpu>, "safetensors_writer::add: copy device tensors to the host first");
-    tensor<T, Dev> c = t.contiguous();
+    tensor<T, cpu> c = to_host(t).contiguous();
     std::vector<std::int64_t> dims(c.shape().begin(), c.shape().end());
     const auto* p = reinterpret_cast<const std::byte*>(c.data());
     const std::size_t n = c.nbytes();
     add_raw(std::move(name), std::string(dtype_name(dtype_of<T>)), std::move(dims), std::span<const std::byte>(p, n),
-            std::make_shared<tensor<T, Dev>>(std::move(c)));
+            std::make_shared<tensor<T, cpu>>(std::move(c)));
   }
   // Adds raw bytes with a safetensors dtype name; `keep_alive` owns them until write().
   void add_raw(std::string name, std::string dtype, std::vector<std::int64_t> shape, std::span<const std::byte> bytes,

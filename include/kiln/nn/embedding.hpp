@@ -6,18 +6,19 @@
 
 namespace kiln::nn {
 
-template <floating_element T = f32>
+template <floating_element T = f32, device Dev = cpu>
 struct embedding {
-  var<T> weight;  // [num_embeddings, embedding_dim]
+  using device_type = Dev;
+  var<T, Dev> weight;  // [num_embeddings, embedding_dim]
 
   embedding() = default;
   embedding(std::int64_t num_embeddings, std::int64_t dim) {
     KILN_CHECK(num_embeddings > 0 && dim > 0, "nn::embedding: sizes must be positive, got ", num_embeddings, " x ",
                dim);
-    weight = var<T>(init::normal<T>(shape{num_embeddings, dim}, 1.0), true);
+    weight = var<T, Dev>(to_device<Dev>(init::normal<T>(shape{num_embeddings, dim}, 1.0)), true);
   }
   template <index_element I>
-  var<T> operator()(const tensor<I>& ids) const {
+  var<T, Dev> operator()(const tensor<I, Dev>& ids) const {
     return ops::embedding(ids, weight);
   }
 

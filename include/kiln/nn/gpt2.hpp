@@ -95,9 +95,9 @@ struct gpt2_config {
   }
 };
 
-template <ops::attention_mask Mask, floating_element T>
+template <ops::attention_mask Mask, floating_element T, device Dev = cpu>
 struct gpt2_attention {
-  linear<T> c_attn, c_proj;
+  linear<T, Dev> c_attn, c_proj;
   dropout attn_dropout, resid_dropout;
   std::int64_t n_head = 0;
 
@@ -109,7 +109,7 @@ struct gpt2_attention {
         resid_dropout(c.resid_pdrop),
         n_head(c.n_head) {}
 
-  var<T> operator()(const var<T>& x, kv_cache<T>* cache = nullptr, std::size_t layer = 0) {
+  var<T, Dev> operator()(const var<T, Dev>& x, kv_cache<T, Dev>* cache = nullptr, std::size_t layer = 0) {
     const std::int64_t B = x.size(0), Tn = x.size(1), C = x.size(2), D = C / n_head;
     auto qkv = c_attn(x);
     if (!cache) {  // training and whole-sequence passes: one node over the packed projection
@@ -133,9 +133,9 @@ struct gpt2_attention {
   }
 };
 
-template <floating_element T>
+template <floating_element T, device Dev = cpu>
 struct gpt2_mlp {
-  linear<T> c_fc, c_proj;
+  linear<T, Dev> c_fc, c_proj;
   dropout drop;
   bool exact_gelu = false;
 
@@ -145,7 +145,7 @@ struct gpt2_mlp {
         c_proj(c.inner(), c.n_embd),
         drop(c.resid_pdrop),
         exact_gelu(c.activation_function == "gelu") {}
-  var<T> operator()(const var<T>& x) {
+  var<T, Dev> operator()(const var<T, Dev>& x) {
     auto h = ops::gelu(c_fc(x), exact_gelu ? ops::gelu_approximation::none : ops::gelu_approximation::tanh);
     return drop(c_proj(h));
   }
@@ -157,17 +157,17 @@ struct gpt2_mlp {
   }
 };
 
-template <ops::attention_mask Mask, recompute_policy Recompute, floating_element T>
+template <ops::attention_mask Mask, recompute_policy Recompute, floating_element T, device Dev = cpu>
 struct gpt2_block {
-  layer_norm<T> ln_1, ln_2;
-  gpt2_attention<Mask, T> attn;
-  gpt2_mlp<T> mlp;
+  layer_norm<T, Dev> ln_1, ln_2;
+  gpt2_attention<Mask, T, Dev> attn;
+  gpt2_mlp<T, Dev> mlp;
 
   gpt2_block() = default;
   explicit gpt2_block(const gpt2_config& c)
       : ln_1(c.n_embd, c.layer_norm_epsilon), ln_2(c.n_embd, c.layer_norm_epsilon), attn(c), mlp(c) {}
 
-  var<T> operator()(const var<T>& x, kv_cache<T>* cache = nullptr, std::size_t layer = 0) {
+  var<T, Dev> operator()(const var<T, Dev>& x, kv_cache<T, Dev>* cache = nullptr, std::size_t layer = 0) {
     return pre_norm_block<Recompute>(*this, x, cache, layer, ln_1, attn, ln_2, mlp);
   }
   template <class F>
@@ -180,17 +180,18 @@ struct gpt2_block {
 };
 
 template <ops::attention_mask Mask = ops::mask::causal, recompute_policy Recompute = recompute::none,
-          floating_element T = f32>
+          floating_element T = f32, device Dev = cpu>
 struct gpt2 {
   using config_type = gpt2_config;
   using value_type = T;
-  using block_type = gpt2_block<Mask, Recompute, T>;
+  using device_type = Dev;
+  using block_type = gpt2_block<Mask, Recompute, T, Dev>;
 
   struct body {
-    embedding<T> wte, wpe;
+    embedding<T, Dev> wte, wpe;
     dropout drop;
     module_list<unit<block_type>> h;  // each block a sharding unit (zero<3> gathers one at a time)
-    layer_norm<T> ln_f;
+    layer_norm<T, Dev> ln_f;
     template <class F>
     void for_each_child(F&& f) {
       f("wte", wte);
@@ -203,44 +204,44 @@ struct gpt2 {
 
   gpt2_config config;
   body transformer;
-  std::optional<linear<T>> lm_head;  // only when the embeddings are not tied
+  std::optional<linear<T, Dev>> lm_head;  // only when the embeddings are not tied
 
   gpt2() = default;
   // GPT-2's initialisation: N(0, 0.02) for weights, N(0, 0.02/sqrt(2·n_layer)) for the
   // residual projections, zero biases, unit LayerNorm weights.
   explicit gpt2(const gpt2_config& c) : config(c) {
     c.validate();
-    transformer.wte = embedding<T>(c.vocab_size, c.n_embd);
-    transformer.wpe = embedding<T>(c.n_positions, c.n_embd);
+    transformer.wte = embedding<T, Dev>(c.vocab_size, c.n_embd);
+    transformer.wpe = embedding<T, Dev>(c.n_positions, c.n_embd);
     transformer.drop = dropout(c.embd_pdrop);
     for (std::int64_t l = 0; l < c.n_layer; ++l) transformer.h.items.emplace_back(c);
-    transformer.ln_f = layer_norm<T>(c.n_embd, c.layer_norm_epsilon);
-    if (!c.tie_word_embeddings) lm_head = linear<T>(c.n_embd, c.vocab_size, false);
+    transformer.ln_f = layer_norm<T, Dev>(c.n_embd, c.layer_norm_epsilon);
+    if (!c.tie_word_embeddings) lm_head = linear<T, Dev>(c.n_embd, c.vocab_size, false);
     const double std = 0.02, proj_std = 0.02 / std::sqrt(2.0 * double(c.n_layer));
-    visit_parameters(*this, [&](const std::string& name, var<T>& p) {
+    visit_parameters(*this, [&](const std::string& name, var<T, Dev>& p) {
       if (name.ends_with(".bias"))
         p.value().fill(T(0));
       else if (name.find("ln_") != std::string::npos)
         p.value().fill(T(1));
       else
-        p.value() = init::normal<T>(p.shape(), name.ends_with("c_proj.weight") ? proj_std : std);
+        p.value() = to_device<Dev>(init::normal<T>(p.shape(), name.ends_with("c_proj.weight") ? proj_std : std));
     });
   }
 
   std::int64_t vocab_size() const { return config.vocab_size; }
   std::int64_t max_positions() const { return config.n_positions; }
-  kv_cache<T> make_cache(std::int64_t batch, std::int64_t capacity) const {
-    return kv_cache<T>(config.n_layer, batch, capacity, config.n_head, config.head_dim());
+  kv_cache<T, Dev> make_cache(std::int64_t batch, std::int64_t capacity) const {
+    return kv_cache<T, Dev>(config.n_layer, batch, capacity, config.n_head, config.head_dim());
   }
 
   // ids [B, T] → logits [B, T, vocab].
-  var<T> operator()(const tensor<i64>& ids) { return forward(ids, nullptr); }
-  var<T> forward(const tensor<i64>& ids, kv_cache<T>* cache) {
+  var<T, Dev> operator()(const tensor<i64, Dev>& ids) { return forward(ids, nullptr); }
+  var<T, Dev> forward(const tensor<i64, Dev>& ids, kv_cache<T, Dev>* cache) {
     KILN_CHECK(ids.rank() == 2, "gpt2: expects token ids [B, T], got ", ids.shape().str());
     const std::int64_t first = cache ? cache->length : 0, Tn = ids.size(1);
     KILN_CHECK(first + Tn <= config.n_positions, "gpt2: ", first + Tn, " positions exceed n_positions ",
                config.n_positions);
-    auto x = transformer.drop(ops::add(transformer.wte(ids), transformer.wpe(position_ids(first, Tn))));
+    auto x = transformer.drop(ops::add(transformer.wte(ids), transformer.wpe(to_device<Dev>(position_ids(first, Tn)))));
     for (std::size_t l = 0; l < transformer.h.size(); ++l) x = transformer.h[l](x, cache, l);
     x = transformer.ln_f(x);
     if (cache) cache->length += Tn;

@@ -3,6 +3,7 @@
 
 #include "kiln/core/philox.hpp"
 #include "kiln/core/tensor.hpp"
+#include "kiln/core/transfer.hpp"
 
 namespace kiln::nn::init {
 

@@ -109,9 +109,9 @@ struct llama_config {
   }
 };
 
-template <ops::attention_mask Mask, floating_element T>
+template <ops::attention_mask Mask, floating_element T, device Dev = cpu>
 struct llama_attention {
-  linear<T> q_proj, k_proj, v_proj, o_proj;
+  linear<T, Dev> q_proj, k_proj, v_proj, o_proj;
   dropout attn_dropout;
   std::int64_t n_head = 0, n_kv = 0, head_dim = 0;
   double rope_theta = 10000.0;
@@ -128,7 +128,7 @@ struct llama_attention {
         head_dim(c.head_dim()),
         rope_theta(c.rope_theta) {}
 
-  var<T> operator()(const var<T>& x, kv_cache<T>* cache = nullptr, std::size_t layer = 0) {
+  var<T, Dev> operator()(const var<T, Dev>& x, kv_cache<T, Dev>* cache = nullptr, std::size_t layer = 0) {
     const std::int64_t B = x.size(0), Tn = x.size(1), first = cache ? cache->length : 0;
     auto q = ops::rope(ops::unflatten(q_proj(x), 2, {n_head, head_dim}), first, rope_theta);
     auto k = ops::rope(ops::unflatten(k_proj(x), 2, {n_kv, head_dim}), first, rope_theta);
@@ -148,15 +148,15 @@ struct llama_attention {
   }
 };
 
-template <floating_element T>
+template <floating_element T, device Dev = cpu>
 struct llama_mlp {
-  linear<T> gate_proj, up_proj, down_proj;
+  linear<T, Dev> gate_proj, up_proj, down_proj;
   llama_mlp() = default;
   explicit llama_mlp(const llama_config& c)
       : gate_proj(c.hidden_size, c.intermediate_size, c.mlp_bias),
         up_proj(c.hidden_size, c.intermediate_size, c.mlp_bias),
         down_proj(c.intermediate_size, c.hidden_size, c.mlp_bias) {}
-  var<T> operator()(const var<T>& x) { return down_proj(ops::swiglu(gate_proj(x), up_proj(x))); }
+  var<T, Dev> operator()(const var<T, Dev>& x) { return down_proj(ops::swiglu(gate_proj(x), up_proj(x))); }
   template <class F>
   void for_each_child(F&& f) {
     f("gate_proj", gate_proj);
@@ -165,11 +165,11 @@ struct llama_mlp {
   }
 };
 
-template <ops::attention_mask Mask, recompute_policy Recompute, floating_element T>
+template <ops::attention_mask Mask, recompute_policy Recompute, floating_element T, device Dev = cpu>
 struct llama_block {
-  rms_norm<T> input_layernorm, post_attention_layernorm;
-  llama_attention<Mask, T> self_attn;
-  llama_mlp<T> mlp;
+  rms_norm<T, Dev> input_layernorm, post_attention_layernorm;
+  llama_attention<Mask, T, Dev> self_attn;
+  llama_mlp<T, Dev> mlp;
 
   llama_block() = default;
   explicit llama_block(const llama_config& c)
@@ -178,7 +178,7 @@ struct llama_block {
         self_attn(c),
         mlp(c) {}
 
-  var<T> operator()(const var<T>& x, kv_cache<T>* cache = nullptr, std::size_t layer = 0) {
+  var<T, Dev> operator()(const var<T, Dev>& x, kv_cache<T, Dev>* cache = nullptr, std::size_t layer = 0) {
     return pre_norm_block<Recompute>(*this, x, cache, layer, input_layernorm, self_attn, post_attention_layernorm, mlp);
   }
   template <class F>
@@ -191,16 +191,17 @@ struct llama_block {
 };
 
 template <ops::attention_mask Mask = ops::mask::causal, recompute_policy Recompute = recompute::none,
-          floating_element T = f32>
+          floating_element T = f32, device Dev = cpu>
 struct llama {
   using config_type = llama_config;
   using value_type = T;
-  using block_type = llama_block<Mask, Recompute, T>;
+  using device_type = Dev;
+  using block_type = llama_block<Mask, Recompute, T, Dev>;
 
   struct body {
-    embedding<T> embed_tokens;
+    embedding<T, Dev> embed_tokens;
     module_list<unit<block_type>> layers;  // each block a sharding unit (zero<3>)
-    rms_norm<T> norm;
+    rms_norm<T, Dev> norm;
     template <class F>
     void for_each_child(F&& f) {
       f("embed_tokens", embed_tokens);
@@ -211,34 +212,34 @@ struct llama {
 
   llama_config config;
   body model;
-  std::optional<linear<T>> lm_head;  // absent when tied to model.embed_tokens
+  std::optional<linear<T, Dev>> lm_head;  // absent when tied to model.embed_tokens
 
   llama() = default;
   // HF's initialisation: N(0, 0.02) weights, zero biases, unit RMSNorm weights.
   explicit llama(const llama_config& c) : config(c) {
     c.validate();
-    model.embed_tokens = embedding<T>(c.vocab_size, c.hidden_size);
+    model.embed_tokens = embedding<T, Dev>(c.vocab_size, c.hidden_size);
     for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) model.layers.items.emplace_back(c);
-    model.norm = rms_norm<T>(c.hidden_size, c.rms_norm_eps);
-    if (!c.tie_word_embeddings) lm_head = linear<T>(c.hidden_size, c.vocab_size, false);
-    visit_parameters(*this, [&](const std::string& name, var<T>& p) {
+    model.norm = rms_norm<T, Dev>(c.hidden_size, c.rms_norm_eps);
+    if (!c.tie_word_embeddings) lm_head = linear<T, Dev>(c.hidden_size, c.vocab_size, false);
+    visit_parameters(*this, [&](const std::string& name, var<T, Dev>& p) {
       if (name.ends_with(".bias"))
         p.value().fill(T(0));
       else if (name.ends_with("norm.weight"))
         p.value().fill(T(1));
       else
-        p.value() = init::normal<T>(p.shape(), 0.02);
+        p.value() = to_device<Dev>(init::normal<T>(p.shape(), 0.02));
     });
   }
 
   std::int64_t vocab_size() const { return config.vocab_size; }
   std::int64_t max_positions() const { return config.max_position_embeddings; }
-  kv_cache<T> make_cache(std::int64_t batch, std::int64_t capacity) const {
-    return kv_cache<T>(config.num_hidden_layers, batch, capacity, config.kv_heads(), config.head_dim());
+  kv_cache<T, Dev> make_cache(std::int64_t batch, std::int64_t capacity) const {
+    return kv_cache<T, Dev>(config.num_hidden_layers, batch, capacity, config.kv_heads(), config.head_dim());
   }
 
-  var<T> operator()(const tensor<i64>& ids) { return forward(ids, nullptr); }
-  var<T> forward(const tensor<i64>& ids, kv_cache<T>* cache) {
+  var<T, Dev> operator()(const tensor<i64, Dev>& ids) { return forward(ids, nullptr); }
+  var<T, Dev> forward(const tensor<i64, Dev>& ids, kv_cache<T, Dev>* cache) {
     KILN_CHECK(ids.rank() == 2, "llama: expects token ids [B, T], got ", ids.shape().str());
     auto x = model.embed_tokens(ids);
     for (std::size_t l = 0; l < model.layers.size(); ++l) x = model.layers[l](x, cache, l);

@@ -14,9 +14,10 @@
 
 namespace kiln::nn {
 
-template <class Activation = relu, floating_element T = f32>
+template <class Activation = relu, floating_element T = f32, device Dev = cpu>
 struct mlp {
-  std::vector<linear<T>> layers;
+  using device_type = Dev;
+  std::vector<linear<T, Dev>> layers;
   [[no_unique_address]] Activation activation{};
 
   mlp() = default;
@@ -31,7 +32,7 @@ struct mlp {
     layers.emplace_back(prev, out_features, bias);
   }
 
-  var<T> operator()(var<T> x) const {
+  var<T, Dev> operator()(var<T, Dev> x) const {
     for (std::size_t i = 0; i < layers.size(); ++i) {
       x = layers[i](x);
       if (i + 1 < layers.size()) x = activation(x);

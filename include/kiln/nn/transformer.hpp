@@ -10,7 +10,7 @@
 //                         sub-layers per step;
 //   recompute::full       the whole block is recomputed from its input (C per token).
 // Dropout inside a recomputed segment replays the same masks (its streams are rewound).
-// Spec (KV cache): kv_cache<T> holds, per layer, keys and values [B, capacity, Hkv, D];
+// Spec (KV cache): kv_cache<T, Dev> holds, per layer, keys and values [B, capacity, Hkv, D];
 // a forward with a cache writes the new positions at [length, length + T) and attends to
 // [0, length + T); the model advances `length` once all layers have run.
 // Spec (causal_lm): a model with forward(ids, cache*) → logits [B, T, V],
@@ -60,9 +60,9 @@ struct module_list {
   }
 };
 
-template <floating_element T = f32>
+template <floating_element T = f32, device Dev = cpu>
 struct kv_cache {
-  std::vector<tensor<T>> keys, values;  // per layer [B, capacity, Hkv, D]
+  std::vector<tensor<T, Dev>> keys, values;  // per layer [B, capacity, Hkv, D]
   std::int64_t length = 0;
 
   kv_cache() = default;
@@ -81,14 +81,14 @@ struct kv_cache {
 
   // Stores layer l's keys/values for positions [length, length + T) and returns views of
   // positions [0, length + T) (no copy; the attention kernel reads the strided cache).
-  std::pair<var<T>, var<T>> append(std::size_t l, const tensor<T>& k, const tensor<T>& v) {
+  std::pair<var<T, Dev>, var<T, Dev>> append(std::size_t l, const tensor<T, Dev>& k, const tensor<T, Dev>& v) {
     const std::int64_t t = k.size(1);
     KILN_CHECK(length + t <= capacity(), "kv_cache: ", length, " cached + ", t, " new positions exceed the capacity ",
                capacity(), "; make the cache larger");
     KILN_CHECK(k.size(0) == batch(), "kv_cache: batch ", k.size(0), " does not match the cache's ", batch());
     keys[l].slice(1, length, length + t).copy_from(k);
     values[l].slice(1, length, length + t).copy_from(v);
-    return {var<T>(keys[l].slice(1, 0, length + t)), var<T>(values[l].slice(1, 0, length + t))};
+    return {var<T, Dev>(keys[l].slice(1, 0, length + t)), var<T, Dev>(values[l].slice(1, 0, length + t))};
   }
 };
 
@@ -107,8 +107,8 @@ inline ops::attention_options attention_options_for(dropout& drop, std::int64_t 
 
 // Runs a segment under the policy's recomputation rule (never with a cache: decoding
 // runs without gradients).
-template <bool Recompute, floating_element T, class Owner, class F>
-var<T> maybe_recompute(Owner& owner, const var<T>& x, F f) {
+template <bool Recompute, floating_element T, device Dev, class Owner, class F>
+var<T, Dev> maybe_recompute(Owner& owner, const var<T, Dev>& x, F f) {
   if constexpr (Recompute) {
     if (autograd::grad_enabled()) return autograd::recompute(std::move(f), x, random_streams(owner));
   }
@@ -118,15 +118,15 @@ var<T> maybe_recompute(Owner& owner, const var<T>& x, F f) {
 
 // The pre-norm block both models use: h = x + attn(norm1(x)), out = h + mlp(norm2(h)),
 // under the Recompute policy (full: the whole block; selective: attn and mlp apart).
-template <recompute_policy R, floating_element T, class Block, class N1, class A, class N2, class M>
-var<T> pre_norm_block(Block& self, const var<T>& x, kv_cache<T>* cache, std::size_t layer, N1& norm1, A& attn,
-                      N2& norm2, M& mlp) {
+template <recompute_policy R, floating_element T, device Dev, class Block, class N1, class A, class N2, class M>
+var<T, Dev> pre_norm_block(Block& self, const var<T, Dev>& x, kv_cache<T, Dev>* cache, std::size_t layer, N1& norm1,
+                           A& attn, N2& norm2, M& mlp) {
   constexpr bool sel = std::is_same_v<R, recompute::selective>;
-  auto body = [n1 = &norm1, a = &attn, n2 = &norm2, m = &mlp, cache, layer](const var<T>& in) {
-    var<T> att = cache ? (*a)((*n1)(in), cache, layer)
-                       : maybe_recompute<sel>(*a, (*n1)(in), [a](const var<T>& y) { return (*a)(y); });
+  auto body = [n1 = &norm1, a = &attn, n2 = &norm2, m = &mlp, cache, layer](const var<T, Dev>& in) {
+    var<T, Dev> att = cache ? (*a)((*n1)(in), cache, layer)
+                            : maybe_recompute<sel>(*a, (*n1)(in), [a](const var<T, Dev>& y) { return (*a)(y); });
     auto h = ops::add(in, att);
-    var<T> out = maybe_recompute<sel>(*m, (*n2)(h), [m](const var<T>& y) { return (*m)(y); });
+    var<T, Dev> out = maybe_recompute<sel>(*m, (*n2)(h), [m](const var<T, Dev>& y) { return (*m)(y); });
     return ops::add(h, out);
   };
   if (cache) return body(x);

@@ -3,13 +3,14 @@
 // Spec: accuracy(logits [N, C], target [N]) is the fraction of rows whose arg-max class
 // (first maximum on ties, as torch.argmax) equals the target; top_k counts a row as
 // correct when the target is among its k largest logits. Targets outside [0, C) are
-// an error naming the row and the value.
+// an error naming the row and the value. Device tensors are read on the host.
 #pragma once
 
 #include <cstdint>
 
 #include "kiln/autograd/var.hpp"
 #include "kiln/core/tensor.hpp"
+#include "kiln/core/transfer.hpp"
 
 namespace kiln::ops {
 
@@ -37,9 +38,14 @@ double accuracy(const tensor<T>& logits, const tensor<I>& target, int top_k = 1)
   return static_cast<double>(correct) / static_cast<double>(n);
 }
 
+// On a device, the logits and targets are copied to the host first (N·C values, once
+// per logged batch; the copy waits for the compute stream).
 template <floating_element T, class D, index_element I>
 double accuracy(const var<T, D>& logits, const tensor<I, D>& target, int top_k = 1) {
-  return accuracy(logits.value(), target, top_k);
+  if constexpr (D::is_host)
+    return accuracy(logits.value(), target, top_k);
+  else
+    return accuracy(to_host(logits.value()), to_host(target), top_k);
 }
 
 }  // namespace kiln::ops

@@ -54,6 +54,28 @@ struct param_group {
   std::optional<double> weight_decay;
 };
 
+namespace detail {
+// An optimizer over var<T, Dev> that finds none while the module holds var<T, Other>
+// parameters was spelled for the wrong device (adamw<float> over a cuda model): an error
+// naming a parameter and the spelling, not an optimizer that silently steps nothing.
+template <floating_element T, device Dev, class M>
+void check_parameter_device(M& module, std::size_t found) {
+  if (found > 0) return;
+  std::string other, where;
+  nn::visit_parameters(module, [&](const std::string& name, auto& p) {
+    using P = std::remove_cvref_t<decltype(p)>;
+    if constexpr (std::is_same_v<typename P::value_type, T> && !std::is_same_v<typename P::device_type, Dev>)
+      if (other.empty()) {
+        other = std::string(P::device_type::name);
+        where = name;
+      }
+  });
+  KILN_CHECK(other.empty(), "optimizer over ", Dev::name, " parameters: the module's parameters live on ", other,
+             " (e.g. '", where, "'); give the optimizer the module's device, e.g. optim::adamw<T, kiln::", other,
+             ">(module, ...)");
+}
+}  // namespace detail
+
 // The usual split: weight decay on matrices (rank >= 2), none on biases and norm
 // weights (rank 1), as GPT-2, LLaMA and BERT recipes do.
 template <floating_element T = f32, device Dev = cpu, class M>
@@ -61,7 +83,9 @@ std::vector<param_group<T, Dev>> decay_groups(M& module, double weight_decay) {
   param_group<T, Dev> decay, no_decay;
   decay.weight_decay = weight_decay;
   no_decay.weight_decay = 0.0;
-  for (auto& np : nn::named_parameters<T, Dev>(module)) {
+  const auto all = nn::named_parameters<T, Dev>(module);
+  detail::check_parameter_device<T, Dev>(module, all.size());
+  for (auto& np : all) {
     if (!np.param.requires_grad()) continue;
     (np.param.rank() >= 2 ? decay : no_decay).params.push_back(np);
   }
@@ -72,7 +96,9 @@ std::vector<param_group<T, Dev>> decay_groups(M& module, double weight_decay) {
 template <floating_element T = f32, device Dev = cpu, class M>
 std::vector<param_group<T, Dev>> single_group(M& module) {
   param_group<T, Dev> g;
-  for (auto& np : nn::named_parameters<T, Dev>(module))
+  const auto all = nn::named_parameters<T, Dev>(module);
+  detail::check_parameter_device<T, Dev>(module, all.size());
+  for (auto& np : all)
     if (np.param.requires_grad()) g.params.push_back(np);
   return {g};
 }

@@ -33,6 +33,7 @@ struct sgd_group {
 
 template <floating_element T = f32, device Dev = cpu>
 class sgd : public group_owner<detail::sgd_group<T, Dev>> {
+  static_assert(Dev::is_host, "kiln::optim::sgd steps on the host; on the GPU use optim::adamw<T, kiln::cuda>");
   using group = detail::sgd_group<T, Dev>;
   using group_owner<group>::groups_;
 

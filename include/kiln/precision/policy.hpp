@@ -101,10 +101,11 @@ constexpr void check_module_common() {
 }
 
 namespace detail {
-// The first non-finite element of a host tensor: its index and value.
+// The first non-finite element of a tensor: its index and value (a device tensor is
+// scanned in a host copy).
 template <class T, device Dev>
 std::optional<std::pair<std::int64_t, double>> first_non_finite(const tensor<T, Dev>& t) {
-  static_assert(Dev::is_host, "precision: non-finite scans run on host tensors");
+  if constexpr (!Dev::is_host) return first_non_finite(to_host(t));
   const T* d = t.data();
   const std::int64_t n = t.numel();
   // x * 0 is 0 for finite x and NaN otherwise: one vectorisable pass, split over the team
@@ -147,7 +148,7 @@ std::optional<std::string> describe_first_non_finite(M& m) {
 // value, or saying that every parameter is finite.
 template <class T, class D, class M>
 void check_loss_finite(const var<T, D>& loss, M& model, const char* policy) {
-  const double v = static_cast<double>(loss.value().flat(0));
+  const double v = item(loss.value());
   if (std::isfinite(v)) return;
   const auto bad = describe_first_non_finite<false>(model);
   std::ostringstream os;

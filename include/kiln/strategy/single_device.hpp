@@ -16,7 +16,6 @@ namespace kiln::strategy {
 
 template <device Dev = cpu>
 struct single_device {
-  static_assert(Dev::is_host, "kiln::strategy::single_device: only the cpu device has a backend so far");
   using device_type = Dev;
 
   static constexpr int rank() { return 0; }

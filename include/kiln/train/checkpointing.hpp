@@ -399,7 +399,7 @@ struct checkpointing {
         p.zero_grad();
         if (r.file().contains("grad/" + name)) {
           p.begin_grad_write();
-          p.grad().copy_from(r.file().template load<T>("grad/" + name));
+          copy_from_host(p.grad(), r.file().template load<T>("grad/" + name));
         }
       });
     default_generator().set_state(def.first, def.second);
@@ -586,7 +586,8 @@ struct checkpointing {
                  "' in the checkpoint but configure_optimizers() returned '", O::kind, "'");
     }
     staged_optimizer<SO> s;
-    using T = typename std::remove_cvref_t<decltype(s.state.tensors)>::value_type::second_type::value_type;
+    using state_tensor = typename std::remove_cvref_t<decltype(s.state.tensors)>::value_type::second_type;
+    using T = typename state_tensor::value_type;
     const std::string prefix = "optimizer." + std::to_string(i) + "/";
     const auto expected = o.state();
     // Whole tensors: from the file, or reassembled from the shard files beside it; read
@@ -609,7 +610,7 @@ struct checkpointing {
       }
       KILN_CHECK(loaded.shape() == ten.shape(), where, ": state tensor '", prefix + name, "' has shape ",
                  loaded.shape().str(), ", expected ", ten.shape().str());
-      s.state.tensors.emplace_back(name, std::move(loaded));
+      s.state.tensors.emplace_back(name, to_device<typename state_tensor::device_type>(loaded));
     }
     for (auto& [k, v] : j.at("counters").as_object()) s.state.counters[k] = v.as_int(where + " counter " + k);
     for (auto& [k, v] : expected.counters) KILN_CHECK(s.state.counters.count(k), where, ": missing counter '", k, "'");

@@ -128,7 +128,7 @@ class context {
   template <class T, class D>
   void log(const std::string& name, const var<T, D>& v, const log_options& o = {}) {
     KILN_CHECK(v.numel() == 1, "log('", name, "'): expected a scalar, got a tensor of shape ", v.shape().str());
-    t_->log_value(name, static_cast<double>(v.value().flat(0)), o);
+    t_->log_value(name, item(v.value()), o);
   }
   const std::map<std::string, double>& callback_metrics() const { return t_->board_.latest; }
   const std::vector<std::pair<std::string, double>>& progress_bar_metrics() const { return t_->board_.bar; }

@@ -156,7 +156,8 @@ struct planner {
         if constexpr (std::is_same_v<std::remove_cvref_t<decltype(sub.generator)>, philox_generator>)
           streams.push_back({&sub.generator, {sub.generator.seed(), sub.generator.offset()}});
     });
-    auto& alloc = caching_allocator<cpu>::instance();
+    // Activations and temporaries live on the strategy's device: measure that allocator.
+    auto& alloc = caching_allocator<typename Trainer::strategy_type::device_type>::instance();
     {
       using B = batch_of<L>;
       std::vector<B> first;

@@ -775,7 +775,7 @@ class trainer {
         model_->training_step(ctx_, b);
       } else {
         auto out = model_->training_step(ctx_, b);
-        if constexpr (train::is_loss_var<R>::value) state_.last_loss = static_cast<double>(out.value().flat(0));
+        if constexpr (train::is_loss_var<R>::value) state_.last_loss = item(out.value());
       }
     } else {
       auto out = model_->training_step(ctx_, b);
@@ -793,7 +793,7 @@ class trainer {
         }
       }();
       KILN_CHECK(loss.numel() == 1, "training_step must return a scalar loss, got shape ", loss.shape().str());
-      state_.last_loss = static_cast<double>(loss.value().flat(0));
+      state_.last_loss = item(loss.value());
       if (accum_count_ == 0) {
         fire<hook::on_before_zero_grad>();
         std::get<0>(*optimizers_).optimizer.zero_grad();
