@@ -11,6 +11,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.cuh"
@@ -83,14 +84,17 @@ void gemm(const gemm_shape& s, const T* a, const T* b, T* c, grad_write mode, st
   KILN_CHECK(epilogue == gemm_epilogue::none || bias != nullptr, "cuda gemm: the bias epilogue needs a bias pointer");
   KILN_CHECK(pre_activation == nullptr || epilogue == gemm_epilogue::bias_gelu_tanh,
              "cuda gemm: pre_activation is only written by the bias_gelu_tanh epilogue");
+  KILN_CHECK(s.batch >= 1 && s.batch <= 2147483647, "cuda gemm: batch ", s.batch, " is outside [1, 2^31 - 1]");
+  KILN_CHECK(s.batch == 1 || epilogue == gemm_epilogue::none, "cuda gemm: a batched product takes no epilogue");
   if (s.m == 0 || s.n == 0) return;
   if (s.k == 0) {  // an empty sum: C = 0 when overwriting, unchanged when accumulating
     KILN_CHECK(epilogue == gemm_epilogue::none, "cuda gemm: K = 0 with a bias epilogue (M=", s.m, " N=", s.n, ")");
     if (mode == grad_write::overwrite)
-      detail::check(cudaMemset2DAsync(c, static_cast<std::size_t>(s.ldc) * sizeof(T), 0,
-                                      static_cast<std::size_t>(s.n) * sizeof(T), static_cast<std::size_t>(s.m),
-                                      static_cast<cudaStream_t>(stream)),
-                    "cudaMemset2DAsync (gemm with K = 0)");
+      for (std::int64_t i = 0; i < s.batch; ++i)
+        detail::check(cudaMemset2DAsync(c + i * s.stride_c, static_cast<std::size_t>(s.ldc) * sizeof(T), 0,
+                                        static_cast<std::size_t>(s.n) * sizeof(T), static_cast<std::size_t>(s.m),
+                                        static_cast<cudaStream_t>(stream)),
+                      "cudaMemset2DAsync (gemm with K = 0)");
     return;
   }
   // Column-major view (see the file comment): D[N × M] = opA(Bbuf)[N × K] · opB(Abuf)[K × M].
@@ -125,6 +129,18 @@ void gemm(const gemm_shape& s, const T* a, const T* b, T* c, grad_write mode, st
   lt_ok(cublasLtMatrixLayoutCreate(&d.a, dt, a_rows, a_cols, s.ldb), "layout of B", s);
   lt_ok(cublasLtMatrixLayoutCreate(&d.b, dt, b_rows, b_cols, s.lda), "layout of A", s);
   lt_ok(cublasLtMatrixLayoutCreate(&d.c, dt, s.n, s.m, s.ldc), "layout of C", s);
+  if (s.batch > 1) {  // one strided-batched call (cuBLASLt's A is our b, its B our a)
+    const std::int32_t count = static_cast<std::int32_t>(s.batch);
+    const std::pair<cublasLtMatrixLayout_t, std::int64_t> layouts[] = {
+        {d.a, s.stride_b}, {d.b, s.stride_a}, {d.c, s.stride_c}};
+    for (const auto& [layout, stride] : layouts) {
+      lt_ok(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)),
+            "BATCH_COUNT", s);
+      lt_ok(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                             sizeof(stride)),
+            "STRIDED_BATCH_OFFSET", s);
+    }
+  }
 
   lt_context& ctx = context();
   lt_ok(cublasLtMatmulPreferenceCreate(&d.pref), "cublasLtMatmulPreferenceCreate", s);

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #include "common.cuh"
 #include "kiln/core/allocator.hpp"
@@ -217,6 +218,60 @@ void launch_copy_strided(void* dst, const void* src, const strided_geometry& g, 
   cuda_kernels::detail::check(cudaGetLastError(), "copy_strided_kernel");
 }
 }  // namespace
+
+namespace {
+// One element from -> to, through f32 for the 16-bit types (exact), rounded to nearest even.
+template <class To, class From>
+__device__ __forceinline__ To convert_one(From x) {
+  using cuda_kernels::detail::from_f32;
+  using cuda_kernels::detail::to_f32;
+  if constexpr (std::is_same_v<To, From>)
+    return x;
+  else if constexpr (std::is_same_v<To, double>)
+    return static_cast<double>(to_f32(x));
+  else if constexpr (std::is_same_v<From, double>)
+    return from_f32<To>(static_cast<float>(x));
+  else
+    return from_f32<To>(to_f32(x));
+}
+template <class To, class From>
+__global__ void convert_kernel(To* __restrict__ dst, const From* __restrict__ src, std::int64_t n) {
+  KILN_GRID_STRIDE(i, n) dst[i] = convert_one<To>(src[i]);
+}
+template <class To, class From>
+void launch_convert(void* dst, const void* src, std::int64_t n, cudaStream_t s) {
+  const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>((n + 255) / 256, 65535LL * 32));
+  convert_kernel<To, From><<<blocks, 256, 0, s>>>(static_cast<To*>(dst), static_cast<const From*>(src), n);
+  cuda_kernels::detail::check(cudaGetLastError(), "convert_kernel");
+}
+// Calls f(From{}) for a floating dtype (CUDA's types for the 16-bit ones).
+template <class F>
+void with_floating(dtype t, const char* side, F&& f) {
+  switch (t) {
+    case dtype::f64:
+      return f(double{});
+    case dtype::f32:
+      return f(float{});
+    case dtype::bf16:
+      return f(__nv_bfloat16{});
+    case dtype::f16:
+      return f(__half{});
+    default:
+      throw error(std::string("cuda convert: the ") + side + " type " + std::string(dtype_name(t)) +
+                  " is not a floating type (f64, f32, bf16, f16)");
+  }
+}
+}  // namespace
+
+void raw_memory<cuda>::convert(void* dst, dtype to, const void* src, dtype from, std::size_t count) {
+  if (count == 0) return;
+  const auto s = static_cast<cudaStream_t>(cuda_runtime::compute_stream());
+  with_floating(to, "destination", [&](auto t) {
+    with_floating(from, "source", [&](auto f) {
+      launch_convert<decltype(t), decltype(f)>(dst, src, static_cast<std::int64_t>(count), s);
+    });
+  });
+}
 
 void raw_memory<cuda>::copy_strided(void* dst, const std::int64_t* dst_strides, const void* src,
                                     const std::int64_t* src_strides, const std::int64_t* dims, int rank,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tools/gpu-deps.sh — fills .deps/ with what tools/gpu-check.sh needs on a device machine
 # whose image has only the CUDA toolkit, a host compiler and Python: Eigen's headers, the
-# Boost and doctest headers the host-compiled GPU programs include (found by asking the
+# Boost, doctest and zlib headers the host-compiled GPU programs include (found by asking the
 # compiler which ones they include, so nothing else is copied), and the Fashion-MNIST
 # files for 01_fashion_mnist_cuda. About 45 MB, under the device tool's 64 MiB carry.
 #
@@ -15,7 +15,7 @@ rm -rf "$d/eigen3" && cp -r /usr/include/eigen3 "$d/"
 # Every Boost/doctest header the GPU programs built by the host compiler include.
 for src in tests/gpu/test_training.cpp examples/01_fashion_mnist.cpp; do
   g++ -std=c++20 -M -DKILN_WITH_CUDA -DKILN_EXAMPLE_CUDA -fopenmp -Iinclude -isystem /usr/include/eigen3 "$src"
-done | tr ' \\' '\n\n' | grep -E '^/usr/include/(boost|doctest)/' | sort -u | while read -r h; do
+done | tr ' \\' '\n\n' | grep -E '^/usr/include/(boost/|doctest/|zlib\.h$|zconf\.h$)' | sort -u | while read -r h; do
   rel=${h#/usr/include/}
   mkdir -p "$d/include/$(dirname "$rel")"
   cp "$h" "$d/include/$rel"

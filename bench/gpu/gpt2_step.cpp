@@ -68,7 +68,7 @@ int main(int argc, char** argv) try {
     return kiln::item(loss.value());  // waits for the step, as a logged loss does
   };
   const double first = step();
-  for (int i = 0; i < 2; ++i) step();  // warm-up: the allocator's cache, cuBLASLt's plans
+  for (int i = 0; i < 2; ++i) step();  // warm-up: the allocator's cache, cuBLASLt's first calls
   kiln::caching_allocator<dev>::instance().reset_peak();
   const auto t0 = std::chrono::steady_clock::now();
   double last = 0;

@@ -175,6 +175,27 @@ train::trainer_options options(const fs::path& root) {
   return o;
 }
 
+// The same classifier with bf16 parameters and activations (precision::bf16_true): the
+// batch is converted on the device, the logits cast to f32 for the loss.
+template <class Dev>
+struct half_net {
+  nn::linear<bf16, Dev> fc1{8, 32};
+  nn::linear<bf16, Dev> fc2{32, 3};
+  std::map<std::int64_t, float> losses;
+  template <class F>
+  void for_each_child(F&& f) {
+    f("fc1", fc1);
+    f("fc2", fc2);
+  }
+  var<float, Dev> training_step(auto& ctx, const batch& b) {
+    var<bf16, Dev> x(to_device<Dev>(b.x).template to<bf16>());
+    auto loss = cross_entropy(ops::cast<float>(fc2(ops::relu(fc1(x)))), to_device<Dev>(b.y));
+    losses[ctx.micro_batches()] = static_cast<float>(item(loss.value()));
+    return loss;
+  }
+  auto configure_optimizers() { return optim::adamw<bf16, Dev>(*this, {.lr = 1e-2, .weight_decay = 0.01}); }
+};
+
 struct outcome {
   std::map<std::int64_t, float> losses;
   std::map<std::string, std::vector<float>> weights;
@@ -250,4 +271,78 @@ TEST_CASE("the trainer on the GPU resumes bit for bit, and its checkpoints resum
     for (auto& [i, v] : h.losses) CHECK(std::abs(ref.losses.at(i) - v) <= 1e-3f * std::max(1.0f, std::abs(v)));
     CHECK(max_rel_diff(h.weights, ref.weights) < 1e-2);
   }
+}
+
+TEST_CASE("element conversions on the device round as the host's static_cast does") {
+  // Values at bf16 and f16 rounding ties, f16 overflow, infinities. (Not subnormals, which
+  // the host may flush with DAZ set, nor NaN, whose bits differ: checked apart.)
+  std::vector<float> v = {0.0f,
+                          -0.0f,
+                          1.0f,
+                          1.00390625f,
+                          1.01171875f,
+                          -1.00390625f,
+                          65504.0f,
+                          65520.0f,
+                          3.0e38f,
+                          -3.0e38f,
+                          std::numeric_limits<float>::infinity(),
+                          -std::numeric_limits<float>::infinity()};
+  const auto more = test::rand_tensor<float>(shape{1000}, 5, -70000.0, 70000.0);
+  for (auto x : more.to_vector()) v.push_back(x);
+  tensor<float> h(shape{static_cast<std::int64_t>(v.size())});
+  std::memcpy(h.data(), v.data(), v.size() * 4);
+  const auto d = to_device<gpu>(h);
+  auto bits_equal = [](const auto& a, const auto& b) {
+    const auto x = a.contiguous().to_vector(), y = b.contiguous().to_vector();
+    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0;
+  };
+  CHECK(bits_equal(to_host(d.to<bf16>()), h.to<bf16>()));
+  CHECK(bits_equal(to_host(d.to<f16>()), h.to<f16>()));
+  CHECK(bits_equal(to_host(d.to<f64>()), h.to<f64>()));
+  CHECK(bits_equal(to_host(d.to<bf16>().to<f32>()), h.to<bf16>().to<f32>()));
+  CHECK(bits_equal(to_host(d.to<f64>().to<f16>()), h.to<f64>().to<f16>()));
+  const std::int64_t n = h.numel();
+  CHECK(bits_equal(to_host(d.slice(0, 1, n, 3).to<bf16>()), h.slice(0, 1, n, 3).to<bf16>()));  // a strided view
+  const auto nan = to_device<gpu>(tensor<float>::full(shape{3}, std::numeric_limits<float>::quiet_NaN()));
+  for (auto x : to_host(nan.to<bf16>().to<f32>()).to_vector()) CHECK(std::isnan(x));
+  for (auto x : to_host(nan.to<f16>().to<f64>()).to_vector()) CHECK(std::isnan(x));
+  // The differentiable cast: its gradient converted back, overwriting (the f16 path runs
+  // first in backward) then accumulating into x's gradient; the same bits on both sides.
+  auto grad_of = [](auto x) {
+    auto y = ops::add(ops::sum(ops::cast<float>(ops::cast<bf16>(ops::mul(x, x)))),
+                      ops::scale(ops::sum(ops::cast<float>(ops::cast<f16>(x))), 0.5));
+    y.backward();
+    return to_host(x.grad());
+  };
+  const auto small = test::rand_tensor<float>(shape{64}, 6, -3.0, 3.0);
+  CHECK(bits_equal(grad_of(var<float, gpu>(to_device<gpu>(small), true)), grad_of(var<float>(small, true))));
+}
+
+TEST_CASE("bf16_true on the GPU tracks bf16_true on the CPU") {
+  auto fit_half = [](auto dev_tag, const fs::path& root) {
+    using Dev = decltype(dev_tag);
+    manual_seed(3);
+    half_net<Dev> model;
+    data_module dm;
+    train::trainer_options o{.max_epochs = 2,
+                             .seed = 3,
+                             .default_root_dir = root.string(),
+                             .enable_progress_bar = false,
+                             .enable_model_summary = false};
+    trainer<half_net<Dev>, strategy::single_device<Dev>, precision::bf16_true> t(o);
+    t.fit(model, dm);
+    return model.losses;
+  };
+  const auto root = test::temp_dir("gpu_training", "bf16");
+  const auto d = fit_half(gpu{}, root / "gpu");
+  const auto h = fit_half(cpu{}, root / "cpu");
+  REQUIRE(d.size() == 30);
+  REQUIRE(h.size() == d.size());
+  for (auto& [i, v] : h) {
+    CAPTURE(i);
+    // bf16 keeps 8 bits: sums in another order move a loss by a few bf16 ulps.
+    CHECK(std::abs(d.at(i) - v) <= 3e-2f * std::max(1.0f, std::abs(v)));
+  }
+  CHECK(h.rbegin()->second < h.begin()->second - 0.2f);  // it learned
 }

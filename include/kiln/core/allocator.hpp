@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "kiln/core/device.hpp"
+#include "kiln/core/dtype.hpp"
 #include "kiln/core/error.hpp"
 
 namespace kiln {
@@ -61,6 +62,10 @@ struct raw_memory<cuda> {
   // copy_from need for transposed, sliced and broadcast views.
   static void copy_strided(void* dst, const std::int64_t* dst_strides, const void* src, const std::int64_t* src_strides,
                            const std::int64_t* dims, int rank, std::size_t elem_bytes);
+  // `count` contiguous elements of src (floating type `from`) converted into dst (floating
+  // type `to`), rounded to nearest even as the host's static_cast does: what
+  // tensor::to<U>() runs on a device tensor.
+  static void convert(void* dst, dtype to, const void* src, dtype from, std::size_t count);
 };
 #if !defined(KILN_WITH_CUDA)
 inline void* raw_memory<cuda>::allocate(std::size_t) {
@@ -76,6 +81,9 @@ inline void raw_memory<cuda>::copy(void*, const void*, std::size_t) {
 inline void raw_memory<cuda>::copy_strided(void*, const std::int64_t*, const void*, const std::int64_t*,
                                            const std::int64_t*, int, std::size_t) {
   throw error("cuda tensor copy, but kiln was built without CUDA");
+}
+inline void raw_memory<cuda>::convert(void*, dtype, const void*, dtype, std::size_t) {
+  throw error("cuda tensor conversion, but kiln was built without CUDA");
 }
 #endif
 }  // namespace detail

@@ -197,11 +197,19 @@ class tensor {
   }
   template <element U>
   tensor<U, Dev> to() const {
-    static_assert(Dev::is_host, "tensor::to<U> converts on the host; copy a device tensor with kiln::to_host first");
-    tensor<U, Dev> out(shape_);
-    U* o = out.data();
-    for (std::int64_t i = 0; i < numel(); ++i) o[i] = static_cast<U>(static_cast<compute_t<T>>(flat(i)));
-    return out;
+    if constexpr (!Dev::is_host) {  // floating types only: a conversion kernel
+      const tensor src = contiguous();
+      tensor<U, Dev> out(shape_);
+      if (numel())
+        detail::raw_memory<Dev>::convert(out.data(), dtype_of<U>, src.data(), dtype_of<T>,
+                                         static_cast<std::size_t>(numel()));
+      return out;
+    } else {
+      tensor<U, Dev> out(shape_);
+      U* o = out.data();
+      for (std::int64_t i = 0; i < numel(); ++i) o[i] = static_cast<U>(static_cast<compute_t<T>>(flat(i)));
+      return out;
+    }
   }
 
   // --- views -----------------------------------------------------------------------

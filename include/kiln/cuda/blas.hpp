@@ -35,6 +35,9 @@ struct gemm_shape {
   bool trans_a = false, trans_b = false;
   std::int64_t m = 0, n = 0, k = 0;
   std::int64_t lda = 0, ldb = 0, ldc = 0;
+  // Strided batch: `batch` products in one call, operand i at a + i·stride_a (0: one
+  // operand shared by every product), b + i·stride_b, c + i·stride_c.
+  std::int64_t batch = 1, stride_a = 0, stride_b = 0, stride_c = 0;
 };
 
 template <class T>

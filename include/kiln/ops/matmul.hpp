@@ -13,7 +13,7 @@ namespace kiln::ops {
 
 namespace detail {
 // The row-major GEMM of ops::cpu::gemm on either device (cuBLASLt on kiln's compute
-// stream for cuda), and its batched form (on the device, one GEMM per batch entry).
+// stream for cuda), and its batched form (on the device, one strided-batched cuBLASLt call).
 template <class T, device Dev>
 void gemm_on(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const T* a, std::int64_t lda, const T* b,
              std::int64_t ldb, T* c, std::int64_t ldc, grad_write mode) {
@@ -28,9 +28,13 @@ void batched_gemm_on(std::int64_t batch, bool ta, bool tb, std::int64_t m, std::
   if constexpr (Dev::is_host) {
     cpu::batched_gemm<T>(batch, ta, tb, m, n, k, a, stride_a, b, stride_b, c, mode);
   } else {
-    for (std::int64_t i = 0; i < batch; ++i)
-      gemm_on<T, Dev>(ta, tb, m, n, k, a + i * stride_a, ta ? m : k, b + i * stride_b, tb ? k : n, c + i * m * n, n,
-                      mode);
+    if (batch == 0) return;
+    cuda_kernels::gemm_shape s{ta, tb, m, n, k, ta ? m : k, tb ? k : n, n};
+    s.batch = batch;
+    s.stride_a = stride_a;
+    s.stride_b = stride_b;
+    s.stride_c = m * n;
+    cuda_kernels::gemm<T>(s, a, b, c, mode, cuda_runtime::compute_stream());
   }
 }
 }  // namespace detail

@@ -43,9 +43,25 @@ struct rebind_probe {
   var<f32> operator()(const nn::named_parameter<Half>&) const;
 };
 
+// The device of the parameters an optimizer steps (cpu when it does not say).
+template <class O>
+constexpr bool steps_host_parameters() {
+  if constexpr (requires(const O& o) { o.state().tensors; })
+    return std::remove_cvref_t<
+        decltype(std::declval<const O&>().state().tensors)>::value_type::second_type::device_type::is_host;
+  else
+    return true;
+}
+
 template <class O, floating_element Half>
 constexpr auto rebound_optimizer() {
-  if constexpr (requires(const O& o) { o.template rebind<f32, cpu>(rebind_probe<Half>{}); }) {
+  if constexpr (!steps_host_parameters<O>()) {
+    static_assert(steps_host_parameters<O>(),
+                  "kiln::precision (bf16_mixed / f16_mixed): the optimizer steps cuda parameters, but the mixed "
+                  "policies keep their f32 master weights on the host for now; on the GPU train with "
+                  "precision::fp32 or precision::bf16_true");
+    return std::type_identity<O>{};
+  } else if constexpr (requires(const O& o) { o.template rebind<f32, cpu>(rebind_probe<Half>{}); }) {
     return std::type_identity<decltype(std::declval<const O&>().template rebind<f32, cpu>(rebind_probe<Half>{}))>{};
   } else {
     static_assert(sizeof(O) == 0,

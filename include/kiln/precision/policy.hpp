@@ -34,6 +34,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "kiln/autograd/var.hpp"
 #include "kiln/core/cpu_runtime.hpp"
@@ -101,11 +102,10 @@ constexpr void check_module_common() {
 }
 
 namespace detail {
-// The first non-finite element of a tensor: its index and value (a device tensor is
-// scanned in a host copy).
+// The first non-finite element of a host tensor: its index and value.
 template <class T, device Dev>
 std::optional<std::pair<std::int64_t, double>> first_non_finite(const tensor<T, Dev>& t) {
-  if constexpr (!Dev::is_host) return first_non_finite(to_host(t));
+  static_assert(Dev::is_host, "precision: non-finite scans run on host tensors");
   const T* d = t.data();
   const std::int64_t n = t.numel();
   // x * 0 is 0 for finite x and NaN otherwise: one vectorisable pass, split over the team
@@ -126,16 +126,49 @@ std::optional<std::pair<std::int64_t, double>> first_non_finite(const tensor<T, 
 }
 
 // "parameter 'net.0.weight' (element 12 = nan)" for the first parameter of m whose
-// gradient (Grad) or value (!Grad) is not finite; nullopt when all are.
+// gradient (Grad) or value (!Grad) is not finite; nullopt when all are. Device tensors are
+// checked on the device: Σ x² of each (f64, finite exactly when every element is) into its
+// own slot of one vector, read back once per call; only a non-finite one is copied to the
+// host, to name the element.
 template <bool Grad, class M>
 std::optional<std::string> describe_first_non_finite(M& m) {
+  auto checked = [](auto& p) -> auto& {
+    if constexpr (Grad)
+      return p.grad();
+    else
+      return p.value();
+  };
+  auto wanted = [](auto& p) { return !Grad || p.has_grad(); };
+  std::int64_t on_device = 0;
+  nn::visit_parameters(m, [&](const std::string&, auto& p) {
+    if constexpr (!std::remove_cvref_t<decltype(p)>::device_type::is_host) on_device += wanted(p) ? 1 : 0;
+  });
+  // (The device work sits in `if constexpr` branches, so a cpu-only program never
+  // instantiates the CUDA runtime's calls.)
+  std::optional<tensor<double, cuda>> acc;
+  std::int64_t slot = 0;
+  nn::visit_parameters(m, [&](const std::string&, auto& p) {
+    if constexpr (!std::remove_cvref_t<decltype(p)>::device_type::is_host)
+      if (wanted(p)) {
+        if (!acc) acc = tensor<double, cuda>::zeros(shape{on_device});
+        auto s = acc->slice(0, slot, slot + 1);
+        ops::gpu::add_sum_squares(checked(p).contiguous(), s);
+        ++slot;
+      }
+  });
+  std::vector<double> sums;
   std::optional<std::string> out;
+  std::size_t next = 0;
   nn::visit_parameters(m, [&](const std::string& name, auto& p) {
-    if (out) return;
-    if constexpr (Grad) {
-      if (!p.has_grad()) return;
+    if (out || !wanted(p)) return;
+    std::optional<std::pair<std::int64_t, double>> bad;
+    if constexpr (std::remove_cvref_t<decltype(p)>::device_type::is_host) {
+      bad = first_non_finite(checked(p));
+    } else {
+      if (sums.empty()) sums = to_host(*acc).to_vector();  // the one read back
+      if (!std::isfinite(sums[next++])) bad = first_non_finite(to_host(checked(p)));
     }
-    if (auto bad = first_non_finite(Grad ? p.grad() : p.value())) {
+    if (bad) {
       std::ostringstream os;
       os << "parameter '" << name << "' (element " << bad->first << " = " << bad->second << ")";
       out = os.str();
