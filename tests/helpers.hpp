@@ -6,8 +6,11 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <map>
 #include <string>
+#include <vector>
 
 #include "kiln/kiln.hpp"
 
@@ -45,6 +48,27 @@ inline std::filesystem::path temp_dir(const std::string& tag, const std::string&
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p;
+}
+
+// Every parameter's values as floats, by name (device parameters through a host copy).
+template <class M>
+std::map<std::string, std::vector<float>> weights(M& m) {
+  std::map<std::string, std::vector<float>> out;
+  nn::visit_parameters(m, [&](const std::string& n, auto& p) {
+    for (auto v : to_host(p.value()).contiguous().to_vector()) out[n].push_back(static_cast<float>(v));
+  });
+  return out;
+}
+// The same names with the same bits.
+inline bool same_bits(const std::map<std::string, std::vector<float>>& a,
+                      const std::map<std::string, std::vector<float>>& b) {
+  if (a.size() != b.size()) return false;
+  for (auto& [k, v] : a) {
+    auto it = b.find(k);
+    if (it == b.end() || it->second.size() != v.size()) return false;
+    if (std::memcmp(v.data(), it->second.data(), v.size() * sizeof(float)) != 0) return false;
+  }
+  return true;
 }
 
 // Runs the checker and reports the worst element on failure.

@@ -11,6 +11,7 @@
 #include <map>
 
 #include "../helpers.hpp"
+#include "../io/resume_fixture.hpp"
 #include "kiln/callbacks/model_checkpoint.hpp"
 #include "kiln/data/data_loader.hpp"
 #include "kiln/train/trainer.hpp"
@@ -22,27 +23,12 @@
 using namespace kiln;
 namespace fs = std::filesystem;
 using gpu = KILN_GPU_TEST_DEVICE;
+using test::same_bits;
+using test::weights;
+using test::resume::make_data;  // the resume tests' three-class data
 
 namespace {
 
-// Every parameter's values on the host, by name.
-template <class M>
-std::map<std::string, std::vector<float>> weights(M& m) {
-  std::map<std::string, std::vector<float>> out;
-  nn::visit_parameters(m, [&](const std::string& n, auto& p) {
-    for (auto v : to_host(p.value()).contiguous().to_vector()) out[n].push_back(static_cast<float>(v));
-  });
-  return out;
-}
-bool same_bits(const std::map<std::string, std::vector<float>>& a, const std::map<std::string, std::vector<float>>& b) {
-  if (a.size() != b.size()) return false;
-  for (auto& [k, v] : a) {
-    auto it = b.find(k);
-    if (it == b.end() || it->second.size() != v.size()) return false;
-    if (std::memcmp(v.data(), it->second.data(), v.size() * sizeof(float)) != 0) return false;
-  }
-  return true;
-}
 // The largest |a - b| over every parameter, relative to max(1, |b|).
 double max_rel_diff(const std::map<std::string, std::vector<float>>& a,
                     const std::map<std::string, std::vector<float>>& b) {
@@ -93,22 +79,6 @@ struct gpt_run {
 // ---- the trainer on both devices ---------------------------------------------------------
 
 using batch = data::labelled_batch;
-
-data::tensor_dataset make_data(std::int64_t n, std::uint64_t seed) {
-  tensor<float> x({n, 8});
-  tensor<i64> y({n});
-  const philox_stream st{seed, 0};
-  for (std::int64_t i = 0; i < n; ++i) {
-    float s = 0;
-    for (int j = 0; j < 8; ++j) {
-      const float v = st.uniform(static_cast<std::uint64_t>(i * 8 + j)) * 2 - 1;
-      x(i, j) = v;
-      s += v * float(j % 3 - 1);
-    }
-    y(i) = s > 0.3f ? 2 : s < -0.3f ? 0 : 1;
-  }
-  return {x, y};
-}
 
 template <class Dev>
 struct net {

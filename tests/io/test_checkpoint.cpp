@@ -18,6 +18,8 @@ extern char** environ;
 using namespace kiln;
 namespace fs = std::filesystem;
 namespace R = kiln::test::resume;
+using kiln::test::same_bits;
+using kiln::test::weights;
 
 namespace {
 
@@ -28,25 +30,6 @@ std::string error_of(auto&& f) {
     return e.what();
   }
   return "(no error)";
-}
-
-// Every parameter's bytes, by name.
-template <class M>
-std::map<std::string, std::vector<float>> weights(M& m) {
-  std::map<std::string, std::vector<float>> out;
-  nn::visit_parameters(m, [&](const std::string& n, auto& p) {
-    for (auto v : p.value().to_vector()) out[n].push_back(static_cast<float>(v));
-  });
-  return out;
-}
-bool same_bits(const std::map<std::string, std::vector<float>>& a, const std::map<std::string, std::vector<float>>& b) {
-  if (a.size() != b.size()) return false;
-  for (auto& [k, v] : a) {
-    auto it = b.find(k);
-    if (it == b.end() || it->second.size() != v.size()) return false;
-    if (std::memcmp(v.data(), it->second.data(), v.size() * sizeof(float)) != 0) return false;
-  }
-  return true;
 }
 
 // Saves a checkpoint after every training micro-batch, named by the micro-batch count.

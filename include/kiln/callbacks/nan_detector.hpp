@@ -7,9 +7,8 @@
 // parameter after the step (on_train_batch_end). The first NaN or infinity found throws
 // a kiln::error naming the tensor ("gradient of net.2.weight"), the element's flat index
 // and value, the epoch and the global step, instead of letting the run continue to
-// produce a NaN model. A device tensor is checked on the device (Σ x² in f64 is finite
-// exactly when every element is: one 8-byte read back) and copied to the host only to
-// name the bad element.
+// produce a NaN model. The scan is the precision policies' (find_non_finite: a device
+// tensor screened on the device, copied to the host only to name the bad element).
 #pragma once
 
 #include <cmath>
@@ -18,6 +17,7 @@
 
 #include "kiln/core/error.hpp"
 #include "kiln/nn/module.hpp"
+#include "kiln/precision/policy.hpp"
 #include "kiln/train/hooks.hpp"
 
 namespace kiln::callbacks {
@@ -48,20 +48,7 @@ struct nan_detector {
   template <class Ctx, class Tensor>
   static void scan(Ctx& ctx, const std::string& what, const Tensor& t) {
     if (!t.storage_resident()) return;
-    if constexpr (!Tensor::device_type::is_host) {
-      auto acc = tensor<double, typename Tensor::device_type>::zeros(shape{1});
-      ops::gpu::add_sum_squares(t.contiguous(), acc);
-      if (!std::isfinite(item(acc))) scan(ctx, what, to_host(t));
-      return;
-    }
-    const auto* d = t.data();
-    const std::int64_t n = t.numel();
-    // x * 0 is 0 for finite x and NaN otherwise, so one vectorisable pass finds out.
-    double s = 0;
-    for (std::int64_t i = 0; i < n; ++i) s += static_cast<double>(d[i]) * 0.0;
-    if (std::isfinite(s)) return;
-    for (std::int64_t i = 0; i < n; ++i)
-      if (!std::isfinite(static_cast<double>(d[i]))) fail(ctx, what, i, static_cast<double>(d[i]));
+    if (auto bad = precision::detail::find_non_finite(t)) fail(ctx, what, bad->first, bad->second);
   }
   template <class Ctx>
   [[noreturn]] static void fail(Ctx& ctx, const std::string& what, std::int64_t index, double v) {

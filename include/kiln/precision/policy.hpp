@@ -125,6 +125,21 @@ std::optional<std::pair<std::int64_t, double>> first_non_finite(const tensor<T, 
   return std::nullopt;
 }
 
+// The same for a tensor on any device: a device tensor is screened on the device (Σ x² in
+// f64, finite exactly when every element is: one 8-byte read back) and copied to the host
+// only when it holds a non-finite element, to name it.
+template <class T, device Dev>
+std::optional<std::pair<std::int64_t, double>> find_non_finite(const tensor<T, Dev>& t) {
+  if constexpr (Dev::is_host) {
+    return first_non_finite(t.contiguous());
+  } else {
+    auto acc = tensor<double, Dev>::zeros(shape{1});
+    ops::gpu::add_sum_squares(t.contiguous(), acc);
+    if (std::isfinite(item(acc))) return std::nullopt;
+    return first_non_finite(to_host(t));
+  }
+}
+
 // "parameter 'net.0.weight' (element 12 = nan)" for the first parameter of m whose
 // gradient (Grad) or value (!Grad) is not finite; nullopt when all are. Device tensors are
 // checked on the device: Σ x² of each (f64, finite exactly when every element is) into its

@@ -270,6 +270,12 @@ struct checkpointing {
     std::vector<std::byte> callback_tensors;                            // and their tensors
     std::uint64_t seed = default_generator().seed(), offset = default_generator().offset();
     bool armed = false;
+    // The restored state is the run's own from here: drop the snapshot.
+    void release() {
+      armed = false;
+      params.clear();
+      callback_tensors.clear();
+    }
   };
 
   // Model weights, callback states and the module's on_load_checkpoint (Lightning restores
@@ -282,10 +288,10 @@ struct checkpointing {
                " is a weights-only checkpoint; resuming needs a full one (start a new run "
                "from these weights with kiln::io::load_weights)");
     io::check_module(r.file(), "model/", model, true);
-    // Snapshot what may change.
+    // Snapshot what may change (in host memory, whatever the parameters' device).
     nn::visit_parameters(model, [&](const std::string& name, auto& p) {
-      using Ten = std::remove_cvref_t<decltype(p.value())>;
-      rb.params.emplace_back(name, std::make_shared<Ten>(p.value().clone()));
+      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+      rb.params.emplace_back(name, std::make_shared<tensor<T>>(host_copy(p.value())));
     });
     {
       io::checkpoint_writer w;  // callback states, tensors included (early_stopping's best weights)
@@ -311,8 +317,8 @@ struct checkpointing {
     module_type& model = *t.model_;
     std::size_t i = 0;
     nn::visit_parameters(model, [&](const std::string&, auto& p) {
-      using Ten = std::remove_cvref_t<decltype(p.value())>;
-      p.value().copy_from(*static_cast<Ten*>(rb.params[i++].second.get()));
+      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+      copy_from_host(p.value(), *static_cast<tensor<T>*>(rb.params[i++].second.get()));
     });
     // Callback states: reload the snapshot through the same hook.
     const auto snapshot = io::safetensors_view::parse(rb.callback_tensors, "callback snapshot");

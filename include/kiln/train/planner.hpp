@@ -59,6 +59,7 @@ struct planner {
   template <class Opts>
   static device_memory model_states(const Trainer& t, module_type& model, precision_type& prec, Opts& opts) {
     device_memory d;
+    d.device = std::string(Trainer::strategy_type::device_type::name);
     nn::visit_parameters(model, [&](const std::string&, auto& p) {
       using T = typename std::remove_cvref_t<decltype(p)>::value_type;
       const std::int64_t b = detail::block_bytes(p.numel() * static_cast<std::int64_t>(sizeof(T)));

@@ -577,7 +577,7 @@ class trainer {
       fire<hook::on_fit_start>();
       if (resume) {
         first_batch = codec::restore_loop(*this, *resume);
-        undo.armed = false;  // from here on the restored state is the run's own
+        undo.release();  // from here on the restored state is the run's own
         result.resumed_from = resume->name();
       }
       if (state_.loggers_enabled) fire<hook::on_log_hyperparams>(collect_hparams());
