@@ -1,4 +1,5 @@
-// kernels/adamw.cu — fused multi-tensor AdamW (kiln/cuda/kernels.hpp).
+// kernels/adamw.cu — fused multi-tensor AdamW, and mixed precision's gradient fold
+// (kiln/cuda/kernels.hpp).
 //
 // One block per chunk of at most adamw_chunk_elements elements of one tensor; each
 // thread strides through its chunk, reading p, g, m, v once and writing p, m, v (and the
@@ -38,12 +39,43 @@ __global__ void adamw_kernel(const adamw_chunk* __restrict__ chunks, const adamw
     v[i] = detail::from_f32<DP>(vi);
     if constexpr (!std::is_void_v<Copy>) {
       using DC = detail::device_t<Copy>;
+      if (c.copy == nullptr) continue;
+      if constexpr (std::is_same_v<Copy, bf16>) {
+        if (grp.copy_stochastic) {
+          const std::uint16_t bits =
+              ops::fn::bf16_bits_stochastic(pi, grp.copy_sr.bits(static_cast<std::uint64_t>(c.copy_first + i)));
+          static_cast<DC*>(c.copy)[i] = __ushort_as_bfloat16(bits);
+          continue;
+        }
+      }
       static_cast<DC*>(c.copy)[i] = detail::from_f32<DC>(pi);
     }
   }
 }
 
+template <class Half>
+__global__ void fold_kernel(const fold_chunk* __restrict__ chunks) {
+  using DH = detail::device_t<Half>;
+  const fold_chunk c = chunks[blockIdx.x];
+  const DH* __restrict__ g = static_cast<const DH*>(c.g);
+  float* __restrict__ mg = c.master_grad;
+  if (c.accumulate) {
+    for (std::int64_t i = threadIdx.x; i < c.n; i += blockDim.x) mg[i] = mg[i] + detail::to_f32(g[i]);
+  } else {
+    for (std::int64_t i = threadIdx.x; i < c.n; i += blockDim.x) mg[i] = detail::to_f32(g[i]);
+  }
+}
+
 }  // namespace
+
+template <class Half>
+void fold_gradients(const fold_chunk* chunks, int num_chunks, stream_t stream) {
+  if (num_chunks <= 0) return;
+  fold_kernel<Half><<<static_cast<unsigned>(num_chunks), 512, 0, detail::as_stream(stream)>>>(chunks);
+  detail::check_launch("fold_gradients");
+}
+template void fold_gradients<bf16>(const fold_chunk*, int, stream_t);
+template void fold_gradients<f16>(const fold_chunk*, int, stream_t);
 
 template <class P, class Copy>
 void adamw_step(const adamw_chunk* chunks, int num_chunks, const adamw_group* groups, stream_t stream) {

@@ -51,7 +51,7 @@ int main() {
   for (auto n : shapes) {
     for (std::int64_t off = 0; off < n; off += ck::adamw_chunk_elements)
       chunks.push_back({p + first + off, g + first + off, m + first + off, v + first + off, nullptr,
-                        std::min(ck::adamw_chunk_elements, n - off), first + off, 0});
+                        std::min(ck::adamw_chunk_elements, n - off), first + off, 0, 0});
     first += n;
   }
   ck::adamw_group grp{kiln::ops::fn::adamw_update{3e-4, 0.9, 0.95, 1e-8, 0.1, 0.1, 0.05}.as<float>()};

@@ -295,7 +295,7 @@ void test_adamw() {
     if constexpr (!std::is_same_v<Copy, P>) dc = copies.emplace_back(new dbuf<Copy>(p[k].size())).get()->p;
     for (std::int64_t off = 0; off < sizes[k]; off += ck::adamw_chunk_elements)
       chunks.push_back({dp->p + off, dg->p + off, dm->p + off, dv->p + off, dc ? dc + off : nullptr,
-                        std::min(ck::adamw_chunk_elements, sizes[k] - off), first + off, 0});
+                        std::min(ck::adamw_chunk_elements, sizes[k] - off), first + off, 0, 0});
     first += sizes[k];
   }
   ck::adamw_group grp{u.as<float>()};
@@ -366,6 +366,80 @@ void expect(bool ok, const std::string& what) {
   ++checks;
   if (!ok) ++failures;
   std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+}
+
+// f32 masters with a bf16 copy rounded stochastically (bf16_mixed's fused write-back): the
+// copy's draws come from copy_sr at counter copy_first + i, not from the parameter's own
+// counter. The host recomputes p in f32 and rounds with the same draws; nvcc may contract
+// the update into FMAs differently, which can move p by an f32 ulp and so, rarely, the
+// rounded copy by a bf16 ulp: at least 99.9% of the copies must match bit for bit, and
+// they must differ from round-to-nearest about half the time.
+void test_adamw_stochastic_copy() {
+  const std::int64_t n = 70000;  // two chunks
+  const ops::fn::adamw_update u{1e-3, 0.9, 0.999, 1e-8, 0.01, 0.1, std::sqrt(0.001)};
+  auto p = random<f32>(n, 200), g = random<f32>(n, 201), m = random<f32>(n, 202, 0.1f), v = random<f32>(n, 203, 0.1f);
+  for (auto& e : v) e = std::abs(e);
+  const philox_stream csr{0x5eed, 3ull << 40};
+  const std::int64_t copy_first = 12345;  // the link's place among all masters
+  std::vector<std::uint16_t> want(n), nearest(n);
+  for (std::int64_t i = 0; i < n; ++i) {
+    float pi = p[i], mi = m[i], vi = v[i];
+    u.as<float>()(pi, g[i], mi, vi);
+    want[i] = ops::fn::bf16_bits_stochastic(pi, csr.bits(static_cast<std::uint64_t>(copy_first + i)));
+    nearest[i] = Eigen::numext::bit_cast<std::uint16_t>(bf16(pi));
+  }
+  dbuf<f32> dp(p), dg(g), dm(m), dv(v);
+  dbuf<bf16> dc(static_cast<std::size_t>(n));
+  std::vector<ck::adamw_chunk> chunks;
+  for (std::int64_t off = 0; off < n; off += ck::adamw_chunk_elements)
+    chunks.push_back({dp.p + off, dg.p + off, dm.p + off, dv.p + off, dc.p + off,
+                      std::min(ck::adamw_chunk_elements, n - off), off, copy_first + off, 0});
+  ck::adamw_group grp{u.as<float>()};
+  grp.copy_sr = csr;
+  grp.copy_stochastic = 1;
+  dbuf<ck::adamw_chunk> dchunks(chunks);
+  dbuf<ck::adamw_group> dgroups(std::vector<ck::adamw_group>{grp});
+  ck::adamw_step<f32, bf16>(dchunks.p, static_cast<int>(chunks.size()), dgroups.p, nullptr);
+  const auto got = dc.host();
+  std::int64_t same = 0, off_nearest = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const auto b = Eigen::numext::bit_cast<std::uint16_t>(got[i]);
+    same += b == want[i];
+    off_nearest += b != nearest[i];
+  }
+  expect(same >= n - n / 1000, "adamw f32 + stochastic bf16 copy: " + std::to_string(same) + " of " +
+                                   std::to_string(n) + " copies match the host's draws");
+  expect(off_nearest > n / 4 && off_nearest < 3 * n / 4, "adamw stochastic copy: " + std::to_string(off_nearest) +
+                                                             " of " + std::to_string(n) +
+                                                             " differ from round-to-nearest (about half should)");
+}
+
+// The mixed-precision fold: master_grad = (accumulate ? master_grad : 0) + f32(g), exact.
+template <class Half>
+void test_fold() {
+  const std::int64_t sizes[] = {1000, 70000, 5};
+  std::vector<std::unique_ptr<dbuf<Half>>> gs;
+  std::vector<std::unique_ptr<dbuf<f32>>> mgs;
+  std::vector<std::vector<f32>> want;
+  std::vector<ck::fold_chunk> chunks;
+  for (int k = 0; k < 3; ++k) {
+    const auto n = static_cast<std::size_t>(sizes[k]);
+    const auto g = random<Half>(n, 300 + k);
+    const auto mg = random<f32>(n, 310 + k);
+    const bool accumulate = k != 2;
+    auto& w = want.emplace_back(n);
+    for (std::size_t i = 0; i < n; ++i) w[i] = (accumulate ? mg[i] : 0.0f) + float(g[i]);
+    auto* dg = gs.emplace_back(new dbuf<Half>(g)).get();
+    auto* dmg = mgs.emplace_back(new dbuf<f32>(mg)).get();
+    for (std::int64_t off = 0; off < sizes[k]; off += ck::adamw_chunk_elements)
+      chunks.push_back(
+          {dg->p + off, dmg->p + off, std::min(ck::adamw_chunk_elements, sizes[k] - off), accumulate ? 1 : 0});
+  }
+  dbuf<ck::fold_chunk> dchunks(chunks);
+  ck::fold_gradients<Half>(dchunks.p, static_cast<int>(chunks.size()), nullptr);
+  for (int k = 0; k < 3; ++k)
+    expect_close(std::string("fold ") + tname<Half>() + " into f32 [" + std::to_string(k) + "]", mgs[k]->host(),
+                 want[k], 0.0);
 }
 
 // The cuda device's runtime: tensors on the device through the caching allocator
@@ -761,6 +835,9 @@ int main() {
   test_adamw<f32, bf16>();
   test_adamw<f32, f16>();
   test_adamw<bf16, bf16>();
+  test_adamw_stochastic_copy();
+  test_fold<bf16>();
+  test_fold<f16>();
   test_norm<f32>(false);
   test_norm<f32>(true);
   test_norm<bf16>(false);

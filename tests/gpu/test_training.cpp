@@ -145,12 +145,13 @@ train::trainer_options options(const fs::path& root) {
   return o;
 }
 
-// The same classifier with bf16 parameters and activations (precision::bf16_true): the
-// batch is converted on the device, the logits cast to f32 for the loss.
-template <class Dev>
+// The same classifier with 16-bit parameters and activations (bf16_true, bf16_mixed,
+// f16_mixed): the batch is converted on the device, the logits cast to f32 for the loss.
+template <class Dev, class H = bf16>
 struct half_net {
-  nn::linear<bf16, Dev> fc1{8, 32};
-  nn::linear<bf16, Dev> fc2{32, 3};
+  using element_type = H;
+  nn::linear<H, Dev> fc1{8, 32};
+  nn::linear<H, Dev> fc2{32, 3};
   std::map<std::int64_t, float> losses;
   template <class F>
   void for_each_child(F&& f) {
@@ -158,12 +159,12 @@ struct half_net {
     f("fc2", fc2);
   }
   var<float, Dev> training_step(auto& ctx, const batch& b) {
-    var<bf16, Dev> x(to_device<Dev>(b.x).template to<bf16>());
+    var<H, Dev> x(to_device<Dev>(b.x).template to<H>());
     auto loss = cross_entropy(ops::cast<float>(fc2(ops::relu(fc1(x)))), to_device<Dev>(b.y));
     losses[ctx.micro_batches()] = static_cast<float>(item(loss.value()));
     return loss;
   }
-  auto configure_optimizers() { return optim::adamw<bf16, Dev>(*this, {.lr = 1e-2, .weight_decay = 0.01}); }
+  auto configure_optimizers() { return optim::adamw<H, Dev>(*this, {.lr = 1e-2, .weight_decay = 0.01}); }
 };
 
 struct outcome {
@@ -315,4 +316,73 @@ TEST_CASE("bf16_true on the GPU tracks bf16_true on the CPU") {
     CHECK(std::abs(d.at(i) - v) <= 3e-2f * std::max(1.0f, std::abs(v)));
   }
   CHECK(h.rbegin()->second < h.begin()->second - 0.2f);  // it learned
+}
+
+// bf16_mixed and f16_mixed keep f32 masters beside the 16-bit model on the device: the fold
+// kernel accumulates each micro-batch's gradients into them, and AdamW writes the stepped
+// masters back into the model in its own pass (stochastically rounded under bf16_mixed,
+// from the same counter streams as the CPU). Two micro-batches per step, a clip and a
+// checkpoint after every micro-batch; the loss-scaled f16 run's loss scale grows.
+template <class Policy, class H>
+struct mixed_run {
+  std::map<std::int64_t, float> losses;
+  std::map<std::string, std::vector<float>> weights;
+  train::fit_result result;
+  double scale = 0;
+};
+
+template <class Policy, class H, class Dev>
+mixed_run<Policy, H> fit_mixed(const fs::path& root, const std::string& ckpt = {}, std::uint64_t seed = 3) {
+  manual_seed(seed);
+  half_net<Dev, H> model;
+  data_module dm;
+  train::trainer_options o{.max_epochs = 2,
+                           .seed = 3,
+                           .default_root_dir = (root / "runs").string(),
+                           .enable_progress_bar = false,
+                           .enable_model_summary = false};
+  o.accumulate_grad_batches = 2;
+  o.gradient_clip_val = 1.0;
+  trainer<half_net<Dev, H>, strategy::single_device<Dev>, Policy, every_batch> t(o, every_batch{root / "all"});
+  if constexpr (requires { t.precision().stochastic_rounding; }) t.precision().stochastic_rounding = true;
+  if constexpr (Policy::scaled)  // grows 2x every 4 steps without an overflow
+    t.precision().scaler = precision::dynamic_loss_scaler({.initial_scale_power = 10, .window = 4});
+  mixed_run<Policy, H> r;
+  r.result = t.fit(model, dm, ckpt);
+  r.losses = model.losses;
+  r.weights = weights(t.precision().master_parameters(model));
+  r.scale = t.precision().scale();
+  return r;
+}
+
+TEST_CASE_TEMPLATE("bf16_mixed and f16_mixed on the GPU track the CPU, and resume bit for bit", P,
+                   std::pair<precision::bf16_mixed, bf16>, std::pair<precision::f16_mixed<>, f16>) {
+  using Policy = typename P::first_type;
+  using H = typename P::second_type;
+  const auto root = test::temp_dir("gpu_training", std::string("mixed_") + Policy::name);
+  const auto d = fit_mixed<Policy, H, gpu>(root / "gpu");
+  const auto h = fit_mixed<Policy, H, cpu>(root / "cpu");
+  REQUIRE(d.losses.size() == 30);
+  REQUIRE(h.losses.size() == d.losses.size());
+  CHECK(d.result.global_step == h.result.global_step);
+  for (auto& [i, v] : h.losses) {
+    CAPTURE(i);
+    // 16-bit activations: sums in another order move a loss by a few ulps of H.
+    CHECK(std::abs(d.losses.at(i) - v) <= 3e-2f * std::max(1.0f, std::abs(v)));
+  }
+  CHECK(h.losses.rbegin()->second < h.losses.begin()->second - 0.2f);  // it learned
+  CHECK(max_rel_diff(d.weights, h.weights) < 3e-2);                    // the f32 masters
+  CHECK(d.scale == h.scale);                                           // f16: the same overflow history; bf16: 1
+  for (std::int64_t mb : {5, 18}) {
+    CAPTURE(mb);
+    const auto ckpt = root / "gpu" / "all" / ("mb-" + std::to_string(mb) + ".ckpt");
+    REQUIRE(fs::exists(ckpt));
+    const auto r = fit_mixed<Policy, H, gpu>(root / ("gpu-" + std::to_string(mb)), ckpt.string(), 99);
+    CHECK(r.losses.size() == static_cast<std::size_t>(30 - mb));
+    bool same = !r.losses.empty();
+    for (auto& [i, v] : r.losses) same = same && std::memcmp(&v, &d.losses.at(i), 4) == 0;
+    CHECK(same);
+    CHECK(same_bits(r.weights, d.weights));
+    CHECK(r.scale == d.scale);
+  }
 }

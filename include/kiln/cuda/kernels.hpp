@@ -28,8 +28,9 @@ using stream_t = void*;
 // ---- fused multi-tensor AdamW -------------------------------------------------------
 // One launch steps every chunk: p, m, v read once and written once (torch.optim.AdamW
 // semantics, fn::basic_adamw_update), and, when `copy` is set, the updated parameter
-// rounded to Copy (the bf16/f16 compute copy of an f32 master) in the same pass.
-// `chunks` and `groups` point to device memory (adamw_table builds them on the host).
+// rounded to Copy (the bf16/f16 compute copy of an f32 master: mixed precision's
+// write-back) in the same pass. `chunks` and `groups` point to device memory (the
+// optimizer builds them on the host, optim/adamw.hpp).
 struct adamw_chunk {
   void* p;        // P[n]
   const void* g;  // P[n]
@@ -37,7 +38,8 @@ struct adamw_chunk {
   void* v;        // P[n]
   void* copy;     // Copy[n] or nullptr
   std::int64_t n;
-  std::int64_t first;  // the chunk's first element among all the optimizer's elements
+  std::int64_t first;       // the chunk's first element among all the optimizer's elements
+  std::int64_t copy_first;  // the copy's rounding counter for the chunk's first element
   std::int32_t group;
   std::int32_t pad = 0;
 };
@@ -47,12 +49,30 @@ struct adamw_group {
   // optimizer draws it ({seed ^ golden·(group+1), step << 40}), at counter = the element's
   // index `first + i`; stochastic = 0 rounds to nearest.
   philox_stream sr{};
+  // bf16 copies with stochastic rounding (bf16_mixed): the write-back's stream, drawn at
+  // counter `copy_first + i` (precision/master_weights.hpp); copy_stochastic = 0 rounds
+  // the copy to nearest.
+  philox_stream copy_sr{};
   std::int32_t stochastic = 0;
-  std::int32_t pad = 0;
+  std::int32_t copy_stochastic = 0;
 };
 inline constexpr std::int64_t adamw_chunk_elements = 65536;
 template <class P, class Copy = void>
 void adamw_step(const adamw_chunk* chunks, int num_chunks, const adamw_group* groups, stream_t stream);
+
+// ---- mixed precision: Half gradients into f32 master gradients -----------------------
+// One launch over every chunk: master_grad = (accumulate ? master_grad : 0) + f32(g), the
+// fold of one micro-batch's bf16/f16 gradients into the masters' f32 accumulation window
+// (precision/master_weights.hpp). Chunks of at most adamw_chunk_elements; device memory.
+struct fold_chunk {
+  const void* g;       // Half[n]
+  float* master_grad;  // f32[n]
+  std::int64_t n;
+  std::int32_t accumulate;
+  std::int32_t pad = 0;
+};
+template <class Half>
+void fold_gradients(const fold_chunk* chunks, int num_chunks, stream_t stream);
 
 // ---- layer_norm / rms_norm over the last dimension -----------------------------------
 // Forward: h = x (+ residual, when given; h is written to residual_out when that is

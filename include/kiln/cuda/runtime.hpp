@@ -25,6 +25,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kiln/core/tensor.hpp"
 
@@ -99,6 +100,19 @@ tensor<T, cpu> to_host(const tensor<T, cuda>& device, stream_t stream = compute_
   synchronize(stream);
   std::memcpy(out.data(), staging.get(), bytes);
   return out;
+}
+
+// A multi-tensor kernel's table (chunk records) in device memory from the caching
+// allocator, copied on `stream`. The copy is from pageable memory, which CUDA stages
+// before cudaMemcpyAsync returns, so `records` may go at once; the block returns to the
+// allocator stream-ordered, after the kernel that reads it.
+template <class E>
+tensor<u8, cuda> upload(const std::vector<E>& records, stream_t stream = compute_stream()) {
+  static_assert(std::is_trivially_copyable_v<E>, "cuda_runtime::upload: records are copied as bytes");
+  const std::size_t bytes = records.size() * sizeof(E);
+  tensor<u8, cuda> buf(shape{static_cast<std::int64_t>(bytes)});
+  if (bytes > 0) copy(buf.data(), records.data(), bytes, copy_kind::host_to_device, stream);
+  return buf;
 }
 
 }  // namespace kiln::cuda_runtime

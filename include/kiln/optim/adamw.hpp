@@ -101,56 +101,19 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
       }
   }
 
-  void step() {
-    if constexpr (!Dev::is_host) {
-      step_device();
-      return;
-    }
-    cpu_runtime::ensure_initialised();
-    std::vector<step_chunk> chunks;
-    const std::vector<ops::fn::adamw_update> upd = plan_step(chunks);
-    using C = compute_t<T>;
-    cpu_runtime::parallel_for(static_cast<std::int64_t>(chunks.size()), 1, [&](std::int64_t b, std::int64_t e) {
-      for (std::int64_t c = b; c < e; ++c) {
-        const step_chunk& ch = chunks[static_cast<std::size_t>(c)];
-        const auto u = upd[ch.group].template as<C>();
-        // Distinct tensors never overlap: restrict lets the loop vectorise.
-        T* __restrict pp = ch.p;
-        T* __restrict mp = ch.m;
-        T* __restrict vp = ch.v;
-        const T* __restrict gp = ch.g;
-        const std::int64_t n = ch.n;
-        if constexpr (std::is_same_v<T, bf16>) {
-          if (rounding_.stochastic) {
-            // Key: (seed, this group's step); counter: the element's index. 2^40 elements per step.
-            const philox_stream rs{rounding_.seed ^ (0x9E3779B97F4A7C15ULL * (ch.group + 1)),
-                                   static_cast<std::uint64_t>(groups_[ch.group].step) << 40};
-            for (std::int64_t i = 0; i < n; ++i) {
-              C p = C(pp[i]), m = C(mp[i]), v = C(vp[i]);
-              u(p, C(gp[i]), m, v);
-              pp[i] = Eigen::numext::bit_cast<bf16>(
-                  ops::fn::bf16_bits_stochastic(p, rs.bits(static_cast<std::uint64_t>(ch.first + i))));
-              mp[i] = T(m);
-              vp[i] = T(v);
-            }
-            continue;
-          }
-        }
-#pragma omp simd
-        for (std::int64_t i = 0; i < n; ++i) {
-          C p = C(pp[i]), m = C(mp[i]), v = C(vp[i]);
-          u(p, C(gp[i]), m, v);
-          pp[i] = T(p);
-          mp[i] = T(m);
-          vp[i] = T(v);
-        }
-      }
-    });
+  void step() { run_step<void>(nullptr); }
+  // The step that also writes each updated parameter, rounded to C, into its compute
+  // copy (mixed precision: the f32 masters' bf16/f16 model weights) in the same pass.
+  template <floating_element C>
+  void step(const compute_copies<C, Dev>& copies) {
+    static_assert(std::is_same_v<T, f32>, "adamw::step(compute_copies): compute copies are of f32 master weights");
+    run_step<C>(&copies);
   }
 
   // One step's work, shared by the CPU loop and the GPU launch: every chunk of at most
   // chunk_elements of every parameter that has a gradient (`first`: the chunk's first
-  // element among all the optimizer's elements, the stochastic-rounding counter), each
+  // element among all the optimizer's elements, the stochastic-rounding counter; `copy`,
+  // `copy_first`: where its compute copy goes and that copy's rounding counter), each
   // group's step counter advanced when any of its parameters has one, and the groups'
   // updates for this step.
   struct step_chunk {
@@ -159,8 +122,13 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
     std::int64_t n;
     std::size_t group;
     std::int64_t first;
+    void* copy = nullptr;
+    std::int64_t copy_first = 0;
   };
-  std::vector<ops::fn::adamw_update> plan_step(std::vector<step_chunk>& chunks) {
+  template <class C>
+  using copies_t = typename detail::copies_of<C, Dev>::type;
+  template <class C = void>
+  std::vector<ops::fn::adamw_update> plan_step(std::vector<step_chunk>& chunks, const copies_t<C>* copies = nullptr) {
     std::int64_t element = 0;
     std::vector<ops::fn::adamw_update> upd;
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
@@ -171,9 +139,19 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
         if (!p.has_grad()) continue;
         any = true;
         const std::int64_t n = p.numel();
+        std::conditional_t<std::is_void_v<C>, T, C>* copy = nullptr;  // (never set without copies)
+        std::int64_t copy_first = 0;
+        if constexpr (!std::is_void_v<C>) {
+          if (copies != nullptr)
+            if (auto it = copies->of.find(p.id()); it != copies->of.end()) {
+              copy = it->second.data;
+              copy_first = it->second.first;
+            }
+        }
         for (std::int64_t off = 0; off < n; off += chunk_elements)
           chunks.push_back({p.value().data() + off, g.exp_avg[i].data() + off, g.exp_avg_sq[i].data() + off,
-                            p.grad().data() + off, std::min(chunk_elements, n - off), gi, element + off});
+                            p.grad().data() + off, std::min(chunk_elements, n - off), gi, element + off,
+                            copy != nullptr ? static_cast<void*>(copy + off) : nullptr, copy_first + off});
         element += n;
       }
       if (any) ++g.step;
@@ -182,46 +160,6 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
       upd.push_back({g.lr, defaults_.beta1, defaults_.beta2, defaults_.eps, g.weight_decay, bc1, std::sqrt(bc2)});
     }
     return upd;
-  }
-
-  // The GPU step: every chunk of every parameter in one launch of the fused multi-tensor
-  // kernel (kernels/adamw.cu) on kiln's compute stream — the same chunking, update functor
-  // and stochastic-rounding stream as the CPU loop above. The chunk table goes to the
-  // device through caching-allocator blocks (stream-ordered, so the next step may reuse
-  // them once the kernel has run).
-  void step_device() {
-    namespace ck = cuda_kernels;
-    static_assert(!std::is_same_v<T, f64>, "adamw: the CUDA kernels step f32, bf16 or f16 parameters");
-    static_assert(chunk_elements == ck::adamw_chunk_elements, "adamw: the CPU and GPU steps chunk alike");
-    std::vector<step_chunk> plan;
-    const std::vector<ops::fn::adamw_update> upd = plan_step(plan);
-    std::vector<ck::adamw_chunk> chunks;
-    for (const step_chunk& c : plan)
-      chunks.push_back({c.p, c.g, c.m, c.v, nullptr, c.n, c.first, static_cast<std::int32_t>(c.group)});
-    std::vector<ck::adamw_group> gs;
-    for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
-      ck::adamw_group cg;
-      cg.update = upd[gi].template as<float>();
-      if (rounding_.stochastic) {
-        cg.sr = {rounding_.seed ^ (0x9E3779B97F4A7C15ULL * (gi + 1)), static_cast<std::uint64_t>(groups_[gi].step)
-                                                                          << 40};
-        cg.stochastic = 1;
-      }
-      gs.push_back(cg);
-    }
-    if (chunks.empty()) return;
-    auto to_device = [](const auto& v) {
-      using E = typename std::remove_cvref_t<decltype(v)>::value_type;
-      const std::size_t bytes = v.size() * sizeof(E);
-      tensor<u8, Dev> buf(shape{static_cast<std::int64_t>(bytes)});
-      cuda_runtime::copy(buf.data(), v.data(), bytes, cuda_runtime::copy_kind::host_to_device,
-                         cuda_runtime::compute_stream());
-      return buf;
-    };
-    const auto dchunks = to_device(chunks);
-    const auto dgroups = to_device(gs);
-    ck::adamw_step<T, void>(reinterpret_cast<const ck::adamw_chunk*>(dchunks.data()), static_cast<int>(chunks.size()),
-                            reinterpret_cast<const ck::adamw_group*>(dgroups.data()), cuda_runtime::compute_stream());
   }
 
   std::int64_t step_count(std::size_t group = 0) const { return groups_.at(group).step; }
@@ -261,6 +199,107 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
   }
 
  private:
+  // The CPU loop: the chunk list spread over the thread team; a chunk's compute copy is
+  // written right after its update, while the chunk is still in cache.
+  template <class C>
+  void run_step(const copies_t<C>* copies) {
+    if constexpr (!Dev::is_host) {
+      step_device<C>(copies);
+      return;
+    }
+    cpu_runtime::ensure_initialised();
+    std::vector<step_chunk> chunks;
+    const std::vector<ops::fn::adamw_update> upd = plan_step<C>(chunks, copies);
+    using CT = compute_t<T>;
+    cpu_runtime::parallel_for(static_cast<std::int64_t>(chunks.size()), 1, [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t c = b; c < e; ++c) {
+        const step_chunk& ch = chunks[static_cast<std::size_t>(c)];
+        const auto u = upd[ch.group].template as<CT>();
+        // Distinct tensors never overlap: restrict lets the loop vectorise.
+        T* __restrict pp = ch.p;
+        T* __restrict mp = ch.m;
+        T* __restrict vp = ch.v;
+        const T* __restrict gp = ch.g;
+        const std::int64_t n = ch.n;
+        if constexpr (std::is_same_v<T, bf16>) {
+          if (rounding_.stochastic) {
+            // Key: (seed, this group's step); counter: the element's index. 2^40 elements per step.
+            const philox_stream rs{rounding_.seed ^ (0x9E3779B97F4A7C15ULL * (ch.group + 1)),
+                                   static_cast<std::uint64_t>(groups_[ch.group].step) << 40};
+            for (std::int64_t i = 0; i < n; ++i) {
+              CT p = CT(pp[i]), m = CT(mp[i]), v = CT(vp[i]);
+              u(p, CT(gp[i]), m, v);
+              pp[i] = Eigen::numext::bit_cast<bf16>(
+                  ops::fn::bf16_bits_stochastic(p, rs.bits(static_cast<std::uint64_t>(ch.first + i))));
+              mp[i] = T(m);
+              vp[i] = T(v);
+            }
+            continue;
+          }
+        }
+#pragma omp simd
+        for (std::int64_t i = 0; i < n; ++i) {
+          CT p = CT(pp[i]), m = CT(mp[i]), v = CT(vp[i]);
+          u(p, CT(gp[i]), m, v);
+          pp[i] = T(p);
+          mp[i] = T(m);
+          vp[i] = T(v);
+        }
+        if constexpr (!std::is_void_v<C>) {
+          if (ch.copy == nullptr) continue;
+          C* __restrict cp = static_cast<C*>(ch.copy);
+          if constexpr (std::is_same_v<C, bf16>) {
+            if (copies->stochastic) {
+              for (std::int64_t i = 0; i < n; ++i)
+                cp[i] = Eigen::numext::bit_cast<bf16>(ops::fn::bf16_bits_stochastic(
+                    pp[i], copies->stream.bits(static_cast<std::uint64_t>(ch.copy_first + i))));
+              continue;
+            }
+          }
+#pragma omp simd
+          for (std::int64_t i = 0; i < n; ++i) cp[i] = static_cast<C>(pp[i]);
+        }
+      }
+    });
+  }
+
+  // The GPU step: every chunk of every parameter in one launch of the fused multi-tensor
+  // kernel (kernels/adamw.cu) on kiln's compute stream — the same chunking, update functor
+  // and stochastic-rounding streams as the CPU loop above. The chunk table goes to the
+  // device through caching-allocator blocks (stream-ordered, so the next step may reuse
+  // them once the kernel has run).
+  template <class C>
+  void step_device(const copies_t<C>* copies) {
+    namespace ck = cuda_kernels;
+    static_assert(!std::is_same_v<T, f64>, "adamw: the CUDA kernels step f32, bf16 or f16 parameters");
+    static_assert(chunk_elements == ck::adamw_chunk_elements, "adamw: the CPU and GPU steps chunk alike");
+    std::vector<step_chunk> plan;
+    const std::vector<ops::fn::adamw_update> upd = plan_step<C>(plan, copies);
+    std::vector<ck::adamw_chunk> chunks;
+    for (const step_chunk& c : plan)
+      chunks.push_back({c.p, c.g, c.m, c.v, c.copy, c.n, c.first, c.copy_first, static_cast<std::int32_t>(c.group)});
+    std::vector<ck::adamw_group> gs;
+    for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+      ck::adamw_group cg;
+      cg.update = upd[gi].template as<float>();
+      if (rounding_.stochastic) {
+        cg.sr = {rounding_.seed ^ (0x9E3779B97F4A7C15ULL * (gi + 1)), static_cast<std::uint64_t>(groups_[gi].step)
+                                                                          << 40};
+        cg.stochastic = 1;
+      }
+      if constexpr (!std::is_void_v<C>) {
+        cg.copy_sr = copies->stream;
+        cg.copy_stochastic = copies->stochastic ? 1 : 0;
+      }
+      gs.push_back(cg);
+    }
+    if (chunks.empty()) return;
+    const auto dchunks = cuda_runtime::upload(chunks);
+    const auto dgroups = cuda_runtime::upload(gs);
+    ck::adamw_step<T, C>(reinterpret_cast<const ck::adamw_chunk*>(dchunks.data()), static_cast<int>(chunks.size()),
+                         reinterpret_cast<const ck::adamw_group*>(dgroups.data()), cuda_runtime::compute_stream());
+  }
+
   adamw_options defaults_;
   param_rounding rounding_{};
 };

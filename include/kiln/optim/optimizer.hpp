@@ -15,9 +15,11 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/core/philox.hpp"
 #include "kiln/nn/module.hpp"
 
 namespace kiln::optim {
@@ -111,6 +113,36 @@ struct param_rounding {
   bool stochastic = false;
   std::uint64_t seed = 0;
 };
+
+// Mixed precision's write-back fused into the step. An optimizer over f32 master
+// weights that has `step(const compute_copies<C, Dev>&)` writes every parameter it
+// updates, rounded to C, into that parameter's compute copy (the model's bf16/f16
+// weight) in the same pass over memory; precision/master_weights.hpp builds the table.
+// Element e of a parameter is rounded with draw stream.bits(first + e) when stochastic
+// (bf16 only), to nearest otherwise. A parameter absent from the table has no copy.
+template <floating_element C, device Dev>
+struct compute_copies {
+  struct target {
+    C* data;             // numel elements, contiguous, on Dev
+    std::int64_t first;  // the rounding counter of element 0
+  };
+  std::unordered_map<const void*, target> of;  // keyed by the stepped parameter's id()
+  bool stochastic = false;
+  philox_stream stream{};
+};
+
+namespace detail {
+struct no_compute_copies {};
+// compute_copies<C, Dev>, or no_compute_copies for C = void (a step without copies).
+template <class C, device Dev>
+struct copies_of {
+  using type = compute_copies<C, Dev>;
+};
+template <device Dev>
+struct copies_of<void, Dev> {
+  using type = no_compute_copies;
+};
+}  // namespace detail
 
 // The group bookkeeping every optimizer shares. Group must have `params` (named
 // parameters), `lr` and `weight_decay`.

@@ -1,23 +1,35 @@
 // kiln/precision/master_weights.hpp — f32 master copies of a module's bf16/f16 parameters.
 //
-// Spec: master_weights<Half> pairs every trainable Half parameter of a module with an f32
-// var of the same name and shape (the *master*), which the optimizer steps instead of the
-// Half one (DeepSpeed's and Megatron's mixed-precision layout: Half copies for compute,
-// f32 for the update, so an update far below a Half ulp is not lost).
+// Spec: master_weights<Half, Dev> pairs every trainable Half parameter (on Dev) of a
+// module with an f32 var of the same name and shape on the same device (the *master*),
+// which the optimizer steps instead of the Half one (DeepSpeed's and Megatron's
+// mixed-precision layout: Half copies for compute, f32 for the update, so an update far
+// below a Half ulp is not lost).
 //   bind(model)     creates the masters from the model's values; a floating parameter of
 //                   another element type is an error naming it (mixed precision trains
 //                   one compute type);
 //   fold()          adds every open Half gradient into its master's f32 gradient (the
 //                   first fold of an accumulation window overwrites — the master's own
 //                   window, closed by the optimizer's zero_grad, says which), closes the
-//                   Half window so the next backward overwrites, and records the first
-//                   parameter, in visit order, whose gradient holds an inf or NaN (until
-//                   clear_overflow(), which the policy calls once a window's step is done);
-//   publish(r, t)   writes every master back into its Half parameter, rounded to nearest
-//                   or stochastically (r; draw key (seed, t));
+//                   Half window so the next backward overwrites, and records whether any
+//                   folded element was inf or NaN (until clear_overflow(), which the
+//                   policy calls once a window's step is done). On cuda the fold is one
+//                   multi-tensor kernel and the record is taken when overflow() is first
+//                   asked after a fold: Σ g² (f64) of every master gradient into one
+//                   vector, read back once (a non-finite sum stays non-finite through
+//                   later folds and unscaling, so asking late sees what asking early would);
+//   copies(r, t)    the table that lets optim::adamw write the stepped masters, rounded
+//                   to Half, into the model in the step's own pass (optim::compute_copies);
+//   publish(r, t)   the same write-back as a separate host pass, for optimizers without
+//                   step(compute_copies) (ZeRO's sharded step): every master into its Half
+//                   parameter, rounded to nearest or stochastically (r);
 //   for_each_child  makes the masters a module (flat names "net.0.weight"), so gradient
 //                   clipping, norms and nan checks run on them unchanged.
-// Cost: fold reads 2 B + 4 B and writes 4 B per element; publish reads 4 B, writes 2 B.
+// Stochastic rounding draws element e of link l, at write-back t, from philox (r.seed,
+// t << 40) at counter (elements of the links before l) + e, in both write-backs, so
+// CPU and GPU runs round alike.
+// Cost: fold reads 2 B + 4 B and writes 4 B per element; the fused write-back adds 2 B
+// written to the optimizer's pass, publish reads 4 B and writes 2 B.
 #pragma once
 
 #include <cmath>
@@ -30,9 +42,12 @@
 
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/philox.hpp"
+#include "kiln/cuda/kernels.hpp"
+#include "kiln/cuda/runtime.hpp"
 #include "kiln/nn/module.hpp"
 #include "kiln/ops/functors.hpp"
 #include "kiln/optim/optimizer.hpp"
+#include "kiln/precision/policy.hpp"
 
 namespace kiln::precision {
 
@@ -60,6 +75,10 @@ class master_weights {
         mv.set_name(name);
         index_.emplace(p.id(), links_.size());
         links_.push_back({name, p, mv});
+      } else if constexpr (std::is_same_v<typename P::value_type, Half>) {
+        KILN_CHECK(!p.requires_grad(), policy, ": parameter '", name, "' lives on ", P::device_type::name,
+                   " but the trainer's strategy runs on ", Dev::name,
+                   "; build the module on the strategy's device (or freeze the parameter)");
       } else {
         KILN_CHECK(!p.requires_grad(), policy, ": parameter '", name, "' is ",
                    dtype_name(dtype_of<typename P::value_type>), " but ", policy, " trains ",
@@ -82,9 +101,12 @@ class master_weights {
     return links_[it->second].master;
   }
 
-  // Adds the open Half gradients into the masters (see the spec). Returns true when any
-  // element folded so far in this window is not finite.
-  bool fold() {
+  // Adds the open Half gradients into the masters (see the spec).
+  void fold() {
+    if constexpr (!Dev::is_host) {
+      fold_device();
+      return;
+    }
     for (auto& l : links_) {
       if (!l.model.has_grad()) continue;
       const grad_write mode = l.master.begin_grad_write();
@@ -107,27 +129,42 @@ class master_weights {
           probe += v * 0.0f;
         }
       }
-      if (!std::isfinite(probe) && finite_) {
-        finite_ = false;
-        first_bad_ = l.name;
-      }
+      if (!std::isfinite(probe)) finite_ = false;
       l.model.zero_grad();
     }
-    return !finite_;
   }
   // Resets the overflow record; the policy calls it when a window's step is done.
   void clear_overflow() {
     finite_ = true;
-    first_bad_.reset();
+    unscreened_ = false;
   }
-  bool overflow() const { return !finite_; }
-  // Records an overflow without a name (restoring a checkpoint taken inside a window).
+  // Whether any element folded since clear_overflow() was inf or NaN.
+  bool overflow() const {
+    screen();
+    return !finite_;
+  }
+  // Records an overflow (restoring a checkpoint taken inside a window).
   void mark_overflow() { finite_ = false; }
-  // The first parameter (visit order) whose master gradient was found non-finite.
-  const std::optional<std::string>& first_non_finite() const { return first_bad_; }
+
+  // The fused write-back's table: each master's model parameter and rounding counter
+  // (see the spec), for the optimizer's step(compute_copies).
+  optim::compute_copies<Half, Dev> copies(const optim::param_rounding& r, std::uint64_t step) {
+    optim::compute_copies<Half, Dev> c;
+    c.stochastic = std::is_same_v<Half, bf16> && r.stochastic;
+    c.stream = philox_stream{r.seed, step << 40};
+    std::int64_t element = 0;
+    for (auto& l : links_) {
+      c.of.emplace(l.master.id(), typename optim::compute_copies<Half, Dev>::target{l.model.value().data(), element});
+      element += l.model.numel();
+    }
+    return c;
+  }
 
   // Writes the masters back into the Half parameters.
   void publish(const optim::param_rounding& r, std::uint64_t step) {
+    static_assert(Dev::is_host,
+                  "master_weights::publish is a host pass; on cuda the optimizer writes the copies in its step "
+                  "(step(compute_copies))");
     std::uint64_t element = 0;
     for (std::size_t li = 0; li < links_.size(); ++li) {
       auto& l = links_[li];
@@ -165,10 +202,41 @@ class master_weights {
   }
 
  private:
+  // The cuda fold: one launch of the multi-tensor kernel over every open gradient.
+  void fold_device() {
+    namespace ck = cuda_kernels;
+    std::vector<ck::fold_chunk> chunks;
+    for (auto& l : links_) {
+      if (!l.model.has_grad()) continue;
+      const std::int32_t accumulate = l.master.begin_grad_write() == grad_write::accumulate ? 1 : 0;
+      const Half* g = l.model.grad().data();
+      f32* mg = l.master.grad().data();
+      const std::int64_t n = l.model.numel();
+      for (std::int64_t off = 0; off < n; off += ck::adamw_chunk_elements)
+        chunks.push_back({g + off, mg + off, std::min(ck::adamw_chunk_elements, n - off), accumulate});
+    }
+    if (chunks.empty()) return;
+    const auto table = cuda_runtime::upload(chunks);
+    ck::fold_gradients<Half>(reinterpret_cast<const ck::fold_chunk*>(table.data()), static_cast<int>(chunks.size()),
+                             cuda_runtime::compute_stream());
+    // The Half buffers stay allocated (zero_grad only closes the window), and the next
+    // backward that overwrites them is enqueued after this kernel.
+    for (auto& l : links_) l.model.zero_grad();
+    unscreened_ = true;
+  }
+  // The cuda overflow record, taken once per fold when asked (see the spec).
+  void screen() const {
+    if constexpr (!Dev::is_host) {
+      if (!unscreened_) return;
+      unscreened_ = false;
+      if (finite_ && detail::describe_first_non_finite<true>(const_cast<master_weights&>(*this))) finite_ = false;
+    }
+  }
+
   std::vector<link> links_;
   std::unordered_map<const void*, std::size_t> index_;
-  bool finite_ = true;
-  std::optional<std::string> first_bad_;
+  mutable bool finite_ = true;
+  mutable bool unscreened_ = false;  // cuda: folded since the overflow record was last taken
 };
 
 }  // namespace kiln::precision

@@ -19,11 +19,17 @@
 // no f32 gradient (it accumulates in Half).
 // Checkpoints hold the masters (and open master gradients), the rounding counter and the
 // scaler's state, so a resume continues bit for bit.
+// Device: the masters live where the model does. The trainer places the policy on its
+// strategy's device (`on_device<D>`: bf16_mixed on strategy::single_device<cuda> is
+// bf16_mixed_on<cuda>). On cuda the fold is one multi-tensor kernel per micro-batch, and
+// optim::adamw writes the stepped masters back into the bf16/f16 model in its own fused
+// pass (step(compute_copies): f32 master + Half copy in one kernel).
 #pragma once
 
 #include <string>
 #include <type_traits>
 
+#include "kiln/core/transfer.hpp"
 #include "kiln/optim/clip.hpp"
 #include "kiln/precision/loss_scaler.hpp"
 #include "kiln/precision/master_weights.hpp"
@@ -38,31 +44,34 @@ struct no_loss_scaling {
 
 namespace detail {
 
-template <floating_element Half>
+template <floating_element Half, device Dev>
 struct rebind_probe {
-  var<f32> operator()(const nn::named_parameter<Half>&) const;
+  var<f32, Dev> operator()(const nn::named_parameter<Half, Dev>&) const;
 };
 
 // The device of the parameters an optimizer steps (cpu when it does not say).
 template <class O>
-constexpr bool steps_host_parameters() {
+constexpr auto optimizer_device_probe() {
   if constexpr (requires(const O& o) { o.state().tensors; })
-    return std::remove_cvref_t<
-        decltype(std::declval<const O&>().state().tensors)>::value_type::second_type::device_type::is_host;
+    return std::type_identity<typename std::remove_cvref_t<
+        decltype(std::declval<const O&>().state().tensors)>::value_type::second_type::device_type>{};
   else
-    return true;
+    return std::type_identity<cpu>{};
 }
+template <class O>
+using optimizer_device_t = typename decltype(optimizer_device_probe<O>())::type;
 
-template <class O, floating_element Half>
+template <class O, floating_element Half, device Dev>
 constexpr auto rebound_optimizer() {
-  if constexpr (!steps_host_parameters<O>()) {
-    static_assert(steps_host_parameters<O>(),
-                  "kiln::precision (bf16_mixed / f16_mixed): the optimizer steps cuda parameters, but the mixed "
-                  "policies keep their f32 master weights on the host for now; on the GPU train with "
-                  "precision::fp32 or precision::bf16_true");
+  if constexpr (!std::is_same_v<optimizer_device_t<O>, Dev>) {
+    static_assert(std::is_same_v<optimizer_device_t<O>, Dev>,
+                  "kiln::precision (bf16_mixed / f16_mixed): the optimizer configure_optimizers() returns steps "
+                  "parameters on another device than the trainer's strategy runs on, where the f32 master weights "
+                  "are kept; name the module's device in the strategy, e.g. strategy::single_device<kiln::cuda>");
     return std::type_identity<O>{};
-  } else if constexpr (requires(const O& o) { o.template rebind<f32, cpu>(rebind_probe<Half>{}); }) {
-    return std::type_identity<decltype(std::declval<const O&>().template rebind<f32, cpu>(rebind_probe<Half>{}))>{};
+  } else if constexpr (requires(const O& o) { o.template rebind<f32, Dev>(rebind_probe<Half, Dev>{}); }) {
+    return std::type_identity<decltype(std::declval<const O&>().template rebind<f32, Dev>(
+        rebind_probe<Half, Dev>{}))>{};
   } else {
     static_assert(sizeof(O) == 0,
                   "kiln::precision (bf16_mixed / f16_mixed): the optimizer returned by configure_optimizers() has no "
@@ -73,7 +82,7 @@ constexpr auto rebound_optimizer() {
   }
 }
 
-template <floating_element Half, class Scaler, class Derived>
+template <floating_element Half, class Scaler, class Derived, device Dev>
 class mixed {
  public:
   using param_type = Half;
@@ -84,7 +93,7 @@ class mixed {
   Scaler scaler{};
 
   template <class O>
-  using optimizer_t = typename decltype(rebound_optimizer<O, Half>())::type;
+  using optimizer_t = typename decltype(rebound_optimizer<O, Half, Dev>())::type;
 
   template <class Module>
   static constexpr void check_module() {
@@ -99,8 +108,8 @@ class mixed {
   }
   template <class O>
   optimizer_t<O> adapt(O&& o) {
-    return o.template rebind<f32, cpu>(
-        [&](const nn::named_parameter<Half>& np) { return masters_.master_of(np.param, Derived::name); });
+    return o.template rebind<f32, Dev>(
+        [&](const nn::named_parameter<Half, Dev>& np) { return masters_.master_of(np.param, Derived::name); });
   }
 
   template <class T, class D, class M>
@@ -118,7 +127,7 @@ class mixed {
   void unscale(M&, double factor) {
     masters_.fold();
     const double f = factor / scale();
-    if (!masters_.overflow() && f != 1.0) optim::scale_gradients(masters_, f);
+    if (f != 1.0 && !masters_.overflow()) optim::scale_gradients(masters_, f);
     unscaled_ = true;
   }
   // Folds the window's last micro-batch: the master gradients are then complete (the
@@ -131,8 +140,8 @@ class mixed {
   // reduction through mark_non_finite_gradients, so they all skip (or throw) together.
   bool non_finite_gradients() const { return masters_.overflow(); }
   void mark_non_finite_gradients() { masters_.mark_overflow(); }
-  master_weights<Half>& master_parameters(auto&) { return masters_; }
-  const master_weights<Half>& masters() const { return masters_; }
+  master_weights<Half, Dev>& master_parameters(auto&) { return masters_; }
+  const master_weights<Half, Dev>& masters() const { return masters_; }
   bool overflowed() const { return scaled && masters_.overflow(); }
   double scale() const { return scaler.scale(); }
 
@@ -147,8 +156,17 @@ class mixed {
       if (check_finite && masters_.overflow()) check_gradients_finite(masters_, Derived::name);
     }
     if (!skip) {
-      optimizer.step();
-      masters_.publish(static_cast<const Derived&>(*this).rounding(), publishes_++);
+      const optim::param_rounding r = static_cast<const Derived&>(*this).rounding();
+      if constexpr (requires { optimizer.step(masters_.copies(r, 0)); }) {
+        optimizer.step(masters_.copies(r, publishes_++));  // the write-back fused into the step
+      } else {
+        static_assert(Dev::is_host,
+                      "kiln::precision (bf16_mixed / f16_mixed): on cuda the optimizer writes the f32 masters back "
+                      "into the model in its step; this optimizer has no step(optim::compute_copies<Half, cuda>) "
+                      "(optim::adamw has)");
+        optimizer.step();
+        masters_.publish(r, publishes_++);
+      }
     }
     masters_.clear_overflow();
     return !skip;
@@ -191,11 +209,11 @@ class mixed {
     }
     // Apply (everything above has been checked).
     for (auto& l : masters_.links()) {
-      l.master.value().copy_from(in.template load<f32>("master/" + l.name));
+      copy_from_host(l.master.value(), in.template load<f32>("master/" + l.name));
       l.master.zero_grad();
       if (in.contains("master_grad/" + l.name)) {
         l.master.begin_grad_write();
-        l.master.grad().copy_from(in.template load<f32>("master_grad/" + l.name));
+        copy_from_host(l.master.grad(), in.template load<f32>("master_grad/" + l.name));
       }
     }
     masters_.clear_overflow();
@@ -205,26 +223,34 @@ class mixed {
   }
 
  private:
-  master_weights<Half> masters_;
+  master_weights<Half, Dev> masters_;
   std::uint64_t publishes_ = 0;  // master → model write-backs: the stochastic-rounding key
   bool unscaled_ = false;
 };
 
 }  // namespace detail
 
-// bf16 parameters and activations, f32 master weights and optimizer math. Set
-// stochastic_rounding to round the write-back of the masters stochastically.
-struct bf16_mixed : detail::mixed<bf16, no_loss_scaling, bf16_mixed> {
+// bf16 parameters and activations, f32 master weights and optimizer math, on Dev (the
+// trainer picks it: see on_device). Set stochastic_rounding to round the write-back of the
+// masters stochastically.
+template <device Dev = cpu>
+struct bf16_mixed_on : detail::mixed<bf16, no_loss_scaling, bf16_mixed_on<Dev>, Dev> {
   static constexpr const char* name = "bf16_mixed";
+  template <device D>
+  using on_device = bf16_mixed_on<D>;
   bool stochastic_rounding = false;
   std::uint64_t rounding_seed = 0x5eed;
   optim::param_rounding rounding() const { return {stochastic_rounding, rounding_seed}; }
 };
+// What users name: the trainer turns it into bf16_mixed_on<its strategy's device>.
+using bf16_mixed = bf16_mixed_on<cpu>;
 
 // f16 parameters and activations, f32 master weights, dynamic (or static) loss scaling.
-template <loss_scaler Scaler = dynamic_loss_scaler>
-struct f16_mixed : detail::mixed<f16, Scaler, f16_mixed<Scaler>> {
+template <loss_scaler Scaler = dynamic_loss_scaler, device Dev = cpu>
+struct f16_mixed : detail::mixed<f16, Scaler, f16_mixed<Scaler, Dev>, Dev> {
   static constexpr const char* name = "f16_mixed";
+  template <device D>
+  using on_device = f16_mixed<Scaler, D>;
   optim::param_rounding rounding() const { return {}; }
 };
 

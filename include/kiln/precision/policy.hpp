@@ -20,7 +20,10 @@
 //   step(opt, m)          steps, or skips on a loss-scale overflow and returns false;
 //   overflowed()          true between an overflow's unscale and its skipped step;
 //   plan_bytes(m)         master values and gradients it adds, for trainer.plan();
-//   check_module<M>()     compile-time rules on the module (static_asserts).
+//   check_module<M>()     compile-time rules on the module (static_asserts);
+//   on_device<D>          (policies with device state) the policy with that state on
+//                         device D: the trainer keeps Policy::on_device<its strategy's
+//                         device> (bf16_mixed on single_device<cuda>: masters on cuda).
 // Stateful policies add save_state/load_state (checkpoint sections) so a resume continues
 // the loss scale and the rounding stream exactly.
 // A non-finite loss or gradient under fp32 and bf16 is an error naming the first

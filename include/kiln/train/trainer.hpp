@@ -23,6 +23,8 @@
 // the next batch and replays nothing. fit(..., ckpt_path) restores it: the model and the
 // callbacks at configure_model time, optimizers, schedules and the loop after
 // on_fit_start; the sanity check is skipped on resume.
+// The precision policy is placed on the strategy's device (precision_type is
+// precision::bf16_mixed_on<cuda> for bf16_mixed on single_device<cuda>).
 // Ensures: no virtual dispatch on the loop's path; hooks a type does not implement are
 // not called; options are validated before anything is allocated.
 #pragma once
@@ -80,13 +82,27 @@ struct fixed_batches {
   auto begin() const { return v->begin() + first; }
   auto end() const { return v->end(); }
 };
+
+// The precision policy placed on the strategy's device: a policy that keeps state on a
+// device (the mixed policies' f32 masters) names the placed type as on_device<D>.
+template <class P, class S>
+constexpr auto placed_policy_probe() {
+  if constexpr (requires { typename P::template on_device<typename S::device_type>; })
+    return std::type_identity<typename P::template on_device<typename S::device_type>>{};
+  else
+    return std::type_identity<P>{};
+}
+template <class P, class S>
+using placed_policy_t = typename decltype(placed_policy_probe<P, S>())::type;
 }  // namespace detail
 
 }  // namespace train
 
-template <class Module, class Strategy = strategy::single_device<cpu>, class Precision = precision::fp32,
+template <class Module, class Strategy = strategy::single_device<cpu>, class PrecisionChoice = precision::fp32,
           class... Callbacks>
 class trainer {
+  // precision::bf16_mixed on strategy::single_device<cuda> keeps its masters on cuda.
+  using Precision = train::detail::placed_policy_t<PrecisionChoice, Strategy>;
   static_assert((callback<Callbacks> && ...),
                 "kiln::trainer<Module, Strategy, Precision, Callbacks...>: every type after the precision policy "
                 "must be a callback, i.e. declare `using hooks = kiln::hook_list<...>`");

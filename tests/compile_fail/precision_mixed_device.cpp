@@ -1,5 +1,6 @@
-// Must not compile: bf16_mixed keeps its f32 master weights on the host, and this module's
-// parameters (and so its optimizer) live on cuda; the message names the policies that work.
+// Must not compile: bf16_mixed keeps its f32 master weights on the strategy's device (cpu
+// here), but this module's parameters, and so its optimizer, live on cuda; the message
+// says to name the module's device in the strategy.
 #include "kiln/kiln.hpp"
 #include "kiln/train/trainer.hpp"
 
@@ -16,6 +17,6 @@ struct net {
 };
 
 int main() {
-  kiln::trainer<net, kiln::strategy::single_device<kiln::cuda>, kiln::precision::bf16_mixed> t;
+  kiln::trainer<net, kiln::strategy::single_device<kiln::cpu>, kiln::precision::bf16_mixed> t;
   (void)t;
 }
