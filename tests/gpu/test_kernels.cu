@@ -447,6 +447,15 @@ void test_fold() {
 void test_runtime() {
   namespace cr = kiln::cuda_runtime;
   expect(cr::device_count() > 0, "runtime: device_count sees the GPU");
+  {
+    // Small copies share the thread's cached staging buffer; one past the cache gets its own.
+    void* a = cr::pinned_staging(100).data;
+    void* b = cr::pinned_staging(5000).data;  // grows the cache
+    void* c = cr::pinned_staging(200).data;
+    const auto big = cr::pinned_staging(cr::staging_cache_bytes + 1);
+    expect(a != nullptr && b == c && big.owned != nullptr && big.data != c,
+           "runtime: pinned staging is cached per thread up to staging_cache_bytes");
+  }
   const auto inf = cr::info(cr::current_device());
   expect(inf.memory_bytes > 0 && inf.major >= 8, "runtime: " + inf.name + " reports memory and sm_80 or newer");
   // A strided host tensor round-trips exactly.

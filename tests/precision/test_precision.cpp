@@ -189,6 +189,21 @@ TEST_CASE(
   }
 }
 
+template <class T, class D = cpu>
+struct elem_dev {};
+template <class D, class T>
+struct dev_elem {};
+template <class T, class U>
+struct two_types {};
+TEST_CASE("a module's element type is read from a template over it, alone or with a device") {
+  using precision::module_element_t;
+  static_assert(std::is_same_v<module_element_t<clf<bf16>>, bf16>);
+  static_assert(std::is_same_v<module_element_t<elem_dev<bf16>>, bf16>);
+  static_assert(std::is_same_v<module_element_t<elem_dev<f16, cuda>>, f16>);
+  static_assert(std::is_same_v<module_element_t<dev_elem<cuda, bf16>>, bf16>);
+  static_assert(std::is_void_v<module_element_t<two_types<f32, f16>>>);  // which one? it does not say
+}
+
 // Two layers, the first larger than one AdamW chunk (65536 elements), so the write-back
 // crosses a chunk boundary inside a tensor.
 template <floating_element H>

@@ -21,6 +21,7 @@
 // cuda tensor's allocation throws "built without CUDA".
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstring>
 #include <memory>
@@ -73,6 +74,34 @@ struct pinned_deleter {
 };
 using pinned_buffer = std::unique_ptr<void, pinned_deleter>;
 
+// Pinned staging memory for one synchronous copy on the calling thread. Up to
+// staging_cache_bytes it is one buffer per thread, grown on demand and kept, so the
+// copies of a step (the loss, a metric, the batch) do not each pay a cudaHostAlloc;
+// larger copies (checkpoint tensors) get a buffer of their own, freed with the lease.
+// The copies below synchronise before they return, so a thread never holds two leases.
+inline constexpr std::size_t staging_cache_bytes = std::size_t{64} << 20;
+struct staging_lease {
+  void* data;
+  pinned_buffer owned;  // set when the buffer is not the thread's cached one
+};
+inline staging_lease pinned_staging(std::size_t bytes) {
+  if (bytes > staging_cache_bytes) {
+    pinned_buffer b(pinned_allocate(bytes));
+    void* p = b.get();
+    return {p, std::move(b)};
+  }
+  thread_local pinned_buffer cached;
+  thread_local std::size_t cached_bytes = 0;
+  if (cached_bytes < bytes) {
+    std::size_t grown = std::max<std::size_t>(cached_bytes, 4096);
+    while (grown < bytes) grown *= 2;
+    cached.reset();
+    cached.reset(pinned_allocate(grown));
+    cached_bytes = grown;
+  }
+  return {cached.get(), nullptr};
+}
+
 // A device copy of a host tensor (any strides; the result is contiguous).
 template <element T>
 tensor<T, cuda> to_device(const tensor<T, cpu>& host, stream_t stream = compute_stream()) {
@@ -80,10 +109,10 @@ tensor<T, cuda> to_device(const tensor<T, cpu>& host, stream_t stream = compute_
   tensor<T, cuda> out(src.shape());
   const std::size_t bytes = static_cast<std::size_t>(src.numel()) * sizeof(T);
   if (bytes == 0) return out;
-  pinned_buffer staging(pinned_allocate(bytes));
-  std::memcpy(staging.get(), src.data(), bytes);
-  copy(out.data(), staging.get(), bytes, copy_kind::host_to_device, stream);
-  synchronize(stream);  // the staging buffer is freed on return
+  const staging_lease staging = pinned_staging(bytes);
+  std::memcpy(staging.data, src.data(), bytes);
+  copy(out.data(), staging.data, bytes, copy_kind::host_to_device, stream);
+  synchronize(stream);  // the staging buffer is free for the next copy on return
   return out;
 }
 
@@ -95,10 +124,10 @@ tensor<T, cpu> to_host(const tensor<T, cuda>& device, stream_t stream = compute_
   tensor<T, cpu> out(device.shape());
   const std::size_t bytes = static_cast<std::size_t>(device.numel()) * sizeof(T);
   if (bytes == 0) return out;
-  pinned_buffer staging(pinned_allocate(bytes));
-  copy(staging.get(), device.data(), bytes, copy_kind::device_to_host, stream);
+  const staging_lease staging = pinned_staging(bytes);
+  copy(staging.data, device.data(), bytes, copy_kind::device_to_host, stream);
   synchronize(stream);
-  std::memcpy(out.data(), staging.get(), bytes);
+  std::memcpy(out.data(), staging.data, bytes);
   return out;
 }
 

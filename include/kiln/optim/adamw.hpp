@@ -20,6 +20,7 @@
 
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/philox.hpp"
+#include "kiln/core/transfer.hpp"
 #include "kiln/ops/functors.hpp"
 #include "kiln/optim/optimizer.hpp"
 
@@ -177,7 +178,11 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
     }
     return st;
   }
-  void load_state(const optimizer_state<T, Dev>& st) {
+  // From the optimizer's own device, or from host tensors into a cuda optimizer (a
+  // resume stages the file's state on the host and copies it in tensor by tensor, so the
+  // device never holds a second copy of the whole state).
+  template <device From>
+  requires(std::is_same_v<From, Dev> || From::is_host) void load_state(const optimizer_state<T, From>& st) {
     std::vector<std::pair<std::string, shape>> expected;
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
       const std::string key = "group" + std::to_string(gi) + ".step";
@@ -192,13 +197,21 @@ class adamw : public group_owner<detail::adamw_group<T, Dev>> {
       auto& g = groups_[gi];
       g.step = st.counters.at("group" + std::to_string(gi) + ".step");
       for (std::size_t i = 0; i < g.params.size(); ++i) {
-        g.exp_avg[i].copy_from(*st.find(g.params[i].name + ".exp_avg"));
-        g.exp_avg_sq[i].copy_from(*st.find(g.params[i].name + ".exp_avg_sq"));
+        copy_state(g.exp_avg[i], *st.find(g.params[i].name + ".exp_avg"));
+        copy_state(g.exp_avg_sq[i], *st.find(g.params[i].name + ".exp_avg_sq"));
       }
     }
   }
 
  private:
+  template <device From>
+  static void copy_state(tensor<T, Dev>& dst, const tensor<T, From>& src) {
+    if constexpr (std::is_same_v<From, Dev>)
+      dst.copy_from(src);
+    else
+      copy_from_host(dst, src);
+  }
+
   // The CPU loop: the chunk list spread over the thread team; a chunk's compute copy is
   // written right after its update, while the chunk is still in cache.
   template <class C>

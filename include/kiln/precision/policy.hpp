@@ -50,7 +50,8 @@ template <class P>
 using param_t = typename P::param_type;
 
 // A module's element type when its type says it: a member `element_type`, or a template
-// over one floating element type (`classifier<bf16>`). void when the type does not say.
+// over one floating element type (`classifier<bf16>`), alone or with a device
+// (`classifier<bf16, cuda>`). void when the type does not say.
 namespace detail {
 template <class M>
 struct template_element {
@@ -59,6 +60,12 @@ struct template_element {
 template <template <class> class Tmpl, floating_element T>
 struct template_element<Tmpl<T>> {
   using type = T;
+};
+// A template over an element type and a device, in either order (`classifier<bf16, cuda>`,
+// `net<cuda, bf16>`).
+template <template <class, class> class Tmpl, class A, class B>
+requires((floating_element<A> && device<B>) || (device<A> && floating_element<B>)) struct template_element<Tmpl<A, B>> {
+  using type = std::conditional_t<floating_element<A>, A, B>;
 };
 template <class M>
 constexpr auto module_element_probe() {

@@ -570,10 +570,22 @@ struct checkpointing {
     return j;
   }
 
-  // An optimizer's state read from the file and checked against the live optimizer.
+  // An optimizer's state read from the file and checked against the live optimizer. It
+  // is staged in host memory when the optimizer loads host state (a cuda adamw copies it
+  // in tensor by tensor), else on the optimizer's device.
+  template <class O>
+  static constexpr auto staged_state_probe() {
+    using live = decltype(std::declval<O&>().state());
+    using T =
+        typename std::remove_cvref_t<decltype(std::declval<live&>().tensors)>::value_type::second_type::value_type;
+    if constexpr (requires(O & o, const optim::optimizer_state<T, cpu>& h) { o.load_state(h); })
+      return std::type_identity<optim::optimizer_state<T, cpu>>{};
+    else
+      return std::type_identity<live>{};
+  }
   template <class SO>
   struct staged_optimizer {
-    decltype(std::declval<SO&>().optimizer.state()) state;
+    typename decltype(staged_state_probe<std::remove_cvref_t<decltype(std::declval<SO&>().optimizer)>>())::type state;
     std::vector<double> lr;
     std::optional<std::int64_t> t;
     std::vector<double> base;

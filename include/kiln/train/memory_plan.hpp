@@ -17,7 +17,9 @@
 //                     intermediate values, scratch), with parameter gradients allocated
 //                     beforehand so they are not counted twice
 //   batches           bytes of one batch times the batches the loader holds at once
-//                     (1, plus num_workers · prefetch_factor with workers)
+//                     (1, plus num_workers · prefetch_factor with workers); host memory,
+//                     so on a GPU strategy they are a cpu column of their own beside the
+//                     device's (whose activations include training_step's device copy)
 // where block(n) is the caching allocator's block size for n bytes (core/allocator.hpp),
 // so the figures are what the allocator will hand out. A sharding strategy divides the
 // model states by its world size as ZeRO does (optimizer state and masters at stage ≥ 1,

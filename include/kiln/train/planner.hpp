@@ -200,6 +200,15 @@ struct planner {
     for (auto& [g, s] : streams) g->set_state(s.first, s.second);
     t.train_metrics_.reset_entries();
     p.devices.push_back(d);
+    if constexpr (!Trainer::strategy_type::device_type::is_host) {
+      // The loader's batches are host tensors: on a GPU strategy they get a cpu column of
+      // their own (training_step's device copy of its batch is among the activations).
+      device_memory host;
+      host.device = std::string(cpu::name);
+      host.rank = d.rank;
+      host.batches = std::exchange(p.devices.back().batches, 0);
+      p.devices.push_back(host);
+    }
     return p;
   }
 
