@@ -14,6 +14,7 @@
 #include "../io/resume_fixture.hpp"
 #include "kiln/callbacks/model_checkpoint.hpp"
 #include "kiln/data/data_loader.hpp"
+#include "kiln/nn/generate.hpp"
 #include "kiln/train/trainer.hpp"
 
 #ifndef KILN_GPU_TEST_DEVICE
@@ -206,6 +207,31 @@ TEST_CASE("a GPT trained on the GPU tracks the CPU run step by step (dropout, cl
   }
   CHECK(last < first - 0.5f);  // it learned (ids drawn from a third of the vocabulary)
   CHECK(max_rel_diff(weights(dev.model), weights(host.model)) < 1e-2);
+}
+
+TEST_CASE("a GPT decodes on the GPU (KV cache on the device) as the same GPT does on the CPU") {
+  gpt_run<cpu> host(11);
+  gpt_run<gpu> dev(11);
+  const auto c = tiny_gpt();
+  for (int s = 0; s < 15; ++s) {  // trained a little, so its choices are not noise
+    const auto ids = test::random_ids(4, c.n_positions + 1, c.vocab_size / 3, 2000 + static_cast<std::uint64_t>(s));
+    host.step(ids);
+    dev.step(ids);
+  }
+  const std::vector<std::int64_t> prompt{5, 17, 3, 29};
+  nn::generation_options greedy{.max_new_tokens = 24, .greedy = true};
+  const auto h = nn::generate(host.model, prompt, greedy);
+  const auto d = nn::generate(dev.model, prompt, greedy);
+  REQUIRE(h.tokens.size() == 24);  // 4 + 24 = 28 of 32 positions: stops on the count
+  CHECK(d.tokens == h.tokens);
+  CHECK(d.reason == h.reason);
+  // Sampling draws from the seed's stream on the host, from the device's logits.
+  nn::generation_options sampled{.max_new_tokens = 40, .temperature = 0.8f, .top_k = 20, .seed = 9};
+  const auto hs = nn::generate(host.model, prompt, sampled);
+  const auto ds = nn::generate(dev.model, prompt, sampled);
+  CHECK(ds.reason == nn::stop_reason::context_full);
+  CHECK(ds.tokens.size() == 29);  // 4 + 28 fill the 32 positions; the 29th is chosen from the last
+  CHECK(ds.tokens == hs.tokens);
 }
 
 TEST_CASE("the trainer on the GPU resumes bit for bit, and its checkpoints resume a CPU run") {

@@ -17,6 +17,9 @@
 // included, as transformers includes EOS), when on_token returns false, or when the
 // context (model.max_positions()) is full. on_token(id) is called for each new token
 // as soon as it is chosen (streaming); it may return void or bool (false stops).
+// Device: a model on cuda (nn::gpt2<..., cuda>) decodes there; the prompt and each new
+// token are copied over, and the last position's logits (V values) come back per token,
+// where the same choose_token runs, so a CPU and a GPU model choose alike.
 #pragma once
 
 #include <algorithm>
@@ -26,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kiln/core/transfer.hpp"
 #include "kiln/nn/transformer.hpp"
 
 namespace kiln::nn {
@@ -123,9 +127,10 @@ generation_result generate(M& model, std::span<const std::int64_t> prompt, const
   const std::int64_t capacity = std::min(model.max_positions(), P + std::max<std::int64_t>(o.max_new_tokens, 1));
   auto cache = model.make_cache(1, capacity);
   std::vector<std::int64_t> seen(prompt.begin(), prompt.end());
+  using Dev = model_device_t<M>;
   tensor<i64> ids(shape{1, P});
   std::copy(prompt.begin(), prompt.end(), ids.data());
-  auto logits = model.forward(ids, &cache).value();
+  auto logits = model.forward(to_device<Dev>(ids), &cache).value();
   std::vector<float> row(static_cast<std::size_t>(V));
   for (std::int64_t step = 0;; ++step) {
     if (step >= o.max_new_tokens) {
@@ -133,7 +138,13 @@ generation_result generate(M& model, std::span<const std::int64_t> prompt, const
       break;
     }
     const std::int64_t last = logits.size(1) - 1;
-    for (std::int64_t v = 0; v < V; ++v) row[static_cast<std::size_t>(v)] = static_cast<float>(logits(0, last, v));
+    if constexpr (Dev::is_host) {
+      for (std::int64_t v = 0; v < V; ++v) row[static_cast<std::size_t>(v)] = static_cast<float>(logits(0, last, v));
+    } else {
+      // The last position's row, V values, read back once per token.
+      const auto host_row = to_host(logits.slice(1, last, last + 1).contiguous());
+      for (std::int64_t v = 0; v < V; ++v) row[static_cast<std::size_t>(v)] = static_cast<float>(host_row.data()[v]);
+    }
     const std::int64_t tok = detail::choose_token(row, seen, o, static_cast<std::uint64_t>(step));
     r.tokens.push_back(tok);
     seen.push_back(tok);
@@ -160,7 +171,7 @@ generation_result generate(M& model, std::span<const std::int64_t> prompt, const
     }
     tensor<i64> next(shape{1, 1});
     next.data()[0] = tok;
-    logits = model.forward(next, &cache).value();
+    logits = model.forward(to_device<Dev>(next), &cache).value();
   }
   if (was_training) train(model);
   return r;

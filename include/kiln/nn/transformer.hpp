@@ -13,11 +13,13 @@
 // Spec (KV cache): kv_cache<T, Dev> holds, per layer, keys and values [B, capacity, Hkv, D];
 // a forward with a cache writes the new positions at [length, length + T) and attends to
 // [0, length + T); the model advances `length` once all layers have run.
-// Spec (causal_lm): a model with forward(ids, cache*) → logits [B, T, V],
-// make_cache(batch, capacity), vocab_size() and max_positions() (kiln/nn/generate.hpp).
+// Spec (causal_lm): a model with forward(ids, cache*) → logits [B, T, V], ids on the
+// model's device (model_device_t: its device_type, else cpu), make_cache(batch,
+// capacity), vocab_size() and max_positions() (kiln/nn/generate.hpp).
 #pragma once
 
 #include <concepts>
+#include <type_traits>
 #include <vector>
 
 #include "kiln/autograd/recompute.hpp"
@@ -133,8 +135,19 @@ var<T, Dev> pre_norm_block(Block& self, const var<T, Dev>& x, kv_cache<T, Dev>* 
   return maybe_recompute<std::is_same_v<R, recompute::full>>(self, x, body);
 }
 
+// The device a model's parameters live on: M::device_type, cpu when it does not say.
 template <class M>
-concept causal_lm = requires(M& m, const tensor<i64>& ids) {
+constexpr auto model_device_probe() {
+  if constexpr (requires { typename M::device_type; })
+    return std::type_identity<typename M::device_type>{};
+  else
+    return std::type_identity<cpu>{};
+}
+template <class M>
+using model_device_t = typename decltype(model_device_probe<M>())::type;
+
+template <class M>
+concept causal_lm = requires(M& m, const tensor<i64, model_device_t<M>>& ids) {
   {m.forward(ids, nullptr)};
   {m.make_cache(std::int64_t{1}, std::int64_t{1})};
   { m.vocab_size() } -> std::convertible_to<std::int64_t>;
