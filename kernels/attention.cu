@@ -8,8 +8,10 @@
 // from the log-sum-exp: one kernel for delta = rowsum(dO∘O), one for dQ (a thread per
 // query row, streaming keys), one for dK and dV (a thread per key row, streaming the
 // query rows of every query head of its group, so grouped-query attention sums over
-// the group without atomics: deterministic). Masks are the CPU's policy types; dropout
-// on the probabilities draws the CPU's Philox index (b, h, i, j).
+// the group without atomics: deterministic). Masks are the CPU's policy types (none,
+// causal), or their value forms (local_n, strided_n: one instantiation for every width);
+// a block visits only the keys its rows may see. Dropout on the probabilities draws the
+// CPU's Philox index (b, h, i, j).
 // These are the reference-speed kernels (CUDA cores, f32 arithmetic, one row per
 // thread); the tensor-core (mma) versions for the performance target come next.
 #include "common.cuh"
@@ -45,9 +47,19 @@ __device__ __forceinline__ std::int64_t at(std::int64_t b, std::int64_t t, std::
   return ((b * L + t) * H + h) * D;
 }
 
+// The first key any query of a block (positions p0..p1) may see: the smallest first_key
+// of its rows, since first_key need not grow with the row (strided's does not).
+template <class Mask>
+__device__ __forceinline__ std::int64_t block_first_key(const Mask& mask, std::int64_t p0, std::int64_t p1) {
+  std::int64_t f = mask.first_key(p0);
+  for (std::int64_t p = p0 + 1; p <= p1; ++p) f = min(f, mask.first_key(p));
+  return f;
+}
+
 template <class DT, class Mask, int D>
 __global__ void attention_forward_kernel(const DT* __restrict__ q, const DT* __restrict__ k, const DT* __restrict__ v,
-                                         DT* __restrict__ o, float* __restrict__ lse, attention_dims d) {
+                                         DT* __restrict__ o, float* __restrict__ lse, attention_dims d,
+                                         const Mask mask) {
   __shared__ float ks[tile][D], vs[tile][D];
   const std::int64_t bh = blockIdx.y, b = bh / d.q_heads, h = bh % d.q_heads;
   const std::int64_t g = h / (d.q_heads / d.kv_heads);
@@ -62,8 +74,9 @@ __global__ void attention_forward_kernel(const DT* __restrict__ q, const DT* __r
     acc[c] = 0;
   }
   const std::int64_t last = (i0 + rows_per_block < d.q_len ? i0 + rows_per_block : d.q_len) - 1;
-  const std::int64_t j_begin = Mask::first_key(d.q_offset + i0), j_end = Mask::end_key(d.q_offset + last, d.kv_len);
-  const std::int64_t row_first = Mask::first_key(pos), row_end = Mask::end_key(pos, d.kv_len);
+  const std::int64_t j_begin = block_first_key(mask, d.q_offset + i0, d.q_offset + last),
+                     j_end = mask.end_key(d.q_offset + last, d.kv_len);
+  const std::int64_t row_first = mask.first_key(pos), row_end = mask.end_key(pos, d.kv_len);
   for (std::int64_t j0 = j_begin; j0 < j_end; j0 += tile) {
     for (int e = threadIdx.x; e < tile * D; e += blockDim.x) {
       const int jj = e / D, c = e % D;
@@ -75,7 +88,7 @@ __global__ void attention_forward_kernel(const DT* __restrict__ q, const DT* __r
     if (active) {
       for (int jj = 0; jj < tile; ++jj) {
         const std::int64_t j = j0 + jj;
-        if (j < row_first || j >= row_end || !Mask::allowed(pos, j)) continue;
+        if (j < row_first || j >= row_end || !mask.allowed(pos, j)) continue;
         const float s = dot<D>(qr, ks[jj]);
         const float mn = s > m ? s : m;
         const float corr = expf(m - mn), p = expf(s - mn);
@@ -113,7 +126,8 @@ __global__ void attention_delta_kernel(const DT* __restrict__ o, const DT* __res
 template <class DT, class Mask, int D>
 __global__ void attention_dq_kernel(const DT* __restrict__ q, const DT* __restrict__ k, const DT* __restrict__ v,
                                     const DT* __restrict__ dout, const float* __restrict__ lse,
-                                    const float* __restrict__ delta, DT* __restrict__ dq, attention_dims d) {
+                                    const float* __restrict__ delta, DT* __restrict__ dq, attention_dims d,
+                                    const Mask mask) {
   __shared__ float ks[tile][D], vs[tile][D];
   const std::int64_t bh = blockIdx.y, b = bh / d.q_heads, h = bh % d.q_heads;
   const std::int64_t g = h / (d.q_heads / d.kv_heads);
@@ -130,8 +144,9 @@ __global__ void attention_dq_kernel(const DT* __restrict__ q, const DT* __restri
   }
   const float L = active ? lse[bh * d.q_len + i] : 0.0f, dl = active ? delta[bh * d.q_len + i] : 0.0f;
   const std::int64_t last = (i0 + rows_per_block < d.q_len ? i0 + rows_per_block : d.q_len) - 1;
-  const std::int64_t j_begin = Mask::first_key(d.q_offset + i0), j_end = Mask::end_key(d.q_offset + last, d.kv_len);
-  const std::int64_t row_first = Mask::first_key(pos), row_end = Mask::end_key(pos, d.kv_len);
+  const std::int64_t j_begin = block_first_key(mask, d.q_offset + i0, d.q_offset + last),
+                     j_end = mask.end_key(d.q_offset + last, d.kv_len);
+  const std::int64_t row_first = mask.first_key(pos), row_end = mask.end_key(pos, d.kv_len);
   for (std::int64_t j0 = j_begin; j0 < j_end; j0 += tile) {
     for (int e = threadIdx.x; e < tile * D; e += blockDim.x) {
       const int jj = e / D, c = e % D;
@@ -143,7 +158,7 @@ __global__ void attention_dq_kernel(const DT* __restrict__ q, const DT* __restri
     if (active) {
       for (int jj = 0; jj < tile; ++jj) {
         const std::int64_t j = j0 + jj;
-        if (j < row_first || j >= row_end || !Mask::allowed(pos, j)) continue;
+        if (j < row_first || j >= row_end || !mask.allowed(pos, j)) continue;
         const float p = expf(dot<D>(qr, ks[jj]) - L);
         const float ds = p * (dot<D>(gr, vs[jj]) * keep(d, b, h, i, j) - dl);
 #pragma unroll
@@ -163,7 +178,7 @@ template <class DT, class Mask, int D>
 __global__ void attention_dkv_kernel(const DT* __restrict__ q, const DT* __restrict__ k, const DT* __restrict__ v,
                                      const DT* __restrict__ dout, const float* __restrict__ lse,
                                      const float* __restrict__ delta, DT* __restrict__ dk, DT* __restrict__ dv,
-                                     attention_dims d) {
+                                     attention_dims d, const Mask mask) {
   __shared__ float qs[tile][D], gs[tile][D], ls[tile], dls[tile];
   const std::int64_t bg = blockIdx.y, b = bg / d.kv_heads, g = bg % d.kv_heads;
   const std::int64_t group = d.q_heads / d.kv_heads;
@@ -198,7 +213,7 @@ __global__ void attention_dkv_kernel(const DT* __restrict__ q, const DT* __restr
           const std::int64_t i = i0 + ii;
           if (i >= d.q_len) break;
           const std::int64_t pos = d.q_offset + i;
-          if (j < Mask::first_key(pos) || j >= Mask::end_key(pos, d.kv_len) || !Mask::allowed(pos, j)) continue;
+          if (j < mask.first_key(pos) || j >= mask.end_key(pos, d.kv_len) || !mask.allowed(pos, j)) continue;
           const float p = expf(dot<D>(qs[ii], kr) - ls[ii]);
           const float z = keep(d, b, h, i, j);
           const float ds = p * (dot<D>(gs[ii], vr) * z - dls[ii]);
@@ -221,24 +236,25 @@ __global__ void attention_dkv_kernel(const DT* __restrict__ q, const DT* __restr
 }
 
 template <class T, class Mask, int D>
-void forward_d(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, cudaStream_t s) {
+void forward_d(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, Mask mask,
+               cudaStream_t s) {
   const dim3 grid(detail::grid_for(d.q_len, rows_per_block), static_cast<unsigned>(d.batch * d.q_heads));
   attention_forward_kernel<detail::device_t<T>, Mask, D>
-      <<<grid, rows_per_block, 0, s>>>(detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(o), lse, d);
+      <<<grid, rows_per_block, 0, s>>>(detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(o), lse, d, mask);
 }
 template <class T, class Mask, int D>
 void backward_d(const T* q, const T* k, const T* v, const T* o, const T* dout, const float* lse, float* delta, T* dq,
-                T* dk, T* dv, const attention_dims& d, cudaStream_t s) {
+                T* dk, T* dv, const attention_dims& d, Mask mask, cudaStream_t s) {
   const std::int64_t rows = d.batch * d.q_heads * d.q_len;
   attention_delta_kernel<detail::device_t<T>, D>
       <<<detail::grid_for(rows, 256), 256, 0, s>>>(detail::dev(o), detail::dev(dout), delta, d);
   const dim3 qgrid(detail::grid_for(d.q_len, rows_per_block), static_cast<unsigned>(d.batch * d.q_heads));
   attention_dq_kernel<detail::device_t<T>, Mask, D><<<qgrid, rows_per_block, 0, s>>>(
-      detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(dout), lse, delta, detail::dev(dq), d);
+      detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(dout), lse, delta, detail::dev(dq), d, mask);
   const dim3 kgrid(detail::grid_for(d.kv_len, rows_per_block), static_cast<unsigned>(d.batch * d.kv_heads));
   attention_dkv_kernel<detail::device_t<T>, Mask, D>
       <<<kgrid, rows_per_block, 0, s>>>(detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(dout), lse, delta,
-                                        detail::dev(dk), detail::dev(dv), d);
+                                        detail::dev(dk), detail::dev(dv), d, mask);
 }
 
 void check_dims(const attention_dims& d, const char* what) {
@@ -253,44 +269,48 @@ void check_dims(const attention_dims& d, const char* what) {
 }  // namespace
 
 template <class T, class Mask>
-void attention_forward(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, stream_t stream) {
+void attention_forward(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, stream_t stream,
+                       Mask mask) {
   check_dims(d, "attention forward");
   if (d.batch * d.q_heads * d.q_len == 0) return;
   auto s = detail::as_stream(stream);
   if (d.head_dim == 32)
-    forward_d<T, Mask, 32>(q, k, v, o, lse, d, s);
+    forward_d<T, Mask, 32>(q, k, v, o, lse, d, mask, s);
   else if (d.head_dim == 64)
-    forward_d<T, Mask, 64>(q, k, v, o, lse, d, s);
+    forward_d<T, Mask, 64>(q, k, v, o, lse, d, mask, s);
   else
-    forward_d<T, Mask, 128>(q, k, v, o, lse, d, s);
+    forward_d<T, Mask, 128>(q, k, v, o, lse, d, mask, s);
   detail::check_launch("attention forward");
 }
 
 template <class T, class Mask>
 void attention_backward(const T* q, const T* k, const T* v, const T* o, const T* dout, const float* lse, float* delta,
-                        T* dq, T* dk, T* dv, const attention_dims& d, stream_t stream) {
+                        T* dq, T* dk, T* dv, const attention_dims& d, stream_t stream, Mask mask) {
   check_dims(d, "attention backward");
   if (d.batch * d.q_heads * d.q_len == 0) return;
   auto s = detail::as_stream(stream);
   if (d.head_dim == 32)
-    backward_d<T, Mask, 32>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, s);
+    backward_d<T, Mask, 32>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, mask, s);
   else if (d.head_dim == 64)
-    backward_d<T, Mask, 64>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, s);
+    backward_d<T, Mask, 64>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, mask, s);
   else
-    backward_d<T, Mask, 128>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, s);
+    backward_d<T, Mask, 128>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, mask, s);
   detail::check_launch("attention backward");
 }
 
-#define KILN_ATTENTION_INSTANTIATE(T, M)                                                                             \
-  template void attention_forward<T, M>(const T*, const T*, const T*, T*, float*, const attention_dims&, stream_t);  \
-  template void attention_backward<T, M>(const T*, const T*, const T*, const T*, const T*, const float*, float*, T*, \
-                                         T*, T*, const attention_dims&, stream_t);
-KILN_ATTENTION_INSTANTIATE(f32, ops::mask::causal)
-KILN_ATTENTION_INSTANTIATE(bf16, ops::mask::causal)
-KILN_ATTENTION_INSTANTIATE(f16, ops::mask::causal)
-KILN_ATTENTION_INSTANTIATE(f32, ops::mask::none)
-KILN_ATTENTION_INSTANTIATE(bf16, ops::mask::none)
-KILN_ATTENTION_INSTANTIATE(f16, ops::mask::none)
+#define KILN_ATTENTION_INSTANTIATE(T, M)                                                                               \
+  template void attention_forward<T, M>(const T*, const T*, const T*, T*, float*, const attention_dims&, stream_t, M); \
+  template void attention_backward<T, M>(const T*, const T*, const T*, const T*, const T*, const float*, float*, T*,   \
+                                         T*, T*, const attention_dims&, stream_t, M);
+#define KILN_ATTENTION_INSTANTIATE_MASKS(T)         \
+  KILN_ATTENTION_INSTANTIATE(T, ops::mask::causal)  \
+  KILN_ATTENTION_INSTANTIATE(T, ops::mask::none)    \
+  KILN_ATTENTION_INSTANTIATE(T, ops::mask::local_n) \
+  KILN_ATTENTION_INSTANTIATE(T, ops::mask::strided_n)
+KILN_ATTENTION_INSTANTIATE_MASKS(f32)
+KILN_ATTENTION_INSTANTIATE_MASKS(bf16)
+KILN_ATTENTION_INSTANTIATE_MASKS(f16)
+#undef KILN_ATTENTION_INSTANTIATE_MASKS
 #undef KILN_ATTENTION_INSTANTIATE
 
 }  // namespace kiln::cuda_kernels

@@ -649,9 +649,9 @@ void embedding_backward(const dtensor<I>& ids, const dtensor<T>& gy, dtensor<T>&
 
 template <class T, class Mask>
 void attention_forward(const dtensor<T>& q, const dtensor<T>& k, const dtensor<T>& v, dtensor<T>& o,
-                       dtensor<float>& lse, const cuda_kernels::attention_dims& d) {
+                       dtensor<float>& lse, const cuda_kernels::attention_dims& d, Mask mask) {
   cuda_kernels::attention_forward<T, Mask>(q.data(), k.data(), v.data(), o.data(), lse.data(), d,
-                                           cuda_runtime::compute_stream());
+                                           cuda_runtime::compute_stream(), mask);
 }
 
 namespace {
@@ -675,7 +675,8 @@ struct mode_target {
 template <class T, class Mask>
 void attention_backward(const dtensor<T>& q, const dtensor<T>& k, const dtensor<T>& v, const dtensor<T>& o,
                         const dtensor<T>& dout, const dtensor<float>& lse, const cuda_kernels::attention_dims& d,
-                        dtensor<T>* dq, grad_write mq, dtensor<T>* dk, grad_write mk, dtensor<T>* dv, grad_write mv) {
+                        dtensor<T>* dq, grad_write mq, dtensor<T>* dk, grad_write mk, dtensor<T>* dv, grad_write mv,
+                        Mask mask) {
   if (d.batch * d.q_heads * d.q_len == 0) {  // no queries: dK = dV = 0 (the kernels would not run)
     for (auto [g, m] : {std::pair{dk, mk}, std::pair{dv, mv}})
       if (g && m == grad_write::overwrite) g->fill(T(0));
@@ -689,7 +690,7 @@ void attention_backward(const dtensor<T>& q, const dtensor<T>& k, const dtensor<
   dtensor<float> delta(shape{d.batch * d.q_heads * d.q_len});
   cuda_kernels::attention_backward<T, Mask>(q.data(), k.data(), v.data(), o.data(), dout.data(), lse.data(),
                                             delta.data(), tq.ptr(), tk.ptr(), tv.ptr(), d,
-                                            cuda_runtime::compute_stream());
+                                            cuda_runtime::compute_stream(), mask);
   tq.finish();
   tk.finish();
   tv.finish();
@@ -790,11 +791,11 @@ void dropout_apply(const dtensor<T>& x, float p, philox_stream rng, dtensor<T>& 
                                           dtensor<T>&, grad_write);
 #define KILN_GPU_MASK(T, M)                                                                                          \
   template void attention_forward<T, M>(const dtensor<T>&, const dtensor<T>&, const dtensor<T>&, dtensor<T>&,        \
-                                        dtensor<float>&, const cuda_kernels::attention_dims&);                       \
+                                        dtensor<float>&, const cuda_kernels::attention_dims&, M);                    \
   template void attention_backward<T, M>(const dtensor<T>&, const dtensor<T>&, const dtensor<T>&, const dtensor<T>&, \
                                          const dtensor<T>&, const dtensor<float>&,                                   \
                                          const cuda_kernels::attention_dims&, dtensor<T>*, grad_write, dtensor<T>*,  \
-                                         grad_write, dtensor<T>*, grad_write);
+                                         grad_write, dtensor<T>*, grad_write, M);
 #define KILN_GPU_VIEWS(T)                                                                                            \
   template void strided_store<T>(dtensor<T>, const dtensor<T>&, grad_write);                                         \
   template void sum_dim<T>(const dtensor<T>&, cpu::reduce_geometry, float, dtensor<T>&);                             \
@@ -816,7 +817,9 @@ void dropout_apply(const dtensor<T>& x, float p, philox_stream rng, dtensor<T>& 
   template void softmax_forward<T>(const dtensor<T>&, dtensor<T>&, bool);                                            \
   template void softmax_backward<T>(const dtensor<T>&, const dtensor<T>&, dtensor<T>&, bool, grad_write);            \
   KILN_GPU_MASK(T, ops::mask::none)                                                                                  \
-  KILN_GPU_MASK(T, ops::mask::causal)
+  KILN_GPU_MASK(T, ops::mask::causal)                                                                                \
+  KILN_GPU_MASK(T, ops::mask::local_n)                                                                               \
+  KILN_GPU_MASK(T, ops::mask::strided_n)
 KILN_GPU_TYPE(f32)
 KILN_GPU_TYPE(bf16)
 KILN_GPU_TYPE(f16)

@@ -26,6 +26,9 @@
 # Fashion-MNIST files, and python3 with torch for the peers. The device image has only
 # the toolkit and Python: `bash tools/gpu-deps.sh` here copies the rest into .deps/
 # (~45 MB), which this script uses when present; carry [".deps"].
+# The programs build in parallel; the steps run in the order above except memcheck, which
+# runs last (it is the slowest), each under what is left of KILN_GPU_BUDGET_S (560 s),
+# and a step the budget cannot fit is named in skipped.txt.
 # Exits non-zero if a build, a check or memcheck failed; 77 after the builds where no
 # GPU is visible.
 set -uo pipefail
@@ -55,55 +58,83 @@ for p in "${pids[@]}"; do wait "$p" || failed=1; done
 if ((failed)); then cat "$b"/*.log; echo "gpu-check: a kernel did not compile"; exit 1; fi
 rm -f "$b/libkiln_kernels.a"
 ar rcs "$b/libkiln_kernels.a" "$b"/*.o
-nvcc "${flags[@]}" -DKILN_WITH_CUDA -Xcompiler -fopenmp tests/gpu/test_kernels.cu "$b/libkiln_kernels.a" \
-  -lgomp -lcublasLt -o "$b/test_kernels" || { echo "gpu-check: test_kernels did not build"; exit 1; }
-# The programs whose tensors live on the GPU, built by the host compiler (as Meson does)
-# and linked with the kernels, cuBLASLt and the CUDA runtime.
+# The programs, built side by side: the kernel test and the GPU benchmarks by nvcc; the
+# programs whose tensors live on the GPU by the host compiler (as Meson does), linked with
+# the kernels, cuBLASLt and the CUDA runtime.
 cudalib=$(dirname "$(command -v nvcc)")/../lib64
 host=(-std=c++20 -O1 -fopenmp -fno-math-errno -DKILN_WITH_CUDA -DEIGEN_DONT_PARALLELIZE_INSIDE_OMP_REGIONS -Iinclude)
 [ -d "$deps/include" ] && host+=(-isystem "$deps/include")
 host+=(-isystem "$eigen")
 hostlibs=("$b/libkiln_kernels.a" -L"$cudalib" -lcublasLt -lcudart -Wl,-rpath,"$cudalib" -l:libz.so.1)
-g++ "${host[@]}" tests/gpu/test_training.cpp tests/test_main.cpp "${hostlibs[@]}" -o "$b/test_training" ||
-  { echo "gpu-check: test_training did not build"; exit 1; }
-g++ "${host[@]}" -O2 -DKILN_EXAMPLE_CUDA examples/01_fashion_mnist.cpp "${hostlibs[@]}" -o "$b/01_fashion_mnist_cuda" ||
-  { echo "gpu-check: 01_fashion_mnist_cuda did not build"; exit 1; }
-g++ "${host[@]}" -O2 bench/gpu/gpt2_step.cpp "${hostlibs[@]}" -o "$b/gpu_gpt2_step" ||
-  { echo "gpu-check: bench/gpu/gpt2_step.cpp did not build"; exit 1; }
+names=() pids=()
+build() {  # build NAME COMMAND...: in the background, log in $b/NAME.build.log
+  local name=$1
+  shift
+  "$@" > "$b/$name.build.log" 2>&1 &
+  names+=("$name")
+  pids+=($!)
+}
+build test_kernels nvcc "${flags[@]}" -DKILN_WITH_CUDA -Xcompiler -fopenmp tests/gpu/test_kernels.cu \
+  "$b/libkiln_kernels.a" -lgomp -lcublasLt -o "$b/test_kernels"
+build test_training g++ "${host[@]}" tests/gpu/test_training.cpp tests/test_main.cpp "${hostlibs[@]}" \
+  -o "$b/test_training"
+build 01_fashion_mnist_cuda g++ "${host[@]}" -O2 -DKILN_EXAMPLE_CUDA examples/01_fashion_mnist.cpp "${hostlibs[@]}" \
+  -o "$b/01_fashion_mnist_cuda"
+build gpu_gpt2_step g++ "${host[@]}" -O2 bench/gpu/gpt2_step.cpp "${hostlibs[@]}" -o "$b/gpu_gpt2_step"
 for bench in adamw attention cross_entropy; do
-  nvcc "${flags[@]}" "bench/gpu/$bench.cu" "$b/libkiln_kernels.a" -lcublasLt -o "$b/gpu_$bench" ||
-    { echo "gpu-check: bench/gpu/$bench.cu did not build"; exit 1; }
+  build "gpu_$bench" nvcc "${flags[@]}" "bench/gpu/$bench.cu" "$b/libkiln_kernels.a" -lcublasLt -o "$b/gpu_$bench"
 done
+failed=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    cat "$b/${names[$i]}.build.log"
+    echo "gpu-check: ${names[$i]} did not build"
+    failed=1
+  fi
+done
+((failed)) && exit 1
+echo "gpu-check: built in ${SECONDS} s"
 
 if ! nvidia-smi -L > /dev/null 2>&1; then
   echo "gpu-check: built; no GPU visible here, nothing run"
   exit 77
 fi
+# Every step runs under what is left of the time budget (KILN_GPU_BUDGET_S, default 560 s,
+# under the device tool's 600 s per command); a step that would start with less than 20 s
+# left is skipped and named, so one call returns whatever it could run.
+deadline=$((${KILN_GPU_BUDGET_S:-560}))
 status=0
-echo "gpu-check: test_kernels"
-"$b/test_kernels" 2>&1 | tee "$out/test_kernels.log" || status=1
-echo "gpu-check: test_training (GPU training against the CPU)"
-"$b/test_training" 2>&1 | tee "$out/test_training.log" || status=1
-echo "gpu-check: 01_fashion_mnist_cuda"
-"$b/01_fashion_mnist_cuda" --epochs 1 --limit-batches 150 --min-accuracy 0.75 --no-progress --data "$fmnist" \
-  --out "$b/runs/01_fashion_mnist_cuda" 2>&1 | tee "$out/fashion_mnist_cuda.log" || status=1
-echo "gpu-check: compute-sanitizer memcheck"
+step() {  # step NAME LOG COMMAND...
+  local name=$1 log=$2
+  shift 2
+  local left=$((deadline - SECONDS))
+  if ((left < 20)); then
+    echo "gpu-check: $name skipped: the time budget is spent" | tee -a "$out/skipped.txt"
+    return
+  fi
+  echo "gpu-check: $name (at ${SECONDS} s, ${left} s left)"
+  timeout "$left" "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  if ((rc == 124)); then echo "gpu-check: $name ran out of time" | tee -a "$out/skipped.txt"; fi
+  ((rc == 0)) || status=1
+}
+step test_kernels "$out/test_kernels.log" "$b/test_kernels"
+step "test_training (GPU training against the CPU)" "$out/test_training.log" "$b/test_training"
+step 01_fashion_mnist_cuda "$out/fashion_mnist_cuda.log" "$b/01_fashion_mnist_cuda" --epochs 1 --limit-batches 150 \
+  --min-accuracy 0.75 --no-progress --data "$fmnist" --out "$b/runs/01_fashion_mnist_cuda"
+for bench in adamw attention cross_entropy; do
+  step "$bench (kiln)" "$out/$bench.kiln.jsonl" "$b/gpu_$bench"
+  step "$bench (torch)" "$out/$bench.torch.jsonl" python3 "bench/gpu/torch_$bench.py"
+  cat "$out/$bench.kiln.jsonl" "$out/$bench.torch.jsonl" > "$out/$bench.jsonl" 2> /dev/null
+done
+step "gpt2_step (kiln)" "$out/gpt2_step.jsonl" "$b/gpu_gpt2_step"
+step "gpt2_step (torch eager, compiled)" "$out/gpt2_step.torch.jsonl" python3 bench/gpu/torch_gpt2_step.py \
+  --kiln "$out/gpt2_step.jsonl"
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$sanitizer" ]; then
-  "$sanitizer" --tool memcheck --error-exitcode 3 "$b/test_kernels" > "$out/memcheck.log" 2>&1 || status=1
-  tail -3 "$out/memcheck.log"
+  step "compute-sanitizer memcheck" "$out/memcheck.log" "$sanitizer" --tool memcheck --error-exitcode 3 "$b/test_kernels"
 else
   echo "gpu-check: no compute-sanitizer" | tee "$out/memcheck.log"
 fi
-for bench in adamw attention cross_entropy; do
-  echo "gpu-check: $bench, kiln and torch"
-  : > "$out/$bench.jsonl"
-  "$b/gpu_$bench" | tee -a "$out/$bench.jsonl" || status=1
-  python3 "bench/gpu/torch_$bench.py" | tee -a "$out/$bench.jsonl" || echo "gpu-check: the torch peer of $bench did not run"
-done
-echo "gpu-check: gpt2_step, kiln and torch (eager, compiled)"
-"$b/gpu_gpt2_step" | tee "$out/gpt2_step.jsonl" || status=1
-python3 bench/gpu/torch_gpt2_step.py --kiln "$out/gpt2_step.jsonl" | tee -a "$out/gpt2_step.jsonl" ||
-  echo "gpu-check: the torch peer of gpt2_step did not run"
-echo "gpu-check: done (status $status); results in $out"
+echo "gpu-check: done at ${SECONDS} s (status $status); results in $out"
 exit $status

@@ -352,8 +352,10 @@ void test_attention(std::int64_t tq, std::int64_t s, float dropout_p, const std:
   d.rng = opt.rng;
   dbuf<T> dq(q), dk(k), dv(v), ddo(dout), o(q.size()), gq(q.size()), gk(k.size()), gv(v.size());
   dbuf<float> lse(B * Hq * tq), delta(B * Hq * tq);
-  ck::attention_forward<T, Mask>(dq.p, dk.p, dv.p, o.p, lse.p, d, nullptr);
-  ck::attention_backward<T, Mask>(dq.p, dk.p, dv.p, o.p, ddo.p, lse.p, delta.p, gq.p, gk.p, gv.p, d, nullptr);
+  using DM = typename ops::mask::device_form<Mask>::type;  // local<W> → local_n{W}, ...
+  const DM dm = ops::mask::device_form<Mask>::make();
+  ck::attention_forward<T, DM>(dq.p, dk.p, dv.p, o.p, lse.p, d, nullptr, dm);
+  ck::attention_backward<T, DM>(dq.p, dk.p, dv.p, o.p, ddo.p, lse.p, delta.p, gq.p, gk.p, gv.p, d, nullptr, dm);
   const std::string n = "attention " + label + " " + tname<T>();
   const double t = std::is_same_v<T, f32> ? 1e-4 : tol<T>();
   expect_close(n + " O", o.host(), vec(out.value()), t);
@@ -860,6 +862,13 @@ int main() {
   test_attention<f32, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
   test_attention<f32, ops::mask::causal>(8, 40, 0.0f, "causal, 8 queries after 32 cached keys");
   test_attention<f32, ops::mask::none>(33, 47, 0.1f, "no mask, dropout 0.1");
+  // The sparse patterns. Blocks hold 64 query rows; strided's first key is not monotone in
+  // the row, so the second block of the strided cases (positions 67..72, 71..76) starts
+  // at a row whose first key (3, 1) is above its last row's (0).
+  test_attention<f32, ops::mask::local<7>>(70, 70, 0.0f, "local<7>");
+  test_attention<f32, ops::mask::local<16>>(12, 80, 0.1f, "local<16>, 12 queries after 68 cached keys, dropout");
+  test_attention<f32, ops::mask::strided<8>>(70, 73, 0.0f, "strided<8>, 3 cached keys");
+  test_attention<bf16, ops::mask::strided<5>>(70, 77, 0.0f, "strided<5>, 7 cached keys");
   test_attention<bf16, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
   test_attention<f16, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
   std::printf("test_kernels: %d checks, %d failed\n", checks, failures);

@@ -359,3 +359,25 @@ TEST_CASE("rope: gradient") {
   KILN_CHECK_GRADIENTS([](auto& v) { return rope(v, 3, 10000.0); }, x);
   CHECK_THROWS_WITH_AS(rope(var<f64>(tensor<f64>::zeros({1, 2, 1, 3}))), doctest::Contains("even D"), error);
 }
+
+TEST_CASE("attention masks: the cuda kernels' value forms (local_n, strided_n) equal the policy types") {
+  auto same = [](auto policy, auto value, std::int64_t s) {
+    using P = decltype(policy);
+    for (std::int64_t i = 0; i < s; ++i) {
+      CAPTURE(i);
+      CHECK(value.first_key(i) == P::first_key(i));
+      CHECK(value.end_key(i, s) == P::end_key(i, s));
+      for (std::int64_t j = 0; j < s; ++j)
+        if (value.allowed(i, j) != P::allowed(i, j)) FAIL_CHECK(P::name(), " at (", i, ", ", j, ")");
+    }
+  };
+  using namespace kiln::ops::mask;
+  static_assert(std::is_same_v<device_form<local<7>>::type, local_n>);
+  static_assert(std::is_same_v<device_form<causal>::type, causal>);
+  same(local<1>{}, device_form<local<1>>::make(), 40);
+  same(local<7>{}, device_form<local<7>>::make(), 90);
+  same(strided<5>{}, device_form<strided<5>>::make(), 90);
+  same(strided<8>{}, device_form<strided<8>>::make(), 90);
+  CHECK(device_form<local<7>>::make().window == 7);
+  CHECK(device_form<strided<8>>::make().stride == 8);
+}

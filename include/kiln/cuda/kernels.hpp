@@ -107,7 +107,8 @@ void cross_entropy(const T* logits, const std::int64_t* targets, float* loss, T*
 // Scaled dot-product attention with an online softmax (the CPU op's algorithm, as in
 // FlashAttention): q [B, T, Hq, D], k and v [B, S, Hkv, D] contiguous, Hq a multiple of
 // Hkv (grouped-query); queries at absolute positions q_offset + i, keys at 0..S−1; Mask
-// one of kiln::ops::mask (none and causal are compiled); D 32, 64 or 128. The forward writes
+// none, causal, local_n or strided_n of kiln::ops::mask (the last two carry their width:
+// pass the value, ops::mask::device_form<local<W>>::make()); D 32, 64 or 128. The forward writes
 // O [B, T, Hq, D] and lse [B, Hq, T] (f32, for the backward). Dropout on the
 // probabilities draws the CPU's Philox index ((b·Hq + h)·T + i)·S + j.
 struct attention_dims {
@@ -118,11 +119,12 @@ struct attention_dims {
   philox_stream rng{};
 };
 template <class T, class Mask>
-void attention_forward(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, stream_t stream);
+void attention_forward(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, stream_t stream,
+                       Mask mask = Mask{});
 // dq, dk, dv are overwritten; delta is scratch of B·Hq·T floats.
 template <class T, class Mask>
 void attention_backward(const T* q, const T* k, const T* v, const T* o, const T* dout, const float* lse, float* delta,
-                        T* dq, T* dk, T* dv, const attention_dims& d, stream_t stream);
+                        T* dq, T* dk, T* dv, const attention_dims& d, stream_t stream, Mask mask = Mask{});
 
 // ---- elementwise ------------------------------------------------------------------------
 // GELU (tanh approximation): y = gelu(x); backward dx = gelu'(x)·dy.

@@ -114,15 +114,16 @@ template <class T, class I>
 void embedding_backward(const dtensor<I>& ids, const dtensor<T>& gy, dtensor<T>& gw, grad_write mode);
 
 // Attention over contiguous q [B, T, Hq, D], k and v [B, S, Hkv, D] (kernels/attention.cu:
-// masks none and causal, head dims 32, 64 and 128): o and f32 lse [B·Hq·T]. The backward
-// writes each non-null gradient with its mode.
+// masks none, causal, local_n and strided_n, head dims 32, 64 and 128): o and f32 lse
+// [B·Hq·T]. The backward writes each non-null gradient with its mode.
 template <class T, class Mask>
 void attention_forward(const dtensor<T>& q, const dtensor<T>& k, const dtensor<T>& v, dtensor<T>& o,
-                       dtensor<float>& lse, const cuda_kernels::attention_dims& d);
+                       dtensor<float>& lse, const cuda_kernels::attention_dims& d, Mask mask);
 template <class T, class Mask>
 void attention_backward(const dtensor<T>& q, const dtensor<T>& k, const dtensor<T>& v, const dtensor<T>& o,
                         const dtensor<T>& dout, const dtensor<float>& lse, const cuda_kernels::attention_dims& d,
-                        dtensor<T>* dq, grad_write mq, dtensor<T>* dk, grad_write mk, dtensor<T>* dv, grad_write mv);
+                        dtensor<T>* dq, grad_write mq, dtensor<T>* dk, grad_write mk, dtensor<T>* dv, grad_write mv,
+                        Mask mask);
 
 // RoPE on a contiguous x [B, T, H, D] (positions first + t): y, or with backward the
 // gradient of x from y's, written with mode.

@@ -76,7 +76,9 @@ grad_write grad_mode(const var<T, Dev>& x) {
 // The device path (kernels/attention.cu through kiln/cuda/ops.hpp): q, k, v made
 // contiguous [B, ·, H, D]; every gradient written with its own mode.
 template <attention_mask Mask>
-inline constexpr bool has_device_kernel = std::is_same_v<Mask, mask::none> || std::is_same_v<Mask, mask::causal>;
+inline constexpr bool has_device_kernel = std::is_same_v<Mask, mask::none> || std::is_same_v<Mask, mask::causal> ||
+                                          std::is_same_v<typename mask::device_form<Mask>::type, mask::local_n> ||
+                                          std::is_same_v<typename mask::device_form<Mask>::type, mask::strided_n>;
 
 inline cuda_kernels::attention_dims device_dims(const cpu::attention_dims& d) {
   cuda_kernels::attention_dims g;
@@ -97,7 +99,7 @@ template <attention_mask Mask, floating_element T, device Dev>
 var<T, Dev> attention_device(const var<T, Dev>& q, const var<T, Dev>& k, const var<T, Dev>& v,
                              const attention_options& opt) {
   static_assert(has_device_kernel<Mask>,
-                "kiln::attention on cuda tensors: masks none and causal have device kernels "
+                "kiln::attention on cuda tensors: masks none, causal, local<W> and strided<L> have device kernels "
                 "(kernels/attention.cu); compute this mask on the cpu");
   const cpu::attention_dims d =
       attention_dims_for(q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), opt);
@@ -105,15 +107,17 @@ var<T, Dev> attention_device(const var<T, Dev>& q, const var<T, Dev>& k, const v
   auto qv = q.value().contiguous(), kv = k.value().contiguous(), vv = v.value().contiguous();
   tensor<T, Dev> o(shape{d.batch, d.q_len, d.q_heads, d.head_dim});
   tensor<float, Dev> lse(shape{d.batch * d.q_heads * d.q_len});
-  gpu::attention_forward<T, Mask>(qv, kv, vv, o, lse, gd);
+  using DM = typename mask::device_form<Mask>::type;  // local<W> → local_n{W}, ...
+  gpu::attention_forward<T, DM>(qv, kv, vv, o, lse, gd, mask::device_form<Mask>::make());
   if (!autograd::any_requires_grad(q, k, v)) return var<T, Dev>(std::move(o));
   return autograd::record(
       o,
       [q, k, v, qv, kv, vv, o, lse, gd](const tensor<T, Dev>& gy) mutable {
         const bool bq = q.requires_grad(), bk = k.requires_grad(), bv = v.requires_grad();
         const grad_write mq = grad_mode(q), mk = grad_mode(k), mv = grad_mode(v);
-        gpu::attention_backward<T, Mask>(qv, kv, vv, o, gy.contiguous(), lse, gd, bq ? &q.grad() : nullptr, mq,
-                                         bk ? &k.grad() : nullptr, mk, bv ? &v.grad() : nullptr, mv);
+        gpu::attention_backward<T, DM>(qv, kv, vv, o, gy.contiguous(), lse, gd, bq ? &q.grad() : nullptr, mq,
+                                       bk ? &k.grad() : nullptr, mk, bv ? &v.grad() : nullptr, mv,
+                                       mask::device_form<Mask>::make());
       },
       q, k, v);
 }
@@ -186,15 +190,17 @@ var<T, Dev> attention_packed(const var<T, Dev>& qkv, std::int64_t q_heads, std::
     const std::int64_t B = qkv.size(0), L = qkv.size(1), D = width / heads;
     const cpu::attention_dims d = detail::attention_dims_for(B, L, L, q_heads, kv_heads, D, opt);
     const cuda_kernels::attention_dims gd = detail::device_dims(d);
-    static_assert(detail::has_device_kernel<Mask>,
-                  "kiln::attention_packed on cuda tensors: masks none and causal have device kernels "
-                  "(kernels/attention.cu); compute this mask on the cpu");
+    static_assert(
+        detail::has_device_kernel<Mask>,
+        "kiln::attention_packed on cuda tensors: masks none, causal, local<W> and strided<L> have device kernels "
+        "(kernels/attention.cu); compute this mask on the cpu");
     auto x = qkv.value().contiguous().reshape(shape{B, L, heads, D});
     auto qv = x.slice(2, 0, q_heads).contiguous(), kv = x.slice(2, q_heads, q_heads + kv_heads).contiguous(),
          vv = x.slice(2, q_heads + kv_heads, heads).contiguous();
     tensor<T, Dev> o(shape{B, L, q_heads, D});
     tensor<float, Dev> lse(shape{B * q_heads * L});
-    gpu::attention_forward<T, Mask>(qv, kv, vv, o, lse, gd);
+    using DM = typename mask::device_form<Mask>::type;
+    gpu::attention_forward<T, DM>(qv, kv, vv, o, lse, gd, mask::device_form<Mask>::make());
     tensor<T, Dev> out = o.reshape(shape{B, L, q_heads * D});
     if (!autograd::any_requires_grad(qkv)) return var<T, Dev>(std::move(out));
     return autograd::record(
@@ -202,9 +208,9 @@ var<T, Dev> attention_packed(const var<T, Dev>& qkv, std::int64_t q_heads, std::
         [qkv, qv, kv, vv, o, lse, gd, B, L, D, heads, q_heads, kv_heads](const tensor<T, Dev>& gy) mutable {
           const grad_write m = qkv.begin_grad_write();
           tensor<T, Dev> dq(qv.shape()), dk(kv.shape()), dv(vv.shape());
-          gpu::attention_backward<T, Mask>(qv, kv, vv, o, gy.contiguous().reshape(o.shape()), lse, gd, &dq,
-                                           grad_write::overwrite, &dk, grad_write::overwrite, &dv,
-                                           grad_write::overwrite);
+          gpu::attention_backward<T, DM>(qv, kv, vv, o, gy.contiguous().reshape(o.shape()), lse, gd, &dq,
+                                         grad_write::overwrite, &dk, grad_write::overwrite, &dv, grad_write::overwrite,
+                                         mask::device_form<Mask>::make());
           auto g = qkv.grad().reshape(shape{B, L, heads, D});
           gpu::strided_store(g.slice(2, 0, q_heads), dq, m);
           gpu::strided_store(g.slice(2, q_heads, q_heads + kv_heads), dk, m);

@@ -88,6 +88,47 @@ struct strided {
   static std::string name() { return "strided<" + std::to_string(Stride) + ">"; }
 };
 
+// The cuda kernels' forms of local<W> and strided<L>: the width as a value, so one kernel
+// instantiation serves every width a program composes (kernels/attention.cu). The same
+// formulas as the policy types above; device_form<M> maps a mask to the form the kernels
+// take (none and causal are their own).
+struct local_n {
+  std::int64_t window;
+  KILN_HOST_DEVICE constexpr bool allowed(std::int64_t i, std::int64_t j) const { return j <= i && i - j < window; }
+  KILN_HOST_DEVICE constexpr std::int64_t first_key(std::int64_t i) const {
+    return i - window + 1 > 0 ? i - window + 1 : 0;
+  }
+  KILN_HOST_DEVICE constexpr std::int64_t end_key(std::int64_t i, std::int64_t s) const {
+    return i + 1 < s ? i + 1 : s;
+  }
+};
+struct strided_n {
+  std::int64_t stride;
+  KILN_HOST_DEVICE constexpr bool allowed(std::int64_t i, std::int64_t j) const {
+    return j <= i && (i - j < stride || (i - j) % stride == 0);
+  }
+  KILN_HOST_DEVICE constexpr std::int64_t first_key(std::int64_t i) const { return i < stride ? 0 : i % stride; }
+  KILN_HOST_DEVICE constexpr std::int64_t end_key(std::int64_t i, std::int64_t s) const {
+    return i + 1 < s ? i + 1 : s;
+  }
+};
+
+template <class M>
+struct device_form {
+  using type = M;
+  static constexpr M make() { return {}; }
+};
+template <std::int64_t W>
+struct device_form<local<W>> {
+  using type = local_n;
+  static constexpr local_n make() { return {W}; }
+};
+template <std::int64_t L>
+struct device_form<strided<L>> {
+  using type = strided_n;
+  static constexpr strided_n make() { return {L}; }
+};
+
 }  // namespace mask
 
 template <class M>
