@@ -26,11 +26,13 @@
 # Fashion-MNIST files, and python3 with torch for the peers. The device image has only
 # the toolkit and Python: `bash tools/gpu-deps.sh` here copies the rest into .deps/
 # (~45 MB), which this script uses when present; carry [".deps"].
-# The programs build in parallel; the steps run in the order above except memcheck, which
-# runs last (it is the slowest), each under what is left of KILN_GPU_BUDGET_S (560 s),
-# and a step the budget cannot fit is named in skipped.txt.
-# Exits non-zero if a build, a check or memcheck failed; 77 after the builds where no
-# GPU is visible.
+# The programs build in parallel; the steps run in the order above (memcheck after the
+# checks, before the benchmarks), each under what is left of KILN_GPU_BUDGET_S (560 s),
+# and a step the budget cannot fit is named in skipped.txt. Each benchmark's JSON lines
+# (kiln's, then torch's) end up in <name>.jsonl, their stderr in <name>.*.jsonl.err.
+# Exits 1 if a build, a check, memcheck or a kiln benchmark failed (a torch peer that
+# does not run is reported, not counted); 3 if everything that ran passed but something
+# was skipped or ran out of time; 77 after the builds where no GPU is visible.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/out/gpu}
@@ -101,40 +103,58 @@ if ! nvidia-smi -L > /dev/null 2>&1; then
 fi
 # Every step runs under what is left of the time budget (KILN_GPU_BUDGET_S, default 560 s,
 # under the device tool's 600 s per command); a step that would start with less than 20 s
-# left is skipped and named, so one call returns whatever it could run.
+# left is skipped and named in skipped.txt, so one call returns whatever it could run.
 deadline=$((${KILN_GPU_BUDGET_S:-560}))
 status=0
-step() {  # step NAME LOG COMMAND...
-  local name=$1 log=$2
-  shift 2
+incomplete=0
+step() {  # step KIND NAME LOG COMMAND...; KIND: check (a test), bench (kiln's figures), peer (torch's)
+  local kind=$1 name=$2 log=$3
+  shift 3
   local left=$((deadline - SECONDS))
   if ((left < 20)); then
     echo "gpu-check: $name skipped: the time budget is spent" | tee -a "$out/skipped.txt"
+    [ "$kind" = peer ] || incomplete=1
     return
   fi
   echo "gpu-check: $name (at ${SECONDS} s, ${left} s left)"
-  timeout "$left" "$@" 2>&1 | tee "$log"
-  local rc=${PIPESTATUS[0]}
-  if ((rc == 124)); then echo "gpu-check: $name ran out of time" | tee -a "$out/skipped.txt"; fi
-  ((rc == 0)) || status=1
+  local rc
+  if [[ "$log" == *.jsonl ]]; then  # JSON lines only; diagnostics beside them
+    timeout "$left" "$@" 2> "$log.err" | tee "$log"
+    rc=${PIPESTATUS[0]}
+  else
+    timeout "$left" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+  fi
+  if ((rc == 124)); then
+    echo "gpu-check: $name ran out of time" | tee -a "$out/skipped.txt"
+    [ "$kind" = peer ] || incomplete=1
+  elif ((rc != 0)); then
+    if [ "$kind" = peer ]; then echo "gpu-check: $name did not run (rc $rc; see $log.err)"; else status=1; fi
+  fi
 }
-step test_kernels "$out/test_kernels.log" "$b/test_kernels"
-step "test_training (GPU training against the CPU)" "$out/test_training.log" "$b/test_training"
-step 01_fashion_mnist_cuda "$out/fashion_mnist_cuda.log" "$b/01_fashion_mnist_cuda" --epochs 1 --limit-batches 150 \
-  --min-accuracy 0.75 --no-progress --data "$fmnist" --out "$b/runs/01_fashion_mnist_cuda"
-for bench in adamw attention cross_entropy; do
-  step "$bench (kiln)" "$out/$bench.kiln.jsonl" "$b/gpu_$bench"
-  step "$bench (torch)" "$out/$bench.torch.jsonl" python3 "bench/gpu/torch_$bench.py"
-  cat "$out/$bench.kiln.jsonl" "$out/$bench.torch.jsonl" > "$out/$bench.jsonl" 2> /dev/null
-done
-step "gpt2_step (kiln)" "$out/gpt2_step.jsonl" "$b/gpu_gpt2_step"
-step "gpt2_step (torch eager, compiled)" "$out/gpt2_step.torch.jsonl" python3 bench/gpu/torch_gpt2_step.py \
-  --kiln "$out/gpt2_step.jsonl"
+step check test_kernels "$out/test_kernels.log" "$b/test_kernels"
+step check "test_training (GPU training against the CPU)" "$out/test_training.log" "$b/test_training"
+step check 01_fashion_mnist_cuda "$out/fashion_mnist_cuda.log" "$b/01_fashion_mnist_cuda" --epochs 1 \
+  --limit-batches 150 --min-accuracy 0.75 --no-progress --data "$fmnist" --out "$b/runs/01_fashion_mnist_cuda"
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$sanitizer" ]; then
-  step "compute-sanitizer memcheck" "$out/memcheck.log" "$sanitizer" --tool memcheck --error-exitcode 3 "$b/test_kernels"
+  step check "compute-sanitizer memcheck" "$out/memcheck.log" "$sanitizer" --tool memcheck --error-exitcode 3 \
+    "$b/test_kernels"
 else
   echo "gpu-check: no compute-sanitizer" | tee "$out/memcheck.log"
+  incomplete=1
 fi
+for bench in adamw attention cross_entropy; do
+  step bench "$bench (kiln)" "$out/$bench.kiln.jsonl" "$b/gpu_$bench"
+  step peer "$bench (torch)" "$out/$bench.torch.jsonl" python3 "bench/gpu/torch_$bench.py"
+  cat "$out/$bench.kiln.jsonl" "$out/$bench.torch.jsonl" > "$out/$bench.jsonl" 2> /dev/null
+done
+step bench "gpt2_step (kiln)" "$out/gpt2_step.kiln.jsonl" "$b/gpu_gpt2_step"
+step peer "gpt2_step (torch eager, compiled)" "$out/gpt2_step.torch.jsonl" python3 bench/gpu/torch_gpt2_step.py \
+  --kiln "$out/gpt2_step.kiln.jsonl"
+cat "$out/gpt2_step.kiln.jsonl" "$out/gpt2_step.torch.jsonl" > "$out/gpt2_step.jsonl" 2> /dev/null
+# 1: a build, a check or a benchmark failed; 3: all that ran passed, but a check or a
+# benchmark was skipped or cut off by the time budget (skipped.txt says which).
+((status == 0 && incomplete)) && status=3
 echo "gpu-check: done at ${SECONDS} s (status $status); results in $out"
 exit $status

@@ -375,7 +375,8 @@ void expect(bool ok, const std::string& what) {
 // counter. The host recomputes p in f32 and rounds with the same draws; nvcc may contract
 // the update into FMAs differently, which can move p by an f32 ulp and so, rarely, the
 // rounded copy by a bf16 ulp: at least 99.9% of the copies must match bit for bit, and
-// they must differ from round-to-nearest about half the time.
+// they must differ from round-to-nearest about a quarter of the time (the mean of
+// min(f, 1 − f) over a uniform fraction f of an ulp).
 void test_adamw_stochastic_copy() {
   const std::int64_t n = 70000;  // two chunks
   const ops::fn::adamw_update u{1e-3, 0.9, 0.999, 1e-8, 0.01, 0.1, std::sqrt(0.001)};
@@ -411,9 +412,9 @@ void test_adamw_stochastic_copy() {
   }
   expect(same >= n - n / 1000, "adamw f32 + stochastic bf16 copy: " + std::to_string(same) + " of " +
                                    std::to_string(n) + " copies match the host's draws");
-  expect(off_nearest > n / 4 && off_nearest < 3 * n / 4, "adamw stochastic copy: " + std::to_string(off_nearest) +
+  expect(off_nearest > n / 8 && off_nearest < 3 * n / 8, "adamw stochastic copy: " + std::to_string(off_nearest) +
                                                              " of " + std::to_string(n) +
-                                                             " differ from round-to-nearest (about half should)");
+                                                             " differ from round-to-nearest (about a quarter should)");
 }
 
 // The mixed-precision fold: master_grad = (accumulate ? master_grad : 0) + f32(g), exact.
@@ -614,6 +615,76 @@ void test_adamw_optimizer() {
     double moved = 0;
     for (std::size_t i = 0; i < got.size(); ++i) moved = std::max(moved, std::abs(double(got[i]) - double(before[i])));
     expect(moved > 1.5e-2, n + " moved (the step ran)");
+  }
+}
+
+// adamw<f32, cuda>::step(compute_copies) against the CPU optimizer's: f32 masters in two
+// groups, each step writing stochastically rounded bf16 copies through the table mixed
+// precision builds (the copies' counters start at each master's place among all of them,
+// not the optimizer's group order). The masters agree to f32 rounding; at least 99.9% of
+// the copies bit for bit (an FMA contraction may move a master by an f32 ulp, and so,
+// rarely, its rounded copy); and about a quarter of the copies differ from nearest.
+void test_adamw_optimizer_copies() {
+  namespace cr = kiln::cuda_runtime;
+  const std::int64_t sizes[] = {1000, 70000, 5};
+  std::vector<var<f32>> hp;
+  std::vector<var<f32, cuda>> dp;
+  std::vector<tensor<bf16>> hc;
+  std::vector<tensor<bf16, cuda>> dc;
+  for (int k = 0; k < 3; ++k) {
+    auto t = as_tensor(random<f32>(static_cast<std::size_t>(sizes[k]), 80 + k), shape{sizes[k]});
+    hp.emplace_back(t.clone(), true);
+    dp.emplace_back(cr::to_device(t), true);
+    hc.emplace_back(shape{sizes[k]});
+    dc.emplace_back(shape{sizes[k]});
+  }
+  auto groups = [](auto& ps) {
+    using V = typename std::remove_cvref_t<decltype(ps)>::value_type;
+    using NP = nn::named_parameter<f32, typename V::device_type>;
+    std::vector<optim::param_group<f32, typename V::device_type>> g(2);
+    g[0].params = {NP{"c", ps[2]}, NP{"a", ps[0]}};  // not the masters' order
+    g[1].params = {NP{"b", ps[1]}};
+    g[1].weight_decay = 0.0;
+    return g;
+  };
+  const optim::adamw_options o{.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1};
+  optim::adamw<f32> host(groups(hp), o);
+  optim::adamw<f32, cuda> dev(groups(dp), o);
+  for (std::uint64_t step = 0; step < 3; ++step) {
+    optim::compute_copies<bf16, cpu> htab;
+    optim::compute_copies<bf16, cuda> dtab;
+    htab.stochastic = dtab.stochastic = true;
+    htab.stream = dtab.stream = philox_stream{0x5eed, step << 40};
+    std::int64_t first = 0;
+    for (int k = 0; k < 3; ++k) {
+      auto gr = as_tensor(random<f32>(static_cast<std::size_t>(sizes[k]), 500 + 10 * step + k), shape{sizes[k]});
+      hp[k].begin_grad_write();
+      hp[k].grad().copy_from(gr);
+      dp[k].begin_grad_write();
+      dp[k].grad().copy_from(cr::to_device(gr));
+      htab.of[hp[k].id()] = {hc[k].data(), first};
+      dtab.of[dp[k].id()] = {dc[k].data(), first};
+      first += sizes[k];
+    }
+    host.step(htab);
+    dev.step(dtab);
+  }
+  for (int k = 0; k < 3; ++k) {
+    const std::string n = "adamw<f32, cuda> + stochastic bf16 copies, param " + std::to_string(k);
+    const auto master = hp[k].value().to_vector();
+    expect_close(n + " masters", cr::to_host(dp[k].value()).to_vector(), master, 1e-5);
+    const auto got = cr::to_host(dc[k]).to_vector(), want = hc[k].to_vector();
+    std::size_t same = 0, off_nearest = 0;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      const auto b = Eigen::numext::bit_cast<std::uint16_t>(got[i]);
+      same += b == Eigen::numext::bit_cast<std::uint16_t>(want[i]);
+      off_nearest += b != Eigen::numext::bit_cast<std::uint16_t>(bf16(master[i]));
+    }
+    expect(same >= got.size() - got.size() / 1000,
+           n + ": " + std::to_string(same) + " of " + std::to_string(got.size()) + " copies match the CPU's bits");
+    if (got.size() >= 1000)
+      expect(off_nearest > got.size() / 8 && off_nearest < 3 * got.size() / 8,
+             n + ": " + std::to_string(off_nearest) + " copies differ from nearest (about a quarter should)");
   }
 }
 
@@ -830,6 +901,7 @@ int main() {
   test_device_tensor();
   test_adamw_optimizer<f32>();
   test_adamw_optimizer<bf16>();
+  test_adamw_optimizer_copies();
   test_ops_graph<f32>();
   test_ops_graph<bf16>();
   test_transformer_ops<f32>();

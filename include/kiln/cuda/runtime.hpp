@@ -95,8 +95,9 @@ inline staging_lease pinned_staging(std::size_t bytes) {
   if (cached_bytes < bytes) {
     std::size_t grown = std::max<std::size_t>(cached_bytes, 4096);
     while (grown < bytes) grown *= 2;
-    cached.reset();
-    cached.reset(pinned_allocate(grown));
+    cached.reset();  // first, so the old and the new buffer are never held together
+    cached_bytes = 0;
+    cached.reset(pinned_allocate(grown));  // may throw: the cache is then empty, not stale
     cached_bytes = grown;
   }
   return {cached.get(), nullptr};
@@ -132,9 +133,11 @@ tensor<T, cpu> to_host(const tensor<T, cuda>& device, stream_t stream = compute_
 }
 
 // A multi-tensor kernel's table (chunk records) in device memory from the caching
-// allocator, copied on `stream`. The copy is from pageable memory, which CUDA stages
-// before cudaMemcpyAsync returns, so `records` may go at once; the block returns to the
-// allocator stream-ordered, after the kernel that reads it.
+// allocator, copied on `stream`. The copy is from pageable memory: CUDA copies such a
+// source into its own staging memory before cudaMemcpyAsync returns (its API notes call
+// these copies "possibly synchronous"; for pageable host-to-device copies the driver
+// returns once the source is staged), so `records` may go at once. The block returns to
+// the allocator stream-ordered, after the kernel that reads it.
 template <class E>
 tensor<u8, cuda> upload(const std::vector<E>& records, stream_t stream = compute_stream()) {
   static_assert(std::is_trivially_copyable_v<E>, "cuda_runtime::upload: records are copied as bytes");

@@ -16,18 +16,23 @@
 //                   policy calls once a window's step is done). On cuda the fold is one
 //                   multi-tensor kernel and the record is taken when overflow() is first
 //                   asked after a fold: Σ g² (f64) of every master gradient into one
-//                   vector, read back once (a non-finite sum stays non-finite through
-//                   later folds and unscaling, so asking late sees what asking early would);
-//   copies(r, t)    the table that lets optim::adamw write the stepped masters, rounded
-//                   to Half, into the model in the step's own pass (optim::compute_copies);
-//   publish(r, t)   the same write-back as a separate host pass, for optimizers without
-//                   step(compute_copies) (ZeRO's sharded step): every master into its Half
-//                   parameter, rounded to nearest or stochastically (r);
+//                   vector, read back once. A non-finite sum stays non-finite through
+//                   later folds and scaling, but not through clipping by value (which
+//                   clamps inf), so the policy asks in unscale, before clipping;
+//   copies(r, t)    the table that lets optim::adamw write the masters it steps (those
+//                   with a gradient), rounded to Half, into the model in the step's own
+//                   pass (optim::compute_copies);
+//   publish(r, t)   the write-back as a separate host pass, for optimizers without
+//                   step(compute_copies) (ZeRO's sharded step, whose ranks gather masters
+//                   they did not step): every master into its Half parameter, rounded to
+//                   nearest or stochastically (r);
 //   for_each_child  makes the masters a module (flat names "net.0.weight"), so gradient
 //                   clipping, norms and nan checks run on them unchanged.
 // Stochastic rounding draws element e of link l, at write-back t, from philox (r.seed,
 // t << 40) at counter (elements of the links before l) + e, in both write-backs, so
-// CPU and GPU runs round alike.
+// CPU and GPU runs round alike. The two differ only for a master without a gradient in
+// that step: the fused write-back leaves its Half copy alone, publish re-rounds it
+// (identical to nearest, a fresh draw stochastically).
 // Cost: fold reads 2 B + 4 B and writes 4 B per element; the fused write-back adds 2 B
 // written to the optimizer's pass, publish reads 4 B and writes 2 B.
 #pragma once
@@ -229,7 +234,7 @@ class master_weights {
     if constexpr (!Dev::is_host) {
       if (!unscreened_) return;
       unscreened_ = false;
-      if (finite_ && detail::describe_first_non_finite<true>(const_cast<master_weights&>(*this))) finite_ = false;
+      if (finite_ && detail::any_non_finite_gradient(const_cast<master_weights&>(*this))) finite_ = false;
     }
   }
 

@@ -65,9 +65,10 @@ template <class O, floating_element Half, device Dev>
 constexpr auto rebound_optimizer() {
   if constexpr (!std::is_same_v<optimizer_device_t<O>, Dev>) {
     static_assert(std::is_same_v<optimizer_device_t<O>, Dev>,
-                  "kiln::precision (bf16_mixed / f16_mixed): the optimizer configure_optimizers() returns steps "
-                  "parameters on another device than the trainer's strategy runs on, where the f32 master weights "
-                  "are kept; name the module's device in the strategy, e.g. strategy::single_device<kiln::cuda>");
+                  "kiln::precision (bf16_mixed / f16_mixed): the optimizer from configure_optimizers() steps "
+                  "parameters on one device and the trainer's strategy (where the f32 master weights are kept) runs "
+                  "on another; build the module, its optimizer and the strategy on one device, e.g. name the "
+                  "module's device in the strategy: strategy::single_device<kiln::cuda>");
     return std::type_identity<O>{};
   } else if constexpr (requires(const O& o) { o.template rebind<f32, Dev>(rebind_probe<Half, Dev>{}); }) {
     return std::type_identity<decltype(std::declval<const O&>().template rebind<f32, Dev>(
@@ -127,7 +128,10 @@ class mixed {
   void unscale(M&, double factor) {
     masters_.fold();
     const double f = factor / scale();
-    if (f != 1.0 && !masters_.overflow()) optim::scale_gradients(masters_, f);
+    // The overflow record is taken here, before clipping (on cuda the first ask screens
+    // the masters; clipping by value would clamp an inf away).
+    const bool bad = (scaled || check_finite || f != 1.0) && masters_.overflow();
+    if (f != 1.0 && !bad) optim::scale_gradients(masters_, f);
     unscaled_ = true;
   }
   // Folds the window's last micro-batch: the master gradients are then complete (the

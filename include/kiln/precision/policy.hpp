@@ -150,13 +150,13 @@ std::optional<std::pair<std::int64_t, double>> find_non_finite(const tensor<T, D
   }
 }
 
-// "parameter 'net.0.weight' (element 12 = nan)" for the first parameter of m whose
-// gradient (Grad) or value (!Grad) is not finite; nullopt when all are. Device tensors are
-// checked on the device: Σ x² of each (f64, finite exactly when every element is) into its
-// own slot of one vector, read back once per call; only a non-finite one is copied to the
-// host, to name the element.
+// Σ x² in f64 of the gradient (Grad) or value (!Grad) of every device parameter of m
+// (that has a gradient, for Grad), in visit order, each into its own slot of one device
+// vector, read back once. Empty when m has no such parameter. (All device work, the read
+// back included, sits in `if constexpr` branches of the visits, so a cpu-only program
+// never instantiates the CUDA runtime's calls.)
 template <bool Grad, class M>
-std::optional<std::string> describe_first_non_finite(M& m) {
+std::vector<double> device_square_sums(M& m) {
   auto checked = [](auto& p) -> auto& {
     if constexpr (Grad)
       return p.grad();
@@ -168,8 +168,7 @@ std::optional<std::string> describe_first_non_finite(M& m) {
   nn::visit_parameters(m, [&](const std::string&, auto& p) {
     if constexpr (!std::remove_cvref_t<decltype(p)>::device_type::is_host) on_device += wanted(p) ? 1 : 0;
   });
-  // (The device work sits in `if constexpr` branches, so a cpu-only program never
-  // instantiates the CUDA runtime's calls.)
+  if (on_device == 0) return {};
   std::optional<tensor<double, cuda>> acc;
   std::int64_t slot = 0;
   nn::visit_parameters(m, [&](const std::string&, auto& p) {
@@ -182,6 +181,41 @@ std::optional<std::string> describe_first_non_finite(M& m) {
       }
   });
   std::vector<double> sums;
+  nn::visit_parameters(m, [&](const std::string&, auto& p) {
+    if constexpr (!std::remove_cvref_t<decltype(p)>::device_type::is_host)
+      if (sums.empty() && wanted(p)) sums = to_host(*acc).to_vector();  // the one read back
+  });
+  return sums;
+}
+
+// Whether any gradient of m is inf or NaN: device gradients through one read back of
+// their Σ g² (nothing else is copied), host ones scanned.
+template <class M>
+bool any_non_finite_gradient(M& m) {
+  for (double s : device_square_sums<true>(m))
+    if (!std::isfinite(s)) return true;
+  bool bad = false;
+  nn::visit_parameters(m, [&](const std::string&, auto& p) {
+    if constexpr (std::remove_cvref_t<decltype(p)>::device_type::is_host)
+      if (!bad && p.has_grad()) bad = first_non_finite(p.grad()).has_value();
+  });
+  return bad;
+}
+
+// "parameter 'net.0.weight' (element 12 = nan)" for the first parameter of m whose
+// gradient (Grad) or value (!Grad) is not finite; nullopt when all are. Device tensors are
+// screened through device_square_sums (one read back per call); only a non-finite one is
+// copied to the host, to name the element.
+template <bool Grad, class M>
+std::optional<std::string> describe_first_non_finite(M& m) {
+  auto checked = [](auto& p) -> auto& {
+    if constexpr (Grad)
+      return p.grad();
+    else
+      return p.value();
+  };
+  auto wanted = [](auto& p) { return !Grad || p.has_grad(); };
+  const std::vector<double> sums = device_square_sums<Grad>(m);
   std::optional<std::string> out;
   std::size_t next = 0;
   nn::visit_parameters(m, [&](const std::string& name, auto& p) {
@@ -190,7 +224,6 @@ std::optional<std::string> describe_first_non_finite(M& m) {
     if constexpr (std::remove_cvref_t<decltype(p)>::device_type::is_host) {
       bad = first_non_finite(checked(p));
     } else {
-      if (sums.empty()) sums = to_host(*acc).to_vector();  // the one read back
       if (!std::isfinite(sums[next++])) bad = first_non_finite(to_host(checked(p)));
     }
     if (bad) {
