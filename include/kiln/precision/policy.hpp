@@ -150,6 +150,18 @@ std::optional<std::pair<std::int64_t, double>> find_non_finite(const tensor<T, D
   }
 }
 
+// What the non-finite screens look at: a parameter's gradient (Grad) or value, and only
+// parameters that have a gradient when screening gradients.
+template <bool Grad>
+inline constexpr auto checked_tensor = [](auto& p) -> auto& {
+  if constexpr (Grad)
+    return p.grad();
+  else
+    return p.value();
+};
+template <bool Grad>
+inline constexpr auto screened = [](auto& p) { return !Grad || p.has_grad(); };
+
 // Σ x² in f64 of the gradient (Grad) or value (!Grad) of every device parameter of m
 // (that has a gradient, for Grad), in visit order, each into its own slot of one device
 // vector, read back once. Empty when m has no such parameter. (All device work, the read
@@ -157,13 +169,8 @@ std::optional<std::pair<std::int64_t, double>> find_non_finite(const tensor<T, D
 // never instantiates the CUDA runtime's calls.)
 template <bool Grad, class M>
 std::vector<double> device_square_sums(M& m) {
-  auto checked = [](auto& p) -> auto& {
-    if constexpr (Grad)
-      return p.grad();
-    else
-      return p.value();
-  };
-  auto wanted = [](auto& p) { return !Grad || p.has_grad(); };
+  constexpr auto checked = checked_tensor<Grad>;
+  constexpr auto wanted = screened<Grad>;
   std::int64_t on_device = 0;
   nn::visit_parameters(m, [&](const std::string&, auto& p) {
     if constexpr (!std::remove_cvref_t<decltype(p)>::device_type::is_host) on_device += wanted(p) ? 1 : 0;
@@ -208,13 +215,8 @@ bool any_non_finite_gradient(M& m) {
 // copied to the host, to name the element.
 template <bool Grad, class M>
 std::optional<std::string> describe_first_non_finite(M& m) {
-  auto checked = [](auto& p) -> auto& {
-    if constexpr (Grad)
-      return p.grad();
-    else
-      return p.value();
-  };
-  auto wanted = [](auto& p) { return !Grad || p.has_grad(); };
+  constexpr auto checked = checked_tensor<Grad>;
+  constexpr auto wanted = screened<Grad>;
   const std::vector<double> sums = device_square_sums<Grad>(m);
   std::optional<std::string> out;
   std::size_t next = 0;
