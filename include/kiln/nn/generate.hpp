@@ -137,14 +137,9 @@ generation_result generate(M& model, std::span<const std::int64_t> prompt, const
       r.reason = stop_reason::max_new_tokens;
       break;
     }
-    const std::int64_t last = logits.size(1) - 1;
-    if constexpr (Dev::is_host) {
-      for (std::int64_t v = 0; v < V; ++v) row[static_cast<std::size_t>(v)] = static_cast<float>(logits(0, last, v));
-    } else {
-      // The last position's row, V values, read back once per token.
-      const auto host_row = to_host(logits.slice(1, last, last + 1).contiguous());
-      for (std::int64_t v = 0; v < V; ++v) row[static_cast<std::size_t>(v)] = static_cast<float>(host_row.data()[v]);
-    }
+    // The last position's row: V values, read back once per token from a device.
+    const auto last_row = to_host(logits.slice(1, logits.size(1) - 1, logits.size(1)).contiguous());
+    for (std::int64_t v = 0; v < V; ++v) row[static_cast<std::size_t>(v)] = static_cast<float>(last_row.data()[v]);
     const std::int64_t tok = detail::choose_token(row, seen, o, static_cast<std::uint64_t>(step));
     r.tokens.push_back(tok);
     seen.push_back(tok);

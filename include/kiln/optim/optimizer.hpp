@@ -15,7 +15,9 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "kiln/autograd/var.hpp"
@@ -35,6 +37,12 @@ struct optimizer_state {
     return nullptr;
   }
 };
+
+// The tensor type of an optimizer's named state (tensor<T, Dev>): its element type and
+// the device of the parameters it steps.
+template <class O>
+using state_tensor_t =
+    typename std::remove_cvref_t<decltype(std::declval<const O&>().state().tensors)>::value_type::second_type;
 
 template <class O>
 concept optimizer = requires(O& o, const O& co) {

@@ -53,8 +53,7 @@ struct rebind_probe {
 template <class O>
 constexpr auto optimizer_device_probe() {
   if constexpr (requires(const O& o) { o.state().tensors; })
-    return std::type_identity<typename std::remove_cvref_t<
-        decltype(std::declval<const O&>().state().tensors)>::value_type::second_type::device_type>{};
+    return std::type_identity<typename optim::state_tensor_t<O>::device_type>{};
   else
     return std::type_identity<cpu>{};
 }

@@ -576,8 +576,7 @@ struct checkpointing {
   template <class O>
   static constexpr auto staged_state_probe() {
     using live = decltype(std::declval<O&>().state());
-    using T =
-        typename std::remove_cvref_t<decltype(std::declval<live&>().tensors)>::value_type::second_type::value_type;
+    using T = typename optim::state_tensor_t<O>::value_type;
     if constexpr (requires(O & o, const optim::optimizer_state<T, cpu>& h) { o.load_state(h); })
       return std::type_identity<optim::optimizer_state<T, cpu>>{};
     else
