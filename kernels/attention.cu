@@ -12,9 +12,12 @@
 // causal), or their value forms (local_n, strided_n: one instantiation for every width);
 // a block visits only the keys its rows may see. Dropout on the probabilities draws the
 // CPU's Philox index (b, h, i, j).
-// These are the reference-speed kernels (CUDA cores, f32 arithmetic, one row per
-// thread); the tensor-core (mma) versions for the performance target come next.
+// These are the reference kernels (CUDA cores, f32 arithmetic, one row per thread): they
+// serve f32 and head dimension 32. bf16 and f16 with head dimensions 64 and 128 run the
+// tensor-core block programs of kiln/cuda/flash_tiles.hpp (FlashAttention-2's tiling on
+// wmma), which g++ also runs on host threads in the CPU test suite.
 #include "common.cuh"
+#include "kiln/cuda/flash_tiles.hpp"
 #include "kiln/cuda/kernels.hpp"
 #include "kiln/ops/attention_mask.hpp"
 
@@ -257,6 +260,84 @@ void backward_d(const T* q, const T* k, const T* v, const T* o, const T* dout, c
                                         detail::dev(dk), detail::dev(dv), d, mask);
 }
 
+// ---- tensor-core kernels (kiln/cuda/flash_tiles.hpp) ------------------------------------------
+// A CUDA block as the block programs see it: W warps of 32 threads and a barrier.
+struct device_block {
+  int tid, nthreads, warp, nwarps;
+  __device__ void sync() const { __syncthreads(); }
+};
+__device__ __forceinline__ device_block this_block() {
+  const int t = static_cast<int>(threadIdx.x), n = static_cast<int>(blockDim.x);
+  return {t, n, t / 32, n / 32};
+}
+constexpr int forward_warps = 4, dq_warps = 4, dkv_warps = 8;
+
+template <int D, class DT, class Mask>
+__global__ void __launch_bounds__(forward_warps * 32)
+    flash_forward_kernel(const DT* q, const DT* k, const DT* v, DT* o, float* lse, attention_dims d, const Mask mask) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  flash::forward_block<D, forward_warps>(this_block(), smem, blockIdx.x, blockIdx.y, q, k, v, o, lse, d, mask);
+}
+template <int D, class DT, class Mask>
+__global__ void __launch_bounds__(dq_warps * 32)
+    flash_dq_kernel(const DT* q, const DT* k, const DT* v, const DT* dout, const float* lse, const float* delta, DT* dq,
+                    attention_dims d, const Mask mask) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  flash::dq_block<D, dq_warps>(this_block(), smem, blockIdx.x, blockIdx.y, q, k, v, dout, lse, delta, dq, d, mask);
+}
+template <int D, class DT, class Mask>
+__global__ void __launch_bounds__(dkv_warps * 32)
+    flash_dkv_kernel(const DT* q, const DT* k, const DT* v, const DT* dout, const float* lse, const float* delta,
+                     DT* dk, DT* dv, attention_dims d, const Mask mask) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  flash::dkv_block<D, dkv_warps>(this_block(), smem, blockIdx.x, blockIdx.y, q, k, v, dout, lse, delta, dk, dv, d,
+                                 mask);
+}
+
+// Raises a kernel's dynamic shared memory limit to `bytes` (once per kernel).
+template <class Kernel>
+void allow_shared(Kernel* kernel, int bytes, const char* what) {
+  static const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  detail::check(e, what);
+}
+
+// The tensor-core path takes 16-bit elements, D 64 or 128, and 16-byte aligned buffers
+// (its tile loads move 8 elements at a time).
+template <class T>
+constexpr bool tensor_core_type = std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
+bool tensor_cores(const attention_dims& d, std::initializer_list<const void*> buffers) {
+  if (d.head_dim != 64 && d.head_dim != 128) return false;
+  for (const void* p : buffers)
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+template <class T, class Mask, int D>
+void flash_forward(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, Mask mask,
+                   cudaStream_t s) {
+  using DT = detail::device_t<T>;
+  constexpr int bytes = flash::sizes<D>::forward;
+  allow_shared(flash_forward_kernel<D, DT, Mask>, bytes, "attention forward (tensor cores): shared memory limit");
+  const dim3 grid(detail::grid_for(d.q_len, flash::br), static_cast<unsigned>(d.batch * d.q_heads));
+  flash_forward_kernel<D, DT, Mask><<<grid, forward_warps * 32, bytes, s>>>(
+      detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(o), lse, d, mask);
+}
+template <class T, class Mask, int D>
+void flash_backward(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, T* dq,
+                    T* dk, T* dv, const attention_dims& d, Mask mask, cudaStream_t s) {
+  using DT = detail::device_t<T>;
+  constexpr int dq_bytes = flash::sizes<D>::dq, dkv_bytes = flash::sizes<D>::dkv;
+  allow_shared(flash_dq_kernel<D, DT, Mask>, dq_bytes, "attention dq (tensor cores): shared memory limit");
+  allow_shared(flash_dkv_kernel<D, DT, Mask>, dkv_bytes, "attention dk/dv (tensor cores): shared memory limit");
+  const dim3 qgrid(detail::grid_for(d.q_len, flash::br), static_cast<unsigned>(d.batch * d.q_heads));
+  flash_dq_kernel<D, DT, Mask><<<qgrid, dq_warps * 32, dq_bytes, s>>>(
+      detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(dout), lse, delta, detail::dev(dq), d, mask);
+  const dim3 kgrid(detail::grid_for(d.kv_len, flash::bc), static_cast<unsigned>(d.batch * d.kv_heads));
+  flash_dkv_kernel<D, DT, Mask><<<kgrid, dkv_warps * 32, dkv_bytes, s>>>(detail::dev(q), detail::dev(k), detail::dev(v),
+                                                                         detail::dev(dout), lse, delta, detail::dev(dk),
+                                                                         detail::dev(dv), d, mask);
+}
+
 void check_dims(const attention_dims& d, const char* what) {
   if (d.head_dim != 32 && d.head_dim != 64 && d.head_dim != 128)
     throw error(std::string(what) + ": head dimension " + std::to_string(d.head_dim) +
@@ -274,6 +355,16 @@ void attention_forward(const T* q, const T* k, const T* v, T* o, float* lse, con
   check_dims(d, "attention forward");
   if (d.batch * d.q_heads * d.q_len == 0) return;
   auto s = detail::as_stream(stream);
+  if constexpr (tensor_core_type<T>) {
+    if (tensor_cores(d, {q, k, v, o})) {
+      if (d.head_dim == 64)
+        flash_forward<T, Mask, 64>(q, k, v, o, lse, d, mask, s);
+      else
+        flash_forward<T, Mask, 128>(q, k, v, o, lse, d, mask, s);
+      detail::check_launch("attention forward (tensor cores)");
+      return;
+    }
+  }
   if (d.head_dim == 32)
     forward_d<T, Mask, 32>(q, k, v, o, lse, d, mask, s);
   else if (d.head_dim == 64)
@@ -289,6 +380,22 @@ void attention_backward(const T* q, const T* k, const T* v, const T* o, const T*
   check_dims(d, "attention backward");
   if (d.batch * d.q_heads * d.q_len == 0) return;
   auto s = detail::as_stream(stream);
+  if constexpr (tensor_core_type<T>) {
+    if (tensor_cores(d, {q, k, v, o, dout, dq, dk, dv})) {
+      const std::int64_t rows = d.batch * d.q_heads * d.q_len;
+      if (d.head_dim == 64) {
+        attention_delta_kernel<detail::device_t<T>, 64>
+            <<<detail::grid_for(rows, 256), 256, 0, s>>>(detail::dev(o), detail::dev(dout), delta, d);
+        flash_backward<T, Mask, 64>(q, k, v, dout, lse, delta, dq, dk, dv, d, mask, s);
+      } else {
+        attention_delta_kernel<detail::device_t<T>, 128>
+            <<<detail::grid_for(rows, 256), 256, 0, s>>>(detail::dev(o), detail::dev(dout), delta, d);
+        flash_backward<T, Mask, 128>(q, k, v, dout, lse, delta, dq, dk, dv, d, mask, s);
+      }
+      detail::check_launch("attention backward (tensor cores)");
+      return;
+    }
+  }
   if (d.head_dim == 32)
     backward_d<T, Mask, 32>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, mask, s);
   else if (d.head_dim == 64)

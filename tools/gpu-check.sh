@@ -9,7 +9,8 @@
 # benchmarks, for sm_$KILN_GPU_ARCH (default 90); then runs
 #   1. tests/gpu/test_kernels.cu: every kernel against the CPU backend, the runtime, the
 #      cuBLASLt GEMM (log: test_kernels.log);
-#   2. the same under compute-sanitizer memcheck (memcheck.log);
+#   2. the same under compute-sanitizer memcheck (memcheck.log), and the attention cases
+#      under racecheck (racecheck.log);
 #   2b. tests/gpu/test_training.cpp: a GPT trained on the GPU against the CPU, the
 #      trainer's resume on the GPU and its checkpoints on the CPU (test_training.log);
 #   2c. examples/01_fashion_mnist.cpp built for cuda: one epoch of Fashion-MNIST with the
@@ -140,6 +141,10 @@ sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-san
 if [ -x "$sanitizer" ]; then
   step check "compute-sanitizer memcheck" "$out/memcheck.log" "$sanitizer" --tool memcheck --error-exitcode 3 \
     "$b/test_kernels"
+  # The tensor-core attention kernels hand tiles between phases through shared memory;
+  # racecheck sees a missing barrier, which the host-thread tests cannot.
+  step check "compute-sanitizer racecheck (attention)" "$out/racecheck.log" "$sanitizer" --tool racecheck \
+    --error-exitcode 3 "$b/test_kernels" attention
 else
   echo "gpu-check: no compute-sanitizer" | tee "$out/memcheck.log"
   incomplete=1

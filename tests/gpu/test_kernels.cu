@@ -325,9 +325,9 @@ void test_adamw() {
 
 // Attention forward and backward against the CPU op (f32 arithmetic on the same,
 // T-rounded inputs): grouped-query heads, a KV-cache offset, and dropout.
-template <class T, class Mask>
+template <class T, class Mask, std::int64_t D = 64>
 void test_attention(std::int64_t tq, std::int64_t s, float dropout_p, const std::string& label) {
-  const std::int64_t B = 2, Hq = 4, Hkv = 2, D = 64;
+  const std::int64_t B = 2, Hq = 4, Hkv = 2;
   const auto q = random<T>(B * tq * Hq * D, 60), k = random<T>(B * s * Hkv * D, 61), v = random<T>(B * s * Hkv * D, 62),
              dout = random<T>(B * tq * Hq * D, 63);
   auto f32_of = [](const std::vector<T>& x, shape sh) {
@@ -356,7 +356,7 @@ void test_attention(std::int64_t tq, std::int64_t s, float dropout_p, const std:
   const DM dm = ops::mask::device_form<Mask>::make();
   ck::attention_forward<T, DM>(dq.p, dk.p, dv.p, o.p, lse.p, d, nullptr, dm);
   ck::attention_backward<T, DM>(dq.p, dk.p, dv.p, o.p, ddo.p, lse.p, delta.p, gq.p, gk.p, gv.p, d, nullptr, dm);
-  const std::string n = "attention " + label + " " + tname<T>();
+  const std::string n = "attention " + label + " " + tname<T>() + " D " + std::to_string(D);
   const double t = std::is_same_v<T, f32> ? 1e-4 : tol<T>();
   expect_close(n + " O", o.host(), vec(out.value()), t);
   expect_close(n + " dq", gq.host(), vec(vq.grad()), 2 * t);
@@ -888,7 +888,31 @@ void test_clipping() {
   expect(got[0] == 1.0f && std::isnan(got[2]), "clip_grad_value keeps a NaN gradient NaN and clamps the rest");
 }
 
-int main() {
+// The attention cases, also run alone (`test_kernels attention`) under compute-sanitizer
+// racecheck by tools/gpu-check.sh: the tensor-core kernels' shared-memory phases are
+// tested for order on host threads, but only racecheck sees a missing barrier.
+void attention_tests() {
+  test_attention<f32, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
+  test_attention<f32, ops::mask::causal>(8, 40, 0.0f, "causal, 8 queries after 32 cached keys");
+  test_attention<f32, ops::mask::none>(33, 47, 0.1f, "no mask, dropout 0.1");
+  // The sparse patterns. Blocks hold 64 query rows; strided's first key is not monotone in
+  // the row, so the second block of the strided cases (positions 67..72, 71..76) starts
+  // at a row whose first key (3, 1) is above its last row's (0).
+  test_attention<f32, ops::mask::local<7>>(70, 70, 0.0f, "local<7>");
+  test_attention<f32, ops::mask::local<16>>(12, 80, 0.1f, "local<16>, 12 queries after 68 cached keys, dropout");
+  test_attention<f32, ops::mask::strided<8>>(70, 73, 0.0f, "strided<8>, 3 cached keys");
+  test_attention<bf16, ops::mask::strided<5>>(70, 77, 0.0f, "strided<5>, 7 cached keys");
+  test_attention<bf16, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
+  test_attention<f16, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
+  // bf16 and f16 at head dims 64 and 128 run the tensor-core kernels (kiln/cuda/flash_tiles.hpp):
+  // three query tiles with a partial last one, cached keys, dropout, the sparse masks.
+  test_attention<bf16, ops::mask::causal, 128>(130, 130, 0.0f, "causal GQA 4/2, three query tiles");
+  test_attention<f16, ops::mask::none, 128>(70, 150, 0.1f, "no mask, 80 cached keys, dropout 0.1");
+  test_attention<bf16, ops::mask::local<16>, 64>(200, 200, 0.0f, "local<16>, tiles skipped");
+  test_attention<f16, ops::mask::strided<5>, 128>(70, 77, 0.0f, "strided<5>, 7 cached keys");
+}
+
+int main(int argc, char** argv) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::printf("test_kernels: no GPU visible, skipped\n");
@@ -897,6 +921,11 @@ int main() {
   cudaDeviceProp prop{};
   cuda_ok(cudaGetDeviceProperties(&prop, 0), "properties");
   std::printf("test_kernels on %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+  if (argc > 1 && std::string(argv[1]) == "attention") {
+    attention_tests();
+    std::printf("test_kernels attention: %d checks, %d failed\n", checks, failures);
+    return failures ? 1 : 0;
+  }
   test_runtime();
   test_device_tensor();
   test_adamw_optimizer<f32>();
@@ -931,18 +960,7 @@ int main() {
   test_elementwise<f32>();
   test_elementwise<bf16>();
   test_elementwise<f16>();
-  test_attention<f32, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
-  test_attention<f32, ops::mask::causal>(8, 40, 0.0f, "causal, 8 queries after 32 cached keys");
-  test_attention<f32, ops::mask::none>(33, 47, 0.1f, "no mask, dropout 0.1");
-  // The sparse patterns. Blocks hold 64 query rows; strided's first key is not monotone in
-  // the row, so the second block of the strided cases (positions 67..72, 71..76) starts
-  // at a row whose first key (3, 1) is above its last row's (0).
-  test_attention<f32, ops::mask::local<7>>(70, 70, 0.0f, "local<7>");
-  test_attention<f32, ops::mask::local<16>>(12, 80, 0.1f, "local<16>, 12 queries after 68 cached keys, dropout");
-  test_attention<f32, ops::mask::strided<8>>(70, 73, 0.0f, "strided<8>, 3 cached keys");
-  test_attention<bf16, ops::mask::strided<5>>(70, 77, 0.0f, "strided<5>, 7 cached keys");
-  test_attention<bf16, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
-  test_attention<f16, ops::mask::causal>(40, 40, 0.0f, "causal GQA 4/2");
+  attention_tests();
   std::printf("test_kernels: %d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;
 }

@@ -1,0 +1,159 @@
+// The tensor-core attention kernels' block programs (kiln/cuda/flash_tiles.hpp) run on
+// host threads, one per warp with a std::barrier for __syncthreads and scalar loops for
+// the 16×16×16 products, against the CPU attention op: the tiling, masks, online
+// softmax, dropout, grouped-query sums and partial tiles are checked here on every
+// machine; the wmma calls themselves only where a GPU runs the gpu suite.
+#include <barrier>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+
+#include "../helpers.hpp"
+#include "kiln/cuda/flash_tiles.hpp"
+
+using namespace kiln;
+namespace fl = kiln::cuda_kernels::flash;
+
+namespace {
+
+struct host_block {
+  int tid, nthreads, warp, nwarps;
+  std::barrier<>* bar;
+  void sync() const { bar->arrive_and_wait(); }
+};
+
+// Runs body(ctx, smem, bx, by) for every block of a gx × gy grid, W host threads per
+// block. Shared memory starts as all-ones bytes (NaN as f32, bf16 and f16), so a read of
+// a value no phase wrote shows up in the results.
+template <int W, class Body>
+void run_grid(std::int64_t gx, std::int64_t gy, int smem_bytes, Body body) {
+  struct freer {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<unsigned char, freer> smem(
+      static_cast<unsigned char*>(std::aligned_alloc(128, static_cast<std::size_t>(smem_bytes))));
+  for (std::int64_t by = 0; by < gy; ++by)
+    for (std::int64_t bx = 0; bx < gx; ++bx) {
+      std::memset(smem.get(), 0xff, static_cast<std::size_t>(smem_bytes));
+      std::barrier<> bar(W);
+      std::vector<std::thread> warps;
+      for (int w = 0; w < W; ++w)
+        warps.emplace_back([&, w] { body(host_block{w, W, w, W, &bar}, smem.get(), bx, by); });
+      for (auto& t : warps) t.join();
+    }
+}
+
+template <class T>
+std::vector<T> random_values(std::size_t n, std::uint64_t seed) {
+  const philox_stream st{seed, 0};
+  std::vector<T> out(n);
+  for (std::size_t i = 0; i < n; ++i) out[i] = T(2.0f * st.uniform(i) - 1.0f);
+  return out;
+}
+
+// max |got − want| / (1 + |want|) over all elements.
+template <class T>
+double worst(const std::vector<T>& got, const tensor<f32>& want) {
+  REQUIRE(static_cast<std::int64_t>(got.size()) == want.numel());
+  double w = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const double g = float(got[i]), r = want.data()[i];
+    const double e = std::isfinite(g) ? std::abs(g - r) / (1.0 + std::abs(r)) : HUGE_VAL;
+    w = std::max(w, e);
+  }
+  return w;
+}
+
+struct shape_case {
+  std::int64_t batch, q_len, kv_len, q_heads, kv_heads;
+  float dropout_p;
+};
+
+// Forward and backward through the block programs against ops::attention in f32 on the
+// same 16-bit inputs. tol: the input type's rounding of P and of the outputs.
+template <class T, class Mask, int D>
+void check_against_cpu(const shape_case& c, double tol) {
+  const std::int64_t B = c.batch, Tq = c.q_len, S = c.kv_len, Hq = c.q_heads, Hkv = c.kv_heads;
+  const auto q = random_values<T>(B * Tq * Hq * D, 70), k = random_values<T>(B * S * Hkv * D, 71),
+             v = random_values<T>(B * S * Hkv * D, 72), dout = random_values<T>(B * Tq * Hq * D, 73);
+  auto f32_of = [](const std::vector<T>& x, shape sh) {
+    tensor<f32> t(sh);
+    for (std::size_t i = 0; i < x.size(); ++i) t.data()[i] = float(x[i]);
+    return t;
+  };
+  var<f32> vq(f32_of(q, {B, Tq, Hq, D}), true), vk(f32_of(k, {B, S, Hkv, D}), true),
+      vv(f32_of(v, {B, S, Hkv, D}), true);
+  ops::attention_options opt;
+  opt.dropout_p = c.dropout_p;
+  opt.rng = philox_stream{0xf1a5, 3};
+  auto out = ops::attention<Mask>(vq, vk, vv, opt);
+  out.backward(f32_of(dout, {B, Tq, Hq, D}));
+
+  cuda_kernels::attention_dims d;
+  d.batch = B, d.q_len = Tq, d.kv_len = S, d.q_heads = Hq, d.kv_heads = Hkv, d.head_dim = D;
+  d.q_offset = S - Tq;
+  d.scale = 1.0f / std::sqrt(float(D));
+  d.dropout_p = c.dropout_p;
+  d.rng = opt.rng;
+  using DM = typename ops::mask::device_form<Mask>::type;
+  const DM dm = ops::mask::device_form<Mask>::make();
+  std::vector<T> o(q.size()), dq(q.size()), dk(k.size()), dv(v.size());
+  std::vector<float> lse(B * Hq * Tq, NAN), delta(B * Hq * Tq);
+  using z = fl::sizes<D>;
+  const std::int64_t qtiles = (Tq + fl::br - 1) / fl::br, ktiles = (S + fl::bc - 1) / fl::bc;
+  run_grid<4>(qtiles, B * Hq, z::forward, [&](const host_block& ctx, unsigned char* smem, auto bx, auto by) {
+    fl::forward_block<D, 4>(ctx, smem, bx, by, q.data(), k.data(), v.data(), o.data(), lse.data(), d, dm);
+  });
+  // Δ = rowsum(dO∘O), as attention_delta_kernel computes it.
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t h = 0; h < Hq; ++h)
+      for (std::int64_t i = 0; i < Tq; ++i) {
+        float s = 0;
+        for (int x = 0; x < D; ++x) {
+          const auto e = fl::at(b, i, h, Tq, Hq, D) + x;
+          s += float(dout[e]) * float(o[e]);
+        }
+        delta[(b * Hq + h) * Tq + i] = s;
+      }
+  run_grid<4>(qtiles, B * Hq, z::dq, [&](const host_block& ctx, unsigned char* smem, auto bx, auto by) {
+    fl::dq_block<D, 4>(ctx, smem, bx, by, q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(),
+                       dq.data(), d, dm);
+  });
+  run_grid<8>(ktiles, B * Hkv, z::dkv, [&](const host_block& ctx, unsigned char* smem, auto bx, auto by) {
+    fl::dkv_block<D, 8>(ctx, smem, bx, by, q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(),
+                        dk.data(), dv.data(), d, dm);
+  });
+  for (float x : lse) REQUIRE(std::isfinite(x));  // every row sees at least its own key
+  const double eo = worst(o, out.value()), eq = worst(dq, vq.grad()), ek = worst(dk, vk.grad()),
+               ev = worst(dv, vv.grad());
+  INFO("O ", eo, ", dQ ", eq, ", dK ", ek, ", dV ", ev, " (tolerance ", tol, ")");
+  CHECK(eo <= tol);
+  CHECK(eq <= tol);
+  CHECK(ek <= tol);
+  CHECK(ev <= tol);
+}
+
+}  // namespace
+
+TEST_CASE("flash tiles: causal, grouped-query heads, partial tiles (bf16, D 64)") {
+  check_against_cpu<bf16, ops::mask::causal, 64>({2, 130, 130, 4, 2, 0.0f}, 1e-2);
+}
+TEST_CASE("flash tiles: no mask after 80 cached keys, dropout 0.1 (f16, D 128)") {
+  check_against_cpu<f16, ops::mask::none, 128>({1, 70, 150, 2, 1, 0.1f}, 5e-4);
+}
+TEST_CASE("flash tiles: local<7> skips the tiles no row sees (bf16, D 64)") {
+  check_against_cpu<bf16, ops::mask::local<7>, 64>({1, 200, 200, 2, 2, 0.0f}, 1e-2);
+}
+TEST_CASE("flash tiles: strided<5> with 7 cached keys, 4 query heads on one key head (bf16, D 128)") {
+  check_against_cpu<bf16, ops::mask::strided<5>, 128>({1, 70, 77, 4, 1, 0.0f}, 1e-2);
+}
+TEST_CASE("flash tiles: 24 queries after 76 cached keys, causal, dropout (f16, D 64)") {
+  check_against_cpu<f16, ops::mask::causal, 64>({2, 24, 100, 2, 2, 0.2f}, 5e-4);
+}
+TEST_CASE("flash tiles: shared memory fits the sm_80 block limit (163 KB)") {
+  CHECK(fl::sizes<128>::forward <= 166912);
+  CHECK(fl::sizes<128>::dq <= 166912);
+  CHECK(fl::sizes<128>::dkv <= 166912);
+  CHECK(fl::sizes<64>::dkv < fl::sizes<128>::dkv);
+}
