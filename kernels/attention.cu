@@ -263,12 +263,21 @@ void backward_d(const T* q, const T* k, const T* v, const T* o, const T* dout, c
 // ---- tensor-core kernels (kiln/cuda/flash_tiles.hpp) ------------------------------------------
 // A CUDA block as the block programs see it: W warps of 32 threads and a barrier.
 struct device_block {
-  int tid, nthreads, warp, nwarps;
+  int tid, nthreads, warp, nwarps, lane, lanes;
   __device__ void sync() const { __syncthreads(); }
+  // Butterfly reductions: every lane ends with the same bits (each step is commutative).
+  __device__ float warp_max(float x) const {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+  }
+  __device__ float warp_sum(float x) const {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+  }
 };
 __device__ __forceinline__ device_block this_block() {
   const int t = static_cast<int>(threadIdx.x), n = static_cast<int>(blockDim.x);
-  return {t, n, t / 32, n / 32};
+  return {t, n, t / 32, n / 32, t % 32, 32};
 }
 constexpr int forward_warps = 4, dq_warps = 4, dkv_warps = 8;
 
@@ -294,11 +303,16 @@ __global__ void __launch_bounds__(dkv_warps * 32)
                                  mask);
 }
 
-// Raises a kernel's dynamic shared memory limit to `bytes` (once per kernel).
-template <class Kernel>
-void allow_shared(Kernel* kernel, int bytes, const char* what) {
-  static const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  detail::check(e, what);
+// Raises a kernel's dynamic shared memory limit to `bytes`, once per kernel and device
+// (keyed by the kernel itself: the D = 64 and 128 kernels share a function type).
+template <auto Kernel>
+void allow_shared(int bytes, const char* what) {
+  thread_local int done_for = -1;
+  int dev = 0;
+  detail::check(cudaGetDevice(&dev), what);
+  if (done_for == dev) return;
+  detail::check(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what);
+  done_for = dev;
 }
 
 // The tensor-core path takes 16-bit elements, D 64 or 128, and 16-byte aligned buffers
@@ -317,7 +331,7 @@ void flash_forward(const T* q, const T* k, const T* v, T* o, float* lse, const a
                    cudaStream_t s) {
   using DT = detail::device_t<T>;
   constexpr int bytes = flash::sizes<D>::forward;
-  allow_shared(flash_forward_kernel<D, DT, Mask>, bytes, "attention forward (tensor cores): shared memory limit");
+  allow_shared<flash_forward_kernel<D, DT, Mask>>(bytes, "attention forward (tensor cores): shared memory limit");
   const dim3 grid(detail::grid_for(d.q_len, flash::br), static_cast<unsigned>(d.batch * d.q_heads));
   flash_forward_kernel<D, DT, Mask><<<grid, forward_warps * 32, bytes, s>>>(
       detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(o), lse, d, mask);
@@ -327,8 +341,8 @@ void flash_backward(const T* q, const T* k, const T* v, const T* dout, const flo
                     T* dk, T* dv, const attention_dims& d, Mask mask, cudaStream_t s) {
   using DT = detail::device_t<T>;
   constexpr int dq_bytes = flash::sizes<D>::dq, dkv_bytes = flash::sizes<D>::dkv;
-  allow_shared(flash_dq_kernel<D, DT, Mask>, dq_bytes, "attention dq (tensor cores): shared memory limit");
-  allow_shared(flash_dkv_kernel<D, DT, Mask>, dkv_bytes, "attention dk/dv (tensor cores): shared memory limit");
+  allow_shared<flash_dq_kernel<D, DT, Mask>>(dq_bytes, "attention dq (tensor cores): shared memory limit");
+  allow_shared<flash_dkv_kernel<D, DT, Mask>>(dkv_bytes, "attention dk/dv (tensor cores): shared memory limit");
   const dim3 qgrid(detail::grid_for(d.q_len, flash::br), static_cast<unsigned>(d.batch * d.q_heads));
   flash_dq_kernel<D, DT, Mask><<<qgrid, dq_warps * 32, dq_bytes, s>>>(
       detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(dout), lse, delta, detail::dev(dq), d, mask);

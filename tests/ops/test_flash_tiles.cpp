@@ -17,10 +17,13 @@ namespace fl = kiln::cuda_kernels::flash;
 
 namespace {
 
+// A warp is one host thread: one lane, so the warp reductions are the value itself.
 struct host_block {
-  int tid, nthreads, warp, nwarps;
+  int tid, nthreads, warp, nwarps, lane, lanes;
   std::barrier<>* bar;
   void sync() const { bar->arrive_and_wait(); }
+  static float warp_max(float x) { return x; }
+  static float warp_sum(float x) { return x; }
 };
 
 // Runs body(ctx, smem, bx, by) for every block of a gx × gy grid, W host threads per
@@ -39,7 +42,7 @@ void run_grid(std::int64_t gx, std::int64_t gy, int smem_bytes, Body body) {
       std::barrier<> bar(W);
       std::vector<std::thread> warps;
       for (int w = 0; w < W; ++w)
-        warps.emplace_back([&, w] { body(host_block{w, W, w, W, &bar}, smem.get(), bx, by); });
+        warps.emplace_back([&, w] { body(host_block{w, W, w, W, 0, 1, &bar}, smem.get(), bx, by); });
       for (auto& t : warps) t.join();
     }
 }

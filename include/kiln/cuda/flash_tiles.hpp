@@ -19,8 +19,11 @@
 //     registers; so grouped-query heads sum without atomics and the result is the same
 //     run to run.
 // Each 16×16×16 product is a warp's; a block is W warps that deal the output tiles of a
-// product among themselves (tile t to warp t mod W) and every element-wise pass among
-// their threads; a barrier separates the phases. The probabilities are rounded to the
+// product among themselves (tile t to warp t mod W), the forward's softmax rows (a warp
+// per row, its lanes across the keys, shuffles for the row's max and sum) and every
+// element-wise pass among their threads; a barrier separates the phases. The block
+// context (Ctx) gives tid, nthreads, warp, nwarps, lane, lanes, sync(), warp_max() and
+// warp_sum(); on the host a warp is one thread (lanes = 1). The probabilities are rounded to the
 // input type before their products, as FlashAttention does; everything else is f32.
 // Masks are kiln::ops::mask's device forms; a tile no row may see is skipped whole.
 //
@@ -301,26 +304,35 @@ KILN_TILE_FN void forward_block(const Ctx& ctx, unsigned char* smem, std::int64_
     ctx.sync();
     scores<D>(ctx, qs, ks, s, static_cast<const DT*>(nullptr), static_cast<const DT*>(nullptr), nullptr);
     ctx.sync();
-    // The online softmax, a thread per query row.
-    for (int r = ctx.tid; r < br; r += ctx.nthreads) {
+    // The online softmax: a warp per query row, its lanes across the keys.
+    for (int r = ctx.warp; r < br; r += ctx.nwarps) {
       float* sr = s + r * z::ld_s;
-      const std::int64_t i = i0 + r;
-      float mx = m[r];
-      for (int jj = 0; jj < bc; ++jj) {
-        const float x = visible(mask, d, i, j0 + jj) ? sr[jj] * d.scale : -INFINITY;
+      const std::int64_t i = i0 + r, pos = d.q_offset + i;
+      const bool in = i < d.q_len;
+      const std::int64_t first = in ? mask.first_key(pos) : 0, end = in ? mask.end_key(pos, d.kv_len) : 0;
+      const float m_old = m[r];
+      float mx = -INFINITY;
+      for (int jj = ctx.lane; jj < bc; jj += ctx.lanes) {
+        const std::int64_t j = j0 + jj;
+        const float x = j >= first && j < end && mask.allowed(pos, j) ? sr[jj] * d.scale : -INFINITY;
         sr[jj] = x;
         mx = x > mx ? x : mx;
       }
-      const float c = mx == -INFINITY ? 1.0f : exp_f(m[r] - mx);
+      mx = ctx.warp_max(mx);
+      mx = m_old > mx ? m_old : mx;
+      const float c = mx == -INFINITY ? 1.0f : exp_f(m_old - mx);
       float sum = 0.0f;
-      for (int jj = 0; jj < bc; ++jj) {
+      for (int jj = ctx.lane; jj < bc; jj += ctx.lanes) {
         const float pr = sr[jj] == -INFINITY ? 0.0f : exp_f(sr[jj] - mx);
         sum += pr;
         store_as(p + r * z::ld_p + jj, pr == 0.0f ? 0.0f : pr * keep(d, b, h, i, j0 + jj));
       }
-      l[r] = l[r] * c + sum;
-      m[r] = mx;
-      corr[r] = c;
+      sum = ctx.warp_sum(sum);  // every lane has read m_old and l's old value is lane 0's to update
+      if (ctx.lane == 0) {
+        l[r] = l[r] * c + sum;
+        m[r] = mx;
+        corr[r] = c;
+      }
     }
     ctx.sync();
     for (int e = ctx.tid; e < br * D; e += ctx.nthreads) os[(e / D) * z::ld_o + e % D] *= corr[e / D];
