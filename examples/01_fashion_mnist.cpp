@@ -38,6 +38,7 @@
 #include "kiln/callbacks/progress_bar.hpp"
 #include "kiln/data/data_loader.hpp"
 #include "kiln/data/fashion_mnist.hpp"
+#include "kiln/data/on_device.hpp"
 #include "kiln/kiln.hpp"
 #include "kiln/loggers/csv.hpp"
 #include "kiln/loggers/tensorboard.hpp"
@@ -103,12 +104,14 @@ options parse(int argc, char** argv) {
   return o;
 }
 
-using batch = kiln::data::labelled_batch;
 #if defined(KILN_EXAMPLE_CUDA)
 using device = kiln::cuda;
 #else
 using device = kiln::cpu;
 #endif
+// Batches arrive on the device (data::on_device): on cuda each batch's copy runs while the
+// step before it computes; on the CPU they are the loader's own tensors.
+using batch = kiln::data::labelled_batch_on<device>;
 using input = kiln::var<float, device>;
 
 // The module: a network, what one step computes, and how it is optimised.
@@ -123,21 +126,19 @@ struct classifier {
   }
 
   input training_step(auto& ctx, const batch& b) {
-    auto loss = kiln::cross_entropy(net(input(kiln::to_device<device>(b.x))), kiln::to_device<device>(b.y));
+    auto loss = kiln::cross_entropy(net(input(b.x)), b.y);
     ctx.log("train/loss", loss, {.prog_bar = true});
     return loss;
   }
   void validation_step(auto& ctx, const batch& b) {
-    auto logits = net(input(kiln::to_device<device>(b.x)));
-    const auto y = kiln::to_device<device>(b.y);
-    ctx.log("val/loss", kiln::cross_entropy(logits, y), {.prog_bar = true});
-    ctx.log("val/acc", kiln::accuracy(logits, y), {.prog_bar = true});
+    auto logits = net(input(b.x));
+    ctx.log("val/loss", kiln::cross_entropy(logits, b.y), {.prog_bar = true});
+    ctx.log("val/acc", kiln::accuracy(logits, b.y), {.prog_bar = true});
   }
   void test_step(auto& ctx, const batch& b) {
-    auto logits = net(input(kiln::to_device<device>(b.x)));
-    const auto y = kiln::to_device<device>(b.y);
-    ctx.log("test/loss", kiln::cross_entropy(logits, y));
-    ctx.log("test/acc", kiln::accuracy(logits, y));
+    auto logits = net(input(b.x));
+    ctx.log("test/loss", kiln::cross_entropy(logits, b.y));
+    ctx.log("test/acc", kiln::accuracy(logits, b.y));
   }
   auto configure_optimizers() {
     // Weight decay on matrices only; 3% linear warmup, then a cosine to 5% of the peak rate.
@@ -160,22 +161,30 @@ struct classifier {
 struct fashion_mnist_data {
   options opt;
   using dataset = kiln::data::tensor_dataset;
-  std::optional<kiln::data::data_loader<kiln::data::subset<dataset>>> train, val;
-  std::optional<kiln::data::data_loader<dataset>> test;
+  using split_loader = kiln::data::data_loader<kiln::data::subset<dataset>>;
+  using test_loader_t = kiln::data::data_loader<dataset>;
+  std::optional<split_loader> train_host, val_host;
+  std::optional<test_loader_t> test_host;
+  std::optional<kiln::data::on_device_loader<device, split_loader>> train, val;
+  std::optional<kiln::data::on_device_loader<device, test_loader_t>> test;
 
   void setup(kiln::train::stage s) {
     if (s == kiln::train::stage::fit && !train) {
       auto parts = kiln::data::random_split(kiln::data::fashion_mnist(opt.data, "train"),
                                             std::vector<std::int64_t>{55000, 5000}, opt.seed);
-      train.emplace(parts[0], kiln::data::loader_options{.batch_size = opt.batch,
-                                                         .shuffle = true,
-                                                         .drop_last = true,
-                                                         .seed = opt.seed,
-                                                         .num_workers = opt.workers});
-      val.emplace(parts[1], kiln::data::loader_options{.batch_size = 1000});
+      train_host.emplace(parts[0], kiln::data::loader_options{.batch_size = opt.batch,
+                                                              .shuffle = true,
+                                                              .drop_last = true,
+                                                              .seed = opt.seed,
+                                                              .num_workers = opt.workers});
+      val_host.emplace(parts[1], kiln::data::loader_options{.batch_size = 1000});
+      train.emplace(*train_host, kiln::data::move_fields{}, kiln::data::on_device_options{});
+      val.emplace(*val_host, kiln::data::move_fields{}, kiln::data::on_device_options{});
     }
-    if (s == kiln::train::stage::test && !test)
-      test.emplace(kiln::data::fashion_mnist(opt.data, "test"), kiln::data::loader_options{.batch_size = 1000});
+    if (s == kiln::train::stage::test && !test) {
+      test_host.emplace(kiln::data::fashion_mnist(opt.data, "test"), kiln::data::loader_options{.batch_size = 1000});
+      test.emplace(*test_host, kiln::data::move_fields{}, kiln::data::on_device_options{});
+    }
   }
   auto& train_loader() { return *train; }
   auto& val_loader() { return *val; }

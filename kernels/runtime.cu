@@ -29,7 +29,7 @@ void ok(cudaError_t e, const char* what) { cuda_kernels::detail::check(e, what);
 constexpr int max_devices = 64;
 struct stream_table {
   std::mutex mu;
-  std::array<cudaStream_t, max_devices> streams{};
+  std::array<cudaStream_t, max_devices> streams{}, copies{};
 };
 stream_table& streams() {
   static stream_table* t = new stream_table;
@@ -72,6 +72,15 @@ stream_t compute_stream() {
   std::lock_guard lock(t.mu);
   if (!t.streams[d]) ok(cudaStreamCreateWithFlags(&t.streams[d], cudaStreamNonBlocking), "cudaStreamCreate");
   return t.streams[d];
+}
+
+stream_t copy_stream() {
+  const int d = current_device();
+  KILN_CHECK(d < max_devices, "cuda copy_stream: device index ", d, " is beyond kiln's table of ", max_devices);
+  auto& t = streams();
+  std::lock_guard lock(t.mu);
+  if (!t.copies[d]) ok(cudaStreamCreateWithFlags(&t.copies[d], cudaStreamNonBlocking), "cudaStreamCreate");
+  return t.copies[d];
 }
 
 void synchronize(stream_t stream) {

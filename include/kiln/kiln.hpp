@@ -18,6 +18,7 @@
 #include "kiln/data/dataset.hpp"
 #include "kiln/data/fashion_mnist.hpp"
 #include "kiln/data/idx.hpp"
+#include "kiln/data/on_device.hpp"
 #include "kiln/data/sampler.hpp"
 #include "kiln/io/checkpoint.hpp"
 #include "kiln/io/hf.hpp"

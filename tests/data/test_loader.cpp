@@ -5,6 +5,7 @@
 #include "../helpers.hpp"
 #include "kiln/data/data_loader.hpp"
 #include "kiln/data/fashion_mnist.hpp"
+#include "kiln/data/on_device.hpp"
 
 using namespace kiln;
 using namespace kiln::data;
@@ -167,4 +168,79 @@ TEST_CASE("fashion_mnist: 60,000 + 10,000 images in [0, 1]; a missing directory 
   CHECK(*mm.second == 1.0f);
   CHECK_THROWS_WITH_AS(fashion_mnist("/nonexistent", "train"),
                        doctest::Contains("/nonexistent/train-images-idx3-ubyte.gz"), error);
+}
+
+// data::on_device on the CPU: the same batches as the inner loader, in order, from any
+// first batch, with the one-batch lookahead (the GPU's default) and without; leaving early.
+namespace {
+template <class L>
+std::vector<std::vector<i64>> labels_on(L& l, std::int64_t epoch, std::int64_t first = 0) {
+  std::vector<std::vector<i64>> out;
+  for (auto&& b : l.epoch(epoch, first)) {
+    static_assert(std::is_same_v<std::remove_cvref_t<decltype(b)>, labelled_batch_on<cpu>>);
+    out.emplace_back(b.y.data(), b.y.data() + b.size());
+    for (std::int64_t i = 0; i < b.size(); ++i) REQUIRE(b.x(i, 1) == float(b.y.data()[i]) + 0.5f);
+  }
+  return out;
+}
+}  // namespace
+
+TEST_CASE("on_device: the inner loader's batches, in order, with and without lookahead; resume; early exit") {
+  for (int workers : {0, 2}) {
+    data_loader<tensor_dataset> l(numbered(53), {.batch_size = 8, .shuffle = true, .seed = 4, .num_workers = workers});
+    const auto want0 = labels_of(l, 0), want1 = labels_of(l, 1), want1_from3 = labels_of(l, 1, 3);
+    REQUIRE(want1_from3.size() == 4);
+    for (int ahead : {0, 1}) {
+      auto d = on_device<cpu>(l, move_fields{}, {.ahead = ahead});
+      CAPTURE(workers);
+      CAPTURE(ahead);
+      CHECK(d.size() == l.size());
+      CHECK(labels_on(d, 0) == want0);
+      CHECK(labels_on(d, 1) == want1);
+      CHECK(labels_on(d, 1, 3) == want1_from3);
+      std::int64_t seen = 0;
+      for (auto&& b : d.epoch(0, 0)) {
+        CHECK(b.size() == 8);
+        if (++seen == 2) break;  // the prefetched batch is dropped with the range
+      }
+      CHECK(labels_on(d, 0) == want0);
+    }
+  }
+}
+
+TEST_CASE("on_device: lm batches by the default move, a move of your own, and a bad option named") {
+  tensor<i64> x({6, 3}), y({6, 3});
+  for (std::int64_t i = 0; i < 18; ++i) x.data()[i] = i, y.data()[i] = i + 1;
+  struct lm_source {
+    tensor<i64> x, y;
+    std::int64_t size() const { return 3; }
+    std::vector<lm_batch> epoch(std::int64_t, std::int64_t first) const {
+      std::vector<lm_batch> out;
+      for (std::int64_t b = first; b < 3; ++b)
+        out.push_back({x.slice(0, 2 * b, 2 * b + 2).contiguous(), y.slice(0, 2 * b, 2 * b + 2).contiguous()});
+      return out;
+    }
+  } src{x, y};
+  auto d = on_device<cpu>(src, move_fields{}, {.ahead = 1});
+  std::int64_t n = 0;
+  for (auto&& b : d.epoch(0, 1)) {
+    static_assert(std::is_same_v<std::remove_cvref_t<decltype(b)>, lm_batch_on<cpu>>);
+    CHECK(b.size() == 2);
+    CHECK(b.x.data()[0] == 6 * (n + 1));
+    CHECK(b.y.data()[5] == 6 * (n + 1) + 6);
+    ++n;
+  }
+  CHECK(n == 2);
+  // A move of your own: any batch type, any result.
+  auto sums = on_device<cpu>(src, [](const lm_batch& b, auto& up) {
+    const auto xs = up(b.x);
+    i64 s = 0;
+    for (std::int64_t i = 0; i < xs.numel(); ++i) s += xs.data()[i];
+    return s;
+  });
+  std::vector<i64> got;
+  for (auto&& s : sums.epoch(0, 0)) got.push_back(s);
+  CHECK(got == std::vector<i64>{15, 51, 87});
+  CHECK_THROWS_WITH_AS(on_device<cpu>(src, move_fields{}, {.ahead = 2}),
+                       doctest::Contains("data::on_device: ahead = 2, expected 0 or 1"), kiln::error);
 }

@@ -14,6 +14,7 @@
 #include "../io/resume_fixture.hpp"
 #include "kiln/callbacks/model_checkpoint.hpp"
 #include "kiln/data/data_loader.hpp"
+#include "kiln/data/on_device.hpp"
 #include "kiln/nn/generate.hpp"
 #include "kiln/train/trainer.hpp"
 
@@ -458,4 +459,38 @@ TEST_CASE("the memory plan of a GPU run: model states and activations on the dev
   const auto measured = static_cast<std::int64_t>(alloc.stats().peak_in_use) - (before - d.parameters);
   MESSAGE("planned ", d.total(), " B on ", gpu::name, ", measured peak ", measured, " B");
   CHECK(measured > 0);
+}
+
+TEST_CASE("data::on_device delivers the loader's batches on the GPU, one ahead, from any first batch") {
+  const std::int64_t n = 203;
+  tensor<float> x({n, 3});
+  tensor<i64> y({n});
+  for (std::int64_t i = 0; i < n; ++i) {
+    for (std::int64_t c = 0; c < 3; ++c) x(i, c) = float(i) + 0.25f * float(c);
+    y.data()[i] = i;
+  }
+  data::data_loader<data::tensor_dataset> l(data::tensor_dataset{x, y},
+                                            {.batch_size = 16, .shuffle = true, .seed = 5, .num_workers = 2});
+  auto on_gpu = data::on_device<gpu>(l, data::move_fields{}, {.ahead = 1});
+  for (std::int64_t first : {0, 3}) {
+    CAPTURE(first);
+    std::vector<std::vector<i64>> want;
+    for (auto&& b : l.epoch(1, first)) want.emplace_back(b.y.data(), b.y.data() + b.size());
+    std::size_t k = 0;
+    for (auto&& b : on_gpu.epoch(1, first)) {
+      static_assert(std::is_same_v<std::remove_cvref_t<decltype(b)>, data::labelled_batch_on<gpu>>);
+      REQUIRE(k < want.size());
+      const auto hy = to_host(b.y);
+      const auto hx = to_host(b.x);
+      CHECK(std::vector<i64>(hy.data(), hy.data() + hy.numel()) == want[k]);
+      for (std::int64_t r = 0; r < hy.numel(); ++r) CHECK(hx(r, 2) == float(hy.data()[r]) + 0.5f);
+      ++k;
+    }
+    CHECK(k == want.size());
+  }
+  std::int64_t seen = 0;
+  for (auto&& b : on_gpu.epoch(0, 0)) {  // leaving early drops the batch in flight
+    CHECK(b.size() == 16);
+    if (++seen == 3) break;
+  }
 }

@@ -46,6 +46,9 @@ void set_device(int device);
 
 // kiln's compute stream on the current device.
 stream_t compute_stream();
+// A second stream per device for host-to-device copies that overlap compute
+// (data::on_device); created on first use, never destroyed, non-blocking.
+stream_t copy_stream();
 void synchronize(stream_t stream);
 
 class event {
