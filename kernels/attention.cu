@@ -320,7 +320,7 @@ void allow_shared(int bytes, const char* what) {
 template <class T>
 constexpr bool tensor_core_type = std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
 bool tensor_cores(const attention_dims& d, std::initializer_list<const void*> buffers) {
-  if (d.head_dim != 64 && d.head_dim != 128) return false;
+  if (d.reference_kernels || (d.head_dim != 64 && d.head_dim != 128)) return false;
   for (const void* p : buffers)
     if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
   return true;

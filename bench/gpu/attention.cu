@@ -5,7 +5,9 @@
 // torch, stretch 1.0x).
 //
 // FLOPs counted as FlashAttention's benchmarks do: 4·B·H·T²·D forward (two GEMMs), 2.5x
-// that backward, halved under the causal mask. Output: one JSON line per shape.
+// that backward, halved under the causal mask. Output: one JSON line per shape and kernel
+// set — the tensor-core kernels, then the CUDA-core reference ones (attention_dims::
+// reference_kernels), so one run shows what the tensor cores bought.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -34,8 +36,9 @@ bf16* random_device(std::size_t n, std::uint64_t seed) {
   return d;
 }
 
-void run(const char* device, std::int64_t B, std::int64_t T, std::int64_t H, std::int64_t D) {
+void run(const char* device, std::int64_t B, std::int64_t T, std::int64_t H, std::int64_t D, bool reference) {
   ck::attention_dims d;
+  d.reference_kernels = reference;
   d.batch = B;
   d.q_len = d.kv_len = T;
   d.q_heads = d.kv_heads = H;
@@ -55,10 +58,11 @@ void run(const char* device, std::int64_t B, std::int64_t T, std::int64_t H, std
   const double flops_fwd = 4.0 * B * H * double(T) * T * D * 0.5;
   const double tflops = 3.5 * flops_fwd / ((fwd + bwd) * 1e-3) / 1e12;
   std::printf(
-      "{\"impl\":\"kiln\",\"device\":\"%s\",\"dtype\":\"bf16\",\"mask\":\"causal\",\"B\":%lld,\"T\":%lld,\"H\":%lld,"
+      "{\"impl\":\"kiln\",\"kernels\":\"%s\",\"device\":\"%s\",\"dtype\":\"bf16\",\"mask\":\"causal\",\"B\":%lld,\"T\":"
+      "%lld,\"H\":%lld,"
       "\"D\":%lld,\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,\"fwd_bwd_tflops\":%.2f}\n",
-      device, static_cast<long long>(B), static_cast<long long>(T), static_cast<long long>(H),
-      static_cast<long long>(D), fwd, bwd, tflops);
+      reference ? "reference (CUDA cores)" : "tensor cores", device, static_cast<long long>(B),
+      static_cast<long long>(T), static_cast<long long>(H), static_cast<long long>(D), fwd, bwd, tflops);
   for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(dout),
                   static_cast<void*>(o), static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv),
                   static_cast<void*>(lse), static_cast<void*>(delta)})
@@ -68,7 +72,9 @@ void run(const char* device, std::int64_t B, std::int64_t T, std::int64_t H, std
 
 int main() {
   const cudaDeviceProp prop = kiln_bench::device_or_skip("gpu_attention");
-  run(prop.name, 4, 1024, 12, 64);   // GPT-2 124M
-  run(prop.name, 2, 2048, 16, 128);  // a head dim of 128
+  for (bool reference : {false, true}) {
+    run(prop.name, 4, 1024, 12, 64, reference);   // GPT-2 124M
+    run(prop.name, 2, 2048, 16, 128, reference);  // a head dim of 128
+  }
   return 0;
 }

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -888,6 +889,41 @@ void test_clipping() {
   expect(got[0] == 1.0f && std::isnan(got[2]), "clip_grad_value keeps a NaN gradient NaN and clamps the rest");
 }
 
+// The tensor-core kernels against the CUDA-core reference kernels on the same device and
+// inputs (attention_dims::reference_kernels): both round only their outputs and, for the
+// tensor cores, the probabilities, so they agree within the 16-bit type's tolerance; and
+// each is deterministic — a second tensor-core run gives the same bits.
+void test_tensor_cores_against_reference() {
+  const std::int64_t B = 1, T = 150, S = 150, Hq = 4, Hkv = 2, D = 128;
+  const auto q = random<bf16>(B * T * Hq * D, 80), k = random<bf16>(B * S * Hkv * D, 81),
+             v = random<bf16>(B * S * Hkv * D, 82), dout = random<bf16>(B * T * Hq * D, 83);
+  ck::attention_dims d;
+  d.batch = B, d.q_len = T, d.kv_len = S, d.q_heads = Hq, d.kv_heads = Hkv, d.head_dim = D;
+  d.scale = 1.0f / std::sqrt(float(D));
+  d.dropout_p = 0.1f;
+  d.rng = philox_stream{0x7c, 1};
+  auto run = [&](bool reference) {
+    ck::attention_dims dd = d;
+    dd.reference_kernels = reference;
+    dbuf<bf16> dq(q), dk(k), dv(v), ddo(dout), o(q.size()), gq(q.size()), gk(k.size()), gv(v.size());
+    dbuf<float> lse(B * Hq * T), delta(B * Hq * T);
+    ck::attention_forward<bf16, ops::mask::causal>(dq.p, dk.p, dv.p, o.p, lse.p, dd, nullptr);
+    ck::attention_backward<bf16, ops::mask::causal>(dq.p, dk.p, dv.p, o.p, ddo.p, lse.p, delta.p, gq.p, gk.p, gv.p, dd,
+                                                    nullptr);
+    return std::vector<std::vector<bf16>>{o.host(), gq.host(), gk.host(), gv.host()};
+  };
+  const auto tc = run(false), ref = run(true), again = run(false);
+  const char* names[] = {"O", "dq", "dk", "dv"};
+  for (int i = 0; i < 4; ++i) {
+    std::vector<float> want(ref[i].size());
+    for (std::size_t e = 0; e < want.size(); ++e) want[e] = float(ref[i][e]);
+    expect_close(std::string("attention tensor cores vs reference (bf16, D 128, causal, dropout) ") + names[i], tc[i],
+                 want, 2 * tol<bf16>());
+    expect(std::memcmp(tc[i].data(), again[i].data(), tc[i].size() * sizeof(bf16)) == 0,
+           std::string("attention tensor cores: a second run gives the same bits, ") + names[i]);
+  }
+}
+
 // The attention cases, also run alone (`test_kernels attention`) under compute-sanitizer
 // racecheck by tools/gpu-check.sh: the tensor-core kernels' shared-memory phases are
 // tested for order on host threads, but only racecheck sees a missing barrier.
@@ -910,6 +946,7 @@ void attention_tests() {
   test_attention<f16, ops::mask::none, 128>(70, 150, 0.1f, "no mask, 80 cached keys, dropout 0.1");
   test_attention<bf16, ops::mask::local<16>, 64>(200, 200, 0.0f, "local<16>, tiles skipped");
   test_attention<f16, ops::mask::strided<5>, 128>(70, 77, 0.0f, "strided<5>, 7 cached keys");
+  test_tensor_cores_against_reference();
 }
 
 int main(int argc, char** argv) {
