@@ -472,6 +472,10 @@ TEST_CASE("data::on_device delivers the loader's batches on the GPU, one ahead, 
   data::data_loader<data::tensor_dataset> l(data::tensor_dataset{x, y},
                                             {.batch_size = 16, .shuffle = true, .seed = 5, .num_workers = 2});
   auto on_gpu = data::on_device<gpu>(l, data::move_fields{}, {.ahead = 1});
+  // What the memory plan counts: on the GPU the batch in use and the one ahead, plus a pinned
+  // host copy of each; on the CPU the inner loader's 1 + 2 workers × 2 batches and the one ahead.
+  CHECK(on_gpu.batches_on_device() == (gpu::is_host ? 6 : 2));
+  CHECK(on_gpu.pinned_batches() == (gpu::is_host ? 0 : 2));
   for (std::int64_t first : {0, 3}) {
     CAPTURE(first);
     std::vector<std::vector<i64>> want;

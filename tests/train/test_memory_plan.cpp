@@ -6,6 +6,7 @@
 #include "../helpers.hpp"
 #include "kiln/callbacks/model_summary.hpp"
 #include "kiln/data/data_loader.hpp"
+#include "kiln/data/on_device.hpp"
 #include "kiln/data/text.hpp"
 #include "kiln/nn/gpt2.hpp"
 #include "kiln/train/trainer.hpp"
@@ -32,7 +33,7 @@ struct mlp_clf {
   void for_each_child(F&& f) {
     f("net", net);
   }
-  var<float> training_step(auto& ctx, const labelled_batch& b) {
+  var<float> training_step(auto& ctx, const auto& b) {  // labelled_batch, or labelled_batch_on<cpu>
     auto loss = cross_entropy(ops::cast<float>(net(var<T>(b.x.template to<T>()))), b.y);
     ctx.log("train/loss", loss);
     return loss;
@@ -134,6 +135,17 @@ TEST_CASE("memory plan: the formulas on a 784-256-256-10 MLP under each precisio
   CHECK(t16.optimizer_state == 2 * blocks(2));
   // Batches: 128 × 784 f32 images + 128 i64 labels, one resident (no workers).
   CHECK(f.batches == train::detail::block_bytes(128 * 784 * 4) + train::detail::block_bytes(128 * 8));
+  // Through data::on_device<cpu> with its lookahead: the inner loader's resident batches
+  // (1 + 2 workers × prefetch 2) plus the one built ahead.
+  {
+    manual_seed(1);
+    mlp_clf<float> m;
+    data::data_loader<data::tensor_dataset> l(images(256), {.batch_size = 128, .num_workers = 2});
+    auto on = data::on_device<cpu>(l, data::move_fields{}, {.ahead = 1});
+    trainer<mlp_clf<float>, strategy::single_device<cpu>, precision::fp32> t(
+        {.default_root_dir = test::temp_dir("plan", "on_device").string(), .enable_progress_bar = false});
+    CHECK(t.plan(m, on).devices.at(0).batches == 6 * f.batches);
+  }
   CHECK(f.activations > 0);
   CHECK(b.activations < f.activations);  // bf16 activations are half the size
   // model_summary prints the live model states during fit.

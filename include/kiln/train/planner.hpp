@@ -157,6 +157,7 @@ struct planner {
         if constexpr (std::is_same_v<std::remove_cvref_t<decltype(sub.generator)>, philox_generator>)
           streams.push_back({&sub.generator, {sub.generator.seed(), sub.generator.offset()}});
     });
+    std::int64_t host_batches = -1;  // set when the loader says what it holds on the host
     // Activations and temporaries live on the strategy's device: measure that allocator.
     auto& alloc = caching_allocator<typename Trainer::strategy_type::device_type>::instance();
     {
@@ -168,7 +169,14 @@ struct planner {
         KILN_CHECK(it != std::end(range), "trainer.plan: the loader yields no batch to measure a step with");
         first.push_back(*it);
       }
-      d.batches = detail::batch_bytes(first.front()) * detail::resident_batches(loader);
+      const std::int64_t one = detail::batch_bytes(first.front());
+      if constexpr (requires { loader.batches_on_device(); }) {  // data::on_device: its slots, then its inner loader
+        d.batches = one * loader.batches_on_device();
+        if constexpr (!std::remove_cvref_t<L>::device_type::is_host)
+          host_batches = one * (detail::resident_batches(loader.inner()) + loader.pinned_batches());
+      } else {
+        d.batches = one * detail::resident_batches(loader);
+      }
       const bool was_planning = std::exchange(t.planning_, true);
       const auto saved_loop = t.state_.loop;
       t.state_.loop = loop_kind::train;
@@ -201,12 +209,14 @@ struct planner {
     t.train_metrics_.reset_entries();
     p.devices.push_back(d);
     if constexpr (!Trainer::strategy_type::device_type::is_host) {
-      // The loader's batches are host tensors: on a GPU strategy they get a cpu column of
+      // A loader's batches are host tensors: on a GPU strategy they get a cpu column of
       // their own (training_step's device copy of its batch is among the activations).
+      // data::on_device<cuda> says what it holds where: its slots' batches on the device,
+      // the inner loader's batches and its pinned staging on the host.
       device_memory host;
       host.device = std::string(cpu::name);
       host.rank = d.rank;
-      host.batches = std::exchange(p.devices.back().batches, 0);
+      host.batches = host_batches >= 0 ? host_batches : std::exchange(p.devices.back().batches, 0);
       p.devices.push_back(host);
     }
     return p;
