@@ -4,7 +4,9 @@
 // Prints GFLOP/s (2·M·N·K per call) for square sizes, the GEMMs of the 784-256-256-10
 // MLP step at batch 128 and those of the small GPT (bench/gpt_train.cpp: 2048 tokens,
 // n_embd 128), each one's fraction of this run's peak (the best square-1024 figure), and
-// kiln / Eigen. Usage: bench_gemm [threads]
+// kiln / Eigen; then the same shapes in bf16: kiln's gemm<bf16> (oneDNN's matmul where
+// the CPU has bf16 instructions) beside the widening path (f32 GEMM between a widening and
+// a narrowing pass) in the same run. Usage: bench_gemm [threads]
 #include <cstdio>
 #include <cstdlib>
 
@@ -44,6 +46,28 @@ double gflops(const gemm_case& c, bool eigen = false) {
       inner, 7, inner);
   return flop / s / 1e9;
 }
+
+// bf16 operands: kiln's gemm<bf16> or, with widened = true, the widening path alone.
+double gflops_bf16(const gemm_case& c, bool widened) {
+  using namespace kiln;
+  auto a = tensor<bf16>::full({c.ta ? c.k : c.m, c.ta ? c.m : c.k}, bf16(0.5f));
+  auto b = tensor<bf16>::full({c.tb ? c.n : c.k, c.tb ? c.k : c.n}, bf16(0.25f));
+  tensor<bf16> out({c.m, c.n});
+  const std::int64_t lda = c.ta ? c.m : c.k, ldb = c.tb ? c.k : c.n;
+  const double flop = 2.0 * double(c.m) * double(c.n) * double(c.k);
+  const int inner = std::max(1, static_cast<int>(2e9 / flop / 10));
+  const double s = kiln::bench::median_seconds(
+      [&] {
+        if (widened)
+          ops::cpu::gemm_half_widened<bf16>(c.ta, c.tb, c.m, c.n, c.k, a.data(), lda, b.data(), ldb, out.data(), c.n,
+                                            grad_write::overwrite);
+        else
+          ops::cpu::gemm<bf16>(c.ta, c.tb, c.m, c.n, c.k, a.data(), lda, b.data(), ldb, out.data(), c.n,
+                               grad_write::overwrite);
+      },
+      inner, 7, inner);
+  return flop / s / 1e9;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -70,5 +94,18 @@ int main(int argc, char** argv) {
     const double g = gflops(c), e = gflops(c, true);
     std::printf("kiln gemm %-32s gflops=%7.1f fraction_of_peak=%.2f eigen_gflops=%7.1f kiln/eigen=%.2fx\n", c.name, g,
                 g / peak, e, g / e);
+  }
+#if defined(KILN_HAVE_DNNL)
+  const char* path = kiln::ops::cpu::detail::native_bf16_gemm() ? "oneDNN matmul" : "widened";
+#else
+  const char* path = "widened";
+#endif
+  std::printf("bf16 gemm path: %s\n", path);
+  for (const auto& c : cases) {
+    const double g = gflops_bf16(c, false), w = gflops_bf16(c, true), f = gflops(c);
+    std::printf(
+        "kiln gemm bf16 %-32s gflops=%7.1f widened_gflops=%7.1f f32_gflops=%7.1f bf16/widened=%.2fx "
+        "bf16/f32=%.2fx\n",
+        c.name, g, w, f, g / w, g / f);
   }
 }

@@ -123,6 +123,56 @@ TEST_CASE("matmul and bmm agree with a naive triple loop; f32 within tolerance o
   }
 }
 
+// The bf16 GEMM's contract on whichever path this CPU takes (oneDNN's matmul where the
+// CPU has bf16 instructions, else widening around the f32 GEMM): every element within one
+// bf16 rounding of the f64 product (plus the old C when accumulating), transposes and
+// leading dimensions wider than the rows honoured, the padding between rows untouched.
+TEST_CASE("gemm bf16: within one rounding of the f64 product, both transposes, =, +=, padded rows") {
+  struct shape_case {
+    bool ta, tb;
+    std::int64_t m, n, k, pad;
+    bool acc;
+  };
+  for (const shape_case c :
+       {shape_case{false, false, 33, 17, 70, 0, false}, shape_case{false, true, 128, 96, 784, 3, false},
+        shape_case{true, false, 64, 40, 300, 5, true}, shape_case{true, true, 7, 9, 11, 2, true}}) {
+    CAPTURE(c.ta);
+    CAPTURE(c.tb);
+    CAPTURE(c.acc);
+    const std::int64_t lda = (c.ta ? c.m : c.k) + c.pad, ldb = (c.tb ? c.k : c.n) + c.pad, ldc = c.n + c.pad;
+    const philox_stream st{11, 0};
+    auto fill = [&](std::size_t n, std::uint64_t off, float lo) {
+      std::vector<bf16> v(n);
+      for (std::size_t i = 0; i < n; ++i) v[i] = bf16(lo + (1.0f - lo) * st.uniform(off + i));
+      return v;
+    };
+    const auto a = fill(static_cast<std::size_t>((c.ta ? c.k : c.m) * lda), 0, -1.0f),
+               b = fill(static_cast<std::size_t>((c.tb ? c.n : c.k) * ldb), 1 << 20, -1.0f),
+               c0 = fill(static_cast<std::size_t>(c.m * ldc), 2 << 20, 0.0f);
+    auto out = c0;
+    ops::cpu::gemm<bf16>(c.ta, c.tb, c.m, c.n, c.k, a.data(), lda, b.data(), ldb, out.data(), ldc,
+                         c.acc ? grad_write::accumulate : grad_write::overwrite);
+    double worst = 0;
+    for (std::int64_t i = 0; i < c.m; ++i) {
+      for (std::int64_t j = 0; j < c.n; ++j) {
+        double r = c.acc ? double(float(c0[i * ldc + j])) : 0.0;
+        for (std::int64_t p = 0; p < c.k; ++p)
+          r += double(float(c.ta ? a[p * lda + i] : a[i * lda + p])) *
+               double(float(c.tb ? b[j * ldb + p] : b[p * ldb + j]));
+        // one rounding to bf16 (half an ulp: 2^-8 relative), over an f32 sum of k products
+        const double bound = std::abs(r) * (1.0 / 256) + 1e-6 * double(c.k);
+        worst = std::max(worst, std::abs(double(float(out[i * ldc + j])) - r) / bound);
+      }
+      for (std::int64_t j = c.n; j < ldc; ++j) REQUIRE(float(out[i * ldc + j]) == float(c0[i * ldc + j]));
+    }
+    CHECK(worst <= 1.0);
+  }
+#if defined(KILN_HAVE_DNNL)
+  const std::string path = ops::cpu::detail::native_bf16_gemm() ? "oneDNN matmul" : "widened f32";
+  MESSAGE("bf16 GEMM path on this CPU: " << path);
+#endif
+}
+
 TEST_CASE("accuracy: arg-max, ties take the first class, top-k, bad targets") {
   auto logits = tensor<float>::from({3, 3}, {0.1f, 0.7f, 0.2f, 0.5f, 0.5f, 0.0f, 0.3f, 0.2f, 0.1f});
   auto y = tensor<i64>::from({3}, {1, 1, 2});
