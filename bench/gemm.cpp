@@ -20,53 +20,46 @@ struct gemm_case {
   std::int64_t m, n, k;
 };
 
-double gflops(const gemm_case& c, bool eigen = false) {
+// GFLOP/s of run(a, lda, b, ldb, out) on T operands of the case's shape (median of 7).
+template <class T, class Run>
+double rate(const gemm_case& c, Run run) {
   using namespace kiln;
-  auto a = tensor<float>::full({c.ta ? c.k : c.m, c.ta ? c.m : c.k}, 0.5f);
-  auto b = tensor<float>::full({c.tb ? c.n : c.k, c.tb ? c.k : c.n}, 0.25f);
-  tensor<float> out({c.m, c.n});
+  auto a = tensor<T>::full({c.ta ? c.k : c.m, c.ta ? c.m : c.k}, T(0.5f));
+  auto b = tensor<T>::full({c.tb ? c.n : c.k, c.tb ? c.k : c.n}, T(0.25f));
+  tensor<T> out({c.m, c.n});
   const std::int64_t lda = c.ta ? c.m : c.k, ldb = c.tb ? c.k : c.n;
   const double flop = 2.0 * double(c.m) * double(c.n) * double(c.k);
   const int inner = std::max(1, static_cast<int>(2e9 / flop / 10));
-  const double s = kiln::bench::median_seconds(
-      [&] {
-        if (!eigen) {
-          ops::cpu::gemm<float>(c.ta, c.tb, c.m, c.n, c.k, a.data(), lda, b.data(), ldb, out.data(), c.n,
-                                grad_write::overwrite);
-          return;
-        }
-        ops::cpu::cmap<float> A(a.data(), c.ta ? c.k : c.m, c.ta ? c.m : c.k, Eigen::OuterStride<>(lda));
-        ops::cpu::cmap<float> B(b.data(), c.tb ? c.n : c.k, c.tb ? c.k : c.n, Eigen::OuterStride<>(ldb));
-        ops::cpu::mmap<float> C(out.data(), c.m, c.n, Eigen::OuterStride<>(c.n));
-        if (!c.ta && !c.tb) C.noalias() = A * B;
-        if (!c.ta && c.tb) C.noalias() = A * B.transpose();
-        if (c.ta && !c.tb) C.noalias() = A.transpose() * B;
-        if (c.ta && c.tb) C.noalias() = A.transpose() * B.transpose();
-      },
-      inner, 7, inner);
+  const double s = kiln::bench::median_seconds([&] { run(a.data(), lda, b.data(), ldb, out.data()); }, inner, 7, inner);
   return flop / s / 1e9;
+}
+
+double gflops(const gemm_case& c, bool eigen = false) {
+  using namespace kiln;
+  return rate<float>(c, [&](const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* out) {
+    if (!eigen) {
+      ops::cpu::gemm<float>(c.ta, c.tb, c.m, c.n, c.k, a, lda, b, ldb, out, c.n, grad_write::overwrite);
+      return;
+    }
+    ops::cpu::cmap<float> A(a, c.ta ? c.k : c.m, c.ta ? c.m : c.k, Eigen::OuterStride<>(lda));
+    ops::cpu::cmap<float> B(b, c.tb ? c.n : c.k, c.tb ? c.k : c.n, Eigen::OuterStride<>(ldb));
+    ops::cpu::mmap<float> C(out, c.m, c.n, Eigen::OuterStride<>(c.n));
+    if (!c.ta && !c.tb) C.noalias() = A * B;
+    if (!c.ta && c.tb) C.noalias() = A * B.transpose();
+    if (c.ta && !c.tb) C.noalias() = A.transpose() * B;
+    if (c.ta && c.tb) C.noalias() = A.transpose() * B.transpose();
+  });
 }
 
 // bf16 operands: kiln's gemm<bf16> or, with widened = true, the widening path alone.
 double gflops_bf16(const gemm_case& c, bool widened) {
   using namespace kiln;
-  auto a = tensor<bf16>::full({c.ta ? c.k : c.m, c.ta ? c.m : c.k}, bf16(0.5f));
-  auto b = tensor<bf16>::full({c.tb ? c.n : c.k, c.tb ? c.k : c.n}, bf16(0.25f));
-  tensor<bf16> out({c.m, c.n});
-  const std::int64_t lda = c.ta ? c.m : c.k, ldb = c.tb ? c.k : c.n;
-  const double flop = 2.0 * double(c.m) * double(c.n) * double(c.k);
-  const int inner = std::max(1, static_cast<int>(2e9 / flop / 10));
-  const double s = kiln::bench::median_seconds(
-      [&] {
-        if (widened)
-          ops::cpu::gemm_half_widened<bf16>(c.ta, c.tb, c.m, c.n, c.k, a.data(), lda, b.data(), ldb, out.data(), c.n,
-                                            grad_write::overwrite);
-        else
-          ops::cpu::gemm<bf16>(c.ta, c.tb, c.m, c.n, c.k, a.data(), lda, b.data(), ldb, out.data(), c.n,
-                               grad_write::overwrite);
-      },
-      inner, 7, inner);
-  return flop / s / 1e9;
+  return rate<bf16>(c, [&](const bf16* a, std::int64_t lda, const bf16* b, std::int64_t ldb, bf16* out) {
+    if (widened)
+      ops::cpu::gemm_half_widened<bf16>(c.ta, c.tb, c.m, c.n, c.k, a, lda, b, ldb, out, c.n, grad_write::overwrite);
+    else
+      ops::cpu::gemm<bf16>(c.ta, c.tb, c.m, c.n, c.k, a, lda, b, ldb, out, c.n, grad_write::overwrite);
+  });
 }
 }  // namespace
 

@@ -24,8 +24,8 @@ namespace {
 
 void ok(cudaError_t e, const char* what) { cuda_kernels::detail::check(e, what); }
 
-// One compute stream per device, created on first use; never destroyed (tensors in
-// static storage may free their blocks on it during exit).
+// One compute stream and one copy stream per device, created on first use; never
+// destroyed (tensors in static storage may free their blocks on the compute stream during exit).
 constexpr int max_devices = 64;
 struct stream_table {
   std::mutex mu;
@@ -65,23 +65,21 @@ void set_device(int device) {
   ok(cudaSetDevice(device), "cudaSetDevice");
 }
 
-stream_t compute_stream() {
+namespace {
+// The current device's stream in one of the table's rows, created on first use.
+stream_t stream_of(std::array<cudaStream_t, max_devices> stream_table::*row, const char* what) {
   const int d = current_device();
-  KILN_CHECK(d < max_devices, "cuda compute_stream: device index ", d, " is beyond kiln's table of ", max_devices);
+  KILN_CHECK(d < max_devices, what, ": device index ", d, " is beyond kiln's table of ", max_devices);
   auto& t = streams();
   std::lock_guard lock(t.mu);
-  if (!t.streams[d]) ok(cudaStreamCreateWithFlags(&t.streams[d], cudaStreamNonBlocking), "cudaStreamCreate");
-  return t.streams[d];
+  cudaStream_t& s = (t.*row)[d];
+  if (!s) ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  return s;
 }
+}  // namespace
 
-stream_t copy_stream() {
-  const int d = current_device();
-  KILN_CHECK(d < max_devices, "cuda copy_stream: device index ", d, " is beyond kiln's table of ", max_devices);
-  auto& t = streams();
-  std::lock_guard lock(t.mu);
-  if (!t.copies[d]) ok(cudaStreamCreateWithFlags(&t.copies[d], cudaStreamNonBlocking), "cudaStreamCreate");
-  return t.copies[d];
-}
+stream_t compute_stream() { return stream_of(&stream_table::streams, "cuda compute_stream"); }
+stream_t copy_stream() { return stream_of(&stream_table::copies, "cuda copy_stream"); }
 
 void synchronize(stream_t stream) {
   ok(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");

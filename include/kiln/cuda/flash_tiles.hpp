@@ -205,12 +205,14 @@ struct sizes {
   static constexpr int o_tile = align128(br * ld_o * 4);
   static constexpr int rows = align128(br * 4);
   static_assert(br == bc, "the carving below assumes square tiles");
+  // S and dP, which the backward's final staging of dQ, dK or dV reuses
+  static constexpr int s_region = 2 * s_tile > o_tile ? 2 * s_tile : o_tile;
   // forward: Q K V | S | P | O | m l corr
   static constexpr int forward = 3 * half_tile + s_tile + p_tile + o_tile + 3 * rows;
   // dQ: Q dO K V | S dP (then staging) | dS | lse Δ
-  static constexpr int dq = 4 * half_tile + (2 * s_tile > o_tile ? 2 * s_tile : o_tile) + p_tile + 2 * rows;
+  static constexpr int dq = 4 * half_tile + s_region + p_tile + 2 * rows;
   // dK/dV: K V Q dO | S dP (then staging) | P∘Z dS | lse Δ
-  static constexpr int dkv = 4 * half_tile + (2 * s_tile > o_tile ? 2 * s_tile : o_tile) + 2 * p_tile + 2 * rows;
+  static constexpr int dkv = 4 * half_tile + s_region + 2 * p_tile + 2 * rows;
 };
 
 // S[br, bc] = Q·Kᵀ (and, when dp is given, dP = dO·Vᵀ): 16×16 tiles dealt to the warps.
@@ -386,32 +388,51 @@ KILN_TILE_FN void probabilities(const Ctx& ctx, const float* s, const float* dp,
   }
 }
 
+// The backward kernels' shared memory: four 16-bit [64, D] tiles (dQ: Q dO K V; dK/dV:
+// K V Q dO), S and dP (f32; afterwards the staging of the result), one or two 16-bit
+// [64, 64] tiles (dS; P∘Z), and the query rows' L and Δ.
+template <int D, class DT>
+struct backward_smem {
+  using z = sizes<D>;
+  DT* tile[4];
+  float *s, *dp, *ls, *dls;
+  DT* p[2];
+  KILN_TILE_FN backward_smem(unsigned char* smem, int p_tiles) {
+    for (int t = 0; t < 4; ++t) tile[t] = reinterpret_cast<DT*>(smem + t * z::half_tile);
+    s = reinterpret_cast<float*>(smem + 4 * z::half_tile);
+    dp = s + z::s_tile / 4;
+    p[0] = reinterpret_cast<DT*>(smem + 4 * z::half_tile + z::s_region);
+    p[1] = reinterpret_cast<DT*>(smem + 4 * z::half_tile + z::s_region + z::p_tile);
+    ls = reinterpret_cast<float*>(smem + 4 * z::half_tile + z::s_region + p_tiles * z::p_tile);
+    dls = ls + z::rows / 4;
+  }
+  // L and Δ of query rows [i0, i0+64) of head bh (0 past the end).
+  template <class Ctx>
+  KILN_TILE_FN void load_rows(const Ctx& ctx, const float* lse, const float* delta, std::int64_t bh, std::int64_t i0,
+                              const attention_dims& d) {
+    for (int r = ctx.tid; r < br; r += ctx.nthreads) {
+      const bool in = i0 + r < d.q_len;
+      ls[r] = in ? lse[bh * d.q_len + i0 + r] : 0.0f;
+      dls[r] = in ? delta[bh * d.q_len + i0 + r] : 0.0f;
+    }
+  }
+};
+
 // dQ for queries [64·bx, +64) of head bh.
 template <int D, int W, class DT, class Mask, class Ctx>
 KILN_TILE_FN void dq_block(const Ctx& ctx, unsigned char* smem, std::int64_t bx, std::int64_t bh, const DT* q,
                            const DT* k, const DT* v, const DT* dout, const float* lse, const float* delta, DT* dq,
                            const attention_dims& d, const Mask& mask) {
   using z = sizes<D>;
-  constexpr int s_region = 2 * z::s_tile > z::o_tile ? 2 * z::s_tile : z::o_tile;
-  DT* qs = reinterpret_cast<DT*>(smem);
-  DT* gs = reinterpret_cast<DT*>(smem + z::half_tile);
-  DT* ks = reinterpret_cast<DT*>(smem + 2 * z::half_tile);
-  DT* vs = reinterpret_cast<DT*>(smem + 3 * z::half_tile);
-  float* s = reinterpret_cast<float*>(smem + 4 * z::half_tile);
-  float* dp = s + z::s_tile / 4;
-  DT* ds = reinterpret_cast<DT*>(smem + 4 * z::half_tile + s_region);
-  float* ls = reinterpret_cast<float*>(smem + 4 * z::half_tile + s_region + z::p_tile);
-  float* dls = ls + z::rows / 4;
+  backward_smem<D, DT> m(smem, 1);
+  DT *qs = m.tile[0], *gs = m.tile[1], *ks = m.tile[2], *vs = m.tile[3], *ds = m.p[0];
+  float *s = m.s, *dp = m.dp, *ls = m.ls, *dls = m.dls;
 
   const std::int64_t b = bh / d.q_heads, h = bh % d.q_heads, g = h / (d.q_heads / d.kv_heads);
   const std::int64_t i0 = bx * br, last = (i0 + br < d.q_len ? i0 + br : d.q_len) - 1;
   load_tile<D>(ctx, qs, z::ld_h, q, b, i0, h, d.q_len, d.q_heads, br);
   load_tile<D>(ctx, gs, z::ld_h, dout, b, i0, h, d.q_len, d.q_heads, br);
-  for (int r = ctx.tid; r < br; r += ctx.nthreads) {
-    const bool in = i0 + r < d.q_len;
-    ls[r] = in ? lse[bh * d.q_len + i0 + r] : 0.0f;
-    dls[r] = in ? delta[bh * d.q_len + i0 + r] : 0.0f;
-  }
+  m.load_rows(ctx, lse, delta, bh, i0, d);
   constexpr int per_warp = (br / 16) * (D / 16) / W;
   accumulator acc[per_warp];
 #pragma unroll
@@ -440,17 +461,9 @@ KILN_TILE_FN void dkv_block(const Ctx& ctx, unsigned char* smem, std::int64_t bx
                             const DT* k, const DT* v, const DT* dout, const float* lse, const float* delta, DT* dk,
                             DT* dv, const attention_dims& d, const Mask& mask) {
   using z = sizes<D>;
-  constexpr int s_region = 2 * z::s_tile > z::o_tile ? 2 * z::s_tile : z::o_tile;
-  DT* ks = reinterpret_cast<DT*>(smem);
-  DT* vs = reinterpret_cast<DT*>(smem + z::half_tile);
-  DT* qs = reinterpret_cast<DT*>(smem + 2 * z::half_tile);
-  DT* gs = reinterpret_cast<DT*>(smem + 3 * z::half_tile);
-  float* s = reinterpret_cast<float*>(smem + 4 * z::half_tile);
-  float* dp = s + z::s_tile / 4;
-  DT* pz = reinterpret_cast<DT*>(smem + 4 * z::half_tile + s_region);
-  DT* ds = reinterpret_cast<DT*>(smem + 4 * z::half_tile + s_region + z::p_tile);
-  float* ls = reinterpret_cast<float*>(smem + 4 * z::half_tile + s_region + 2 * z::p_tile);
-  float* dls = ls + z::rows / 4;
+  backward_smem<D, DT> m(smem, 2);
+  DT *ks = m.tile[0], *vs = m.tile[1], *qs = m.tile[2], *gs = m.tile[3], *pz = m.p[0], *ds = m.p[1];
+  float *s = m.s, *dp = m.dp, *ls = m.ls, *dls = m.dls;
 
   const std::int64_t b = bg / d.kv_heads, g = bg % d.kv_heads, group = d.q_heads / d.kv_heads;
   const std::int64_t j0 = bx * bc;
@@ -467,11 +480,7 @@ KILN_TILE_FN void dkv_block(const Ctx& ctx, unsigned char* smem, std::int64_t bx
       if (!tile_live(mask, d, i0, j0)) continue;
       load_tile<D>(ctx, qs, z::ld_h, q, b, i0, h, d.q_len, d.q_heads, br);
       load_tile<D>(ctx, gs, z::ld_h, dout, b, i0, h, d.q_len, d.q_heads, br);
-      for (int r = ctx.tid; r < br; r += ctx.nthreads) {
-        const bool in = i0 + r < d.q_len;
-        ls[r] = in ? lse[bh * d.q_len + i0 + r] : 0.0f;
-        dls[r] = in ? delta[bh * d.q_len + i0 + r] : 0.0f;
-      }
+      m.load_rows(ctx, lse, delta, bh, i0, d);
       ctx.sync();
       scores<D>(ctx, qs, ks, s, gs, vs, dp);
       ctx.sync();
