@@ -16,6 +16,9 @@
 // serve f32 and head dimension 32. bf16 and f16 with head dimensions 64 and 128 run the
 // tensor-core block programs of kiln/cuda/flash_tiles.hpp (FlashAttention-2's tiling on
 // wmma), which g++ also runs on host threads in the CPU test suite.
+#include <algorithm>
+#include <atomic>
+
 #include "common.cuh"
 #include "kiln/cuda/flash_tiles.hpp"
 #include "kiln/cuda/kernels.hpp"
@@ -265,6 +268,7 @@ void backward_d(const T* q, const T* k, const T* v, const T* o, const T* dout, c
 struct device_block {
   int tid, nthreads, warp, nwarps, lane, lanes;
   __device__ void sync() const { __syncthreads(); }
+  __device__ void warp_sync() const { __syncwarp(); }
   // Butterfly reductions: every lane ends with the same bits (each step is commutative).
   __device__ float warp_max(float x) const {
     for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
@@ -315,15 +319,35 @@ void allow_shared(int bytes, const char* what) {
   done_for = dev;
 }
 
-// The tensor-core path takes 16-bit elements, D 64 or 128, and 16-byte aligned buffers
-// (its tile loads move 8 elements at a time).
 template <class T>
 constexpr bool tensor_core_type = std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
+// The shared memory a block may opt into on the current device (163 KB on sm_80, 227 KB on
+// sm_90, but 99 KB on sm_86/sm_89, which run the sm_80 build), read once per device.
+int max_shared_per_block() {
+  constexpr int devices = 64;
+  static std::atomic<int> known[devices] = {};
+  int dev = 0;
+  detail::check(cudaGetDevice(&dev), "attention: cudaGetDevice");
+  if (dev >= devices) dev = devices - 1;
+  int bytes = known[dev].load(std::memory_order_relaxed);
+  if (bytes == 0) {
+    detail::check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                  "attention: cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+    known[dev].store(bytes, std::memory_order_relaxed);
+  }
+  return bytes;
+}
+// The tensor-core path takes D 64 or 128, 16-byte aligned buffers (its tile loads move 8
+// elements at a time), and a device whose blocks can hold its tiles; otherwise the
+// reference kernels run.
 bool tensor_cores(const attention_dims& d, std::initializer_list<const void*> buffers) {
   if (d.reference_kernels || (d.head_dim != 64 && d.head_dim != 128)) return false;
   for (const void* p : buffers)
     if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
-  return true;
+  const int need = d.head_dim == 64
+                       ? std::max({flash::sizes<64>::forward, flash::sizes<64>::dq, flash::sizes<64>::dkv})
+                       : std::max({flash::sizes<128>::forward, flash::sizes<128>::dq, flash::sizes<128>::dkv});
+  return need <= max_shared_per_block();
 }
 
 template <class T, class Mask, int D>

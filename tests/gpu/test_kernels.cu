@@ -358,11 +358,14 @@ void test_attention(std::int64_t tq, std::int64_t s, float dropout_p, const std:
   ck::attention_forward<T, DM>(dq.p, dk.p, dv.p, o.p, lse.p, d, nullptr, dm);
   ck::attention_backward<T, DM>(dq.p, dk.p, dv.p, o.p, ddo.p, lse.p, delta.p, gq.p, gk.p, gv.p, d, nullptr, dm);
   const std::string n = "attention " + label + " " + tname<T>() + " D " + std::to_string(D);
-  const double t = std::is_same_v<T, f32> ? 1e-4 : tol<T>();
-  expect_close(n + " O", o.host(), vec(out.value()), t);
-  expect_close(n + " dq", gq.host(), vec(vq.grad()), 2 * t);
-  expect_close(n + " dk (summed over the group)", gk.host(), vec(vk.grad()), 2 * t);
-  expect_close(n + " dv", gv.host(), vec(vv.grad()), 2 * t);
+  // Outputs and gradients against their own scale (max |error| / max |value|), so the
+  // later, smaller tiles are held to the bound too: the host runs of the tensor-core block
+  // programs (tests/ops/test_flash_tiles.cpp) measure bf16 ≤ 3.4e-3 and f16 ≤ 4.7e-4.
+  const double tg = std::is_same_v<T, f32> ? 1e-4 : std::is_same_v<T, f16> ? 2e-3 : 1e-2;
+  expect_close_scaled(n + " O", o.host(), vec(out.value()), tg);
+  expect_close_scaled(n + " dq", gq.host(), vec(vq.grad()), tg);
+  expect_close_scaled(n + " dk (summed over the group)", gk.host(), vec(vk.grad()), tg);
+  expect_close_scaled(n + " dv", gv.host(), vec(vv.grad()), tg);
 }
 
 void expect(bool ok, const std::string& what) {
@@ -917,8 +920,9 @@ void test_tensor_cores_against_reference() {
   for (int i = 0; i < 4; ++i) {
     std::vector<float> want(ref[i].size());
     for (std::size_t e = 0; e < want.size(); ++e) want[e] = float(ref[i][e]);
-    expect_close(std::string("attention tensor cores vs reference (bf16, D 128, causal, dropout) ") + names[i], tc[i],
-                 want, 2 * tol<bf16>());
+    // Each within ~3.4e-3 of the exact result (scaled): two such errors apart.
+    expect_close_scaled(std::string("attention tensor cores vs reference (bf16, D 128, causal, dropout) ") + names[i],
+                        tc[i], want, 1.5e-2);
     expect(std::memcmp(tc[i].data(), again[i].data(), tc[i].size() * sizeof(bf16)) == 0,
            std::string("attention tensor cores: a second run gives the same bits, ") + names[i]);
   }

@@ -22,8 +22,8 @@
 // product among themselves (tile t to warp t mod W), the forward's softmax rows (a warp
 // per row, its lanes across the keys, shuffles for the row's max and sum) and every
 // element-wise pass among their threads; a barrier separates the phases. The block
-// context (Ctx) gives tid, nthreads, warp, nwarps, lane, lanes, sync(), warp_max() and
-// warp_sum(); on the host a warp is one thread (lanes = 1). The probabilities are rounded to the
+// context (Ctx) gives tid, nthreads, warp, nwarps, lane, lanes, sync(), warp_sync(),
+// warp_max() and warp_sum(); on the host a warp is one thread (lanes = 1). The probabilities are rounded to the
 // input type before their products, as FlashAttention does; everything else is f32.
 // Masks are kiln::ops::mask's device forms; a tile no row may see is skipped whole.
 //
@@ -329,7 +329,8 @@ KILN_TILE_FN void forward_block(const Ctx& ctx, unsigned char* smem, std::int64_
         sum += pr;
         store_as(p + r * z::ld_p + jj, pr == 0.0f ? 0.0f : pr * keep(d, b, h, i, j0 + jj));
       }
-      sum = ctx.warp_sum(sum);  // every lane has read m_old and l's old value is lane 0's to update
+      sum = ctx.warp_sum(sum);
+      ctx.warp_sync();  // every lane has read m[r] before lane 0 overwrites it (a shuffle orders no memory)
       if (ctx.lane == 0) {
         l[r] = l[r] * c + sum;
         m[r] = mx;

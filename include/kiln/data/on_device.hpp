@@ -170,6 +170,10 @@ class on_device_loader {
         : owner_(owner), inner_(owner->inner_->epoch(epoch, first)), it_(inner_.begin()), end_(inner_.end()) {}
     range(const range&) = delete;
     range& operator=(const range&) = delete;
+    ~range() {
+      release(0);
+      release(1);
+    }
     iterator begin() {
       if (!started_) {
         started_ = true;
@@ -187,16 +191,23 @@ class on_device_loader {
     };
     // Maps the inner loader's next batch into slot s (empty when inner is done).
     void fill(int s) {
-      slots_[s].batch.reset();
+      release(s);
       if (it_ == end_) return;
       slots_[s].up.begin();
       slots_[s].batch.emplace(owner_->move_(*it_, slots_[s].up));
       slots_[s].up.end();
       ++it_;
     }
+    // Frees slot s's batch. A batch nobody dereferenced may still be copying: its blocks go
+    // back to the compute stream's allocator only after the compute stream waits for them.
+    void release(int s) {
+      if (!slots_[s].batch) return;
+      slots_[s].up.ready();
+      slots_[s].batch.reset();
+    }
     void advance() {
       if (owner_->ahead_ == 1) {
-        slots_[cur_].batch.reset();
+        release(cur_);
         cur_ = 1 - cur_;
         if (slots_[cur_].batch) fill(1 - cur_);
       } else {

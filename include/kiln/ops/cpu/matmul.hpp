@@ -23,6 +23,9 @@
 #if defined(KILN_HAVE_DNNL)
 #include <dnnl.h>
 #endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/tensor.hpp"
@@ -84,7 +87,9 @@ class bf16_matmuls {
   // C = op(A)·op(B) (or +=) if a native primitive exists for the shape; false otherwise.
   bool run(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const void* a, std::int64_t lda,
            const void* b, std::int64_t ldb, void* c, std::int64_t ldc, bool accumulate) {
-    const shape_key key{m, n, k, lda, ldb, ldc, ta, tb, accumulate};
+    // oneDNN partitions a primitive for the threads it may use when it is created: one
+    // made inside an OpenMP region (linear_backward's sections) is kept apart.
+    const shape_key key{m, n, k, lda, ldb, ldc, ta, tb, accumulate, in_parallel()};
     auto it = cache_.find(key);
     if (it == cache_.end()) {
       if (cache_.size() >= 512) cache_.clear();  // shapes churn (a sweep): start over
@@ -114,9 +119,16 @@ class bf16_matmuls {
  private:
   struct shape_key {
     std::int64_t m, n, k, lda, ldb, ldc;
-    bool ta, tb, acc;
+    bool ta, tb, acc, nested;
     auto operator<=>(const shape_key&) const = default;
   };
+  static bool in_parallel() {
+#if defined(_OPENMP)
+    return omp_in_parallel() != 0;
+#else
+    return false;
+#endif
+  }
   struct entry {
     dnnl_primitive_t prim = nullptr;
     dnnl_memory_t a = nullptr, b = nullptr, c = nullptr;
