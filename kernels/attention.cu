@@ -30,16 +30,12 @@ namespace {
 constexpr int rows_per_block = 64;  // query rows (forward, dQ) or key rows (dK/dV) per block
 constexpr int tile = 32;            // keys (or queries) per shared-memory tile
 
-__device__ __forceinline__ std::uint64_t rng_index(const attention_dims& d, std::int64_t b, std::int64_t h,
-                                                   std::int64_t i, std::int64_t j) {
-  return static_cast<std::uint64_t>(((b * d.q_heads + h) * d.q_len + i) * d.kv_len + j);
-}
-// The dropout factor of probability (b, h, i, j): 0 or 1/(1−p).
-__device__ __forceinline__ float keep(const attention_dims& d, std::int64_t b, std::int64_t h, std::int64_t i,
-                                      std::int64_t j) {
-  if (d.dropout_p <= 0.0f) return 1.0f;
-  return d.rng.uniform(rng_index(d, b, h, i, j)) < d.dropout_p ? 0.0f : 1.0f / (1.0f - d.dropout_p);
-}
+// Shared with the tensor-core block programs: the [B, L, H, D] offset, the dropout factor
+// from the CPU's Philox index, and the first key a block of rows may see.
+using flash::at;
+using flash::block_first_key;
+using flash::keep;
+
 template <int D>
 __device__ __forceinline__ float dot(const float* a, const float* b) {
   float s = 0;
@@ -47,21 +43,6 @@ __device__ __forceinline__ float dot(const float* a, const float* b) {
   for (int c = 0; c < D; ++c) s += a[c] * b[c];
   return s;
 }
-// Element (b, t, h, c) of a [B, L, H, D] buffer.
-__device__ __forceinline__ std::int64_t at(std::int64_t b, std::int64_t t, std::int64_t h, std::int64_t L,
-                                           std::int64_t H, int D) {
-  return ((b * L + t) * H + h) * D;
-}
-
-// The first key any query of a block (positions p0..p1) may see: the smallest first_key
-// of its rows, since first_key need not grow with the row (strided's does not).
-template <class Mask>
-__device__ __forceinline__ std::int64_t block_first_key(const Mask& mask, std::int64_t p0, std::int64_t p1) {
-  std::int64_t f = mask.first_key(p0);
-  for (std::int64_t p = p0 + 1; p <= p1; ++p) f = min(f, mask.first_key(p));
-  return f;
-}
-
 template <class DT, class Mask, int D>
 __global__ void attention_forward_kernel(const DT* __restrict__ q, const DT* __restrict__ k, const DT* __restrict__ v,
                                          DT* __restrict__ o, float* __restrict__ lse, attention_dims d,
@@ -114,14 +95,16 @@ __global__ void attention_forward_kernel(const DT* __restrict__ q, const DT* __r
   lse[bh * d.q_len + i] = m + logf(l);
 }
 
-// delta[(b·Hq + h)·T + i] = Σ_c dO·O (O as stored, dropout included).
-template <class DT, int D>
+// delta[(b·Hq + h)·T + i] = Σ_c dO·O (O as stored, dropout included); both kernel sets'
+// backward starts with it.
+template <class DT>
 __global__ void attention_delta_kernel(const DT* __restrict__ o, const DT* __restrict__ dout, float* __restrict__ delta,
                                        attention_dims d) {
   const std::int64_t rows = d.batch * d.q_heads * d.q_len;
   for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < rows;
        r += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t i = r % d.q_len, bh = r / d.q_len, b = bh / d.q_heads, h = bh % d.q_heads;
+    const int D = static_cast<int>(d.head_dim);
     const std::int64_t base = at(b, i, h, d.q_len, d.q_heads, D);
     float s = 0;
     for (int c = 0; c < D; ++c) s += detail::to_f32(dout[base + c]) * detail::to_f32(o[base + c]);
@@ -249,11 +232,8 @@ void forward_d(const T* q, const T* k, const T* v, T* o, float* lse, const atten
       <<<grid, rows_per_block, 0, s>>>(detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(o), lse, d, mask);
 }
 template <class T, class Mask, int D>
-void backward_d(const T* q, const T* k, const T* v, const T* o, const T* dout, const float* lse, float* delta, T* dq,
-                T* dk, T* dv, const attention_dims& d, Mask mask, cudaStream_t s) {
-  const std::int64_t rows = d.batch * d.q_heads * d.q_len;
-  attention_delta_kernel<detail::device_t<T>, D>
-      <<<detail::grid_for(rows, 256), 256, 0, s>>>(detail::dev(o), detail::dev(dout), delta, d);
+void backward_d(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, T* dq, T* dk,
+                T* dv, const attention_dims& d, Mask mask, cudaStream_t s) {
   const dim3 qgrid(detail::grid_for(d.q_len, rows_per_block), static_cast<unsigned>(d.batch * d.q_heads));
   attention_dq_kernel<detail::device_t<T>, Mask, D><<<qgrid, rows_per_block, 0, s>>>(
       detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(dout), lse, delta, detail::dev(dq), d, mask);
@@ -418,28 +398,25 @@ void attention_backward(const T* q, const T* k, const T* v, const T* o, const T*
   check_dims(d, "attention backward");
   if (d.batch * d.q_heads * d.q_len == 0) return;
   auto s = detail::as_stream(stream);
+  const std::int64_t rows = d.batch * d.q_heads * d.q_len;
+  attention_delta_kernel<detail::device_t<T>>
+      <<<detail::grid_for(rows, 256), 256, 0, s>>>(detail::dev(o), detail::dev(dout), delta, d);
   if constexpr (tensor_core_type<T>) {
     if (tensor_cores(d, {q, k, v, o, dout, dq, dk, dv})) {
-      const std::int64_t rows = d.batch * d.q_heads * d.q_len;
-      if (d.head_dim == 64) {
-        attention_delta_kernel<detail::device_t<T>, 64>
-            <<<detail::grid_for(rows, 256), 256, 0, s>>>(detail::dev(o), detail::dev(dout), delta, d);
+      if (d.head_dim == 64)
         flash_backward<T, Mask, 64>(q, k, v, dout, lse, delta, dq, dk, dv, d, mask, s);
-      } else {
-        attention_delta_kernel<detail::device_t<T>, 128>
-            <<<detail::grid_for(rows, 256), 256, 0, s>>>(detail::dev(o), detail::dev(dout), delta, d);
+      else
         flash_backward<T, Mask, 128>(q, k, v, dout, lse, delta, dq, dk, dv, d, mask, s);
-      }
       detail::check_launch("attention backward (tensor cores)");
       return;
     }
   }
   if (d.head_dim == 32)
-    backward_d<T, Mask, 32>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, mask, s);
+    backward_d<T, Mask, 32>(q, k, v, dout, lse, delta, dq, dk, dv, d, mask, s);
   else if (d.head_dim == 64)
-    backward_d<T, Mask, 64>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, mask, s);
+    backward_d<T, Mask, 64>(q, k, v, dout, lse, delta, dq, dk, dv, d, mask, s);
   else
-    backward_d<T, Mask, 128>(q, k, v, o, dout, lse, delta, dq, dk, dv, d, mask, s);
+    backward_d<T, Mask, 128>(q, k, v, dout, lse, delta, dq, dk, dv, d, mask, s);
   detail::check_launch("attention backward");
 }
 

@@ -571,6 +571,20 @@ void test_device_tensor() {
   expect(cr::to_host(dd).to_vector() == hd.to_vector(), "device tensor: copy into a transposed view");
 }
 
+// Two AdamW groups over parameters a, b, c (ps[0..2]): `first` in the first group, in
+// that order, `second` alone in a group without weight decay.
+template <class T, class Dev>
+std::vector<optim::param_group<T, Dev>> adamw_groups(std::vector<var<T, Dev>>& ps, std::initializer_list<int> first,
+                                                     int second) {
+  using NP = nn::named_parameter<T, Dev>;
+  auto name = [](int i) { return std::string(1, static_cast<char>('a' + i)); };
+  std::vector<optim::param_group<T, Dev>> g(2);
+  for (int i : first) g[0].params.push_back(NP{name(i), ps[static_cast<std::size_t>(i)]});
+  g[1].params = {NP{name(second), ps[static_cast<std::size_t>(second)]}};
+  g[1].weight_decay = 0.0;
+  return g;
+}
+
 // optim::adamw over cuda parameters (the fused kernel, one launch per step) against the
 // same optimizer over the same parameters on the CPU, three steps, two groups.
 template <class P>
@@ -584,15 +598,7 @@ void test_adamw_optimizer() {
     hp.emplace_back(t.clone(), true);
     dp.emplace_back(cr::to_device(t), true);
   }
-  auto groups = [](auto& ps) {
-    using V = typename std::remove_cvref_t<decltype(ps)>::value_type;
-    using NP = nn::named_parameter<P, typename V::device_type>;
-    std::vector<optim::param_group<P, typename V::device_type>> g(2);
-    g[0].params = {NP{"a", ps[0]}, NP{"b", ps[1]}};
-    g[1].params = {NP{"c", ps[2]}};
-    g[1].weight_decay = 0.0;
-    return g;
-  };
+  auto groups = [](auto& ps) { return adamw_groups(ps, {0, 1}, 2); };
   const optim::adamw_options o{.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1};
   optim::adamw<P> host(groups(hp), o);
   optim::adamw<P, cuda> dev(groups(dp), o);
@@ -642,15 +648,7 @@ void test_adamw_optimizer_copies() {
     hc.emplace_back(shape{sizes[k]});
     dc.emplace_back(shape{sizes[k]});
   }
-  auto groups = [](auto& ps) {
-    using V = typename std::remove_cvref_t<decltype(ps)>::value_type;
-    using NP = nn::named_parameter<f32, typename V::device_type>;
-    std::vector<optim::param_group<f32, typename V::device_type>> g(2);
-    g[0].params = {NP{"c", ps[2]}, NP{"a", ps[0]}};  // not the masters' order
-    g[1].params = {NP{"b", ps[1]}};
-    g[1].weight_decay = 0.0;
-    return g;
-  };
+  auto groups = [](auto& ps) { return adamw_groups(ps, {2, 0}, 1); };  // not the masters' order
   const optim::adamw_options o{.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1};
   optim::adamw<f32> host(groups(hp), o);
   optim::adamw<f32, cuda> dev(groups(dp), o);

@@ -42,6 +42,17 @@ concept batch_fetch = dataset<D> && requires(const D& d, std::span<const std::in
   d.get_batch(idx);
 };
 
+// Batches a loader holds at once: the one in use plus what its workers build ahead
+// (num_workers · prefetch_factor of its options(), where it has them). The memory plan
+// counts batches by it.
+template <class L>
+std::int64_t resident_batches(const L& l) {
+  if constexpr (requires { l.options().num_workers* l.options().prefetch_factor; })
+    return 1 + static_cast<std::int64_t>(l.options().num_workers) * l.options().prefetch_factor;
+  else
+    return 1;
+}
+
 // A batch of inputs and class labels.
 struct labelled_batch {
   tensor<float> x;  // [B, ...]

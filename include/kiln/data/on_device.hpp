@@ -138,7 +138,7 @@ class on_device_loader {
   const Loader& inner() const { return *inner_; }
   // What the memory plan counts (kiln/train/planner.hpp): batches held on Dev (the one in
   // use and the one ahead), and pinned host copies of them (one per slot; none on the CPU).
-  std::int64_t batches_on_device() const { return Dev::is_host ? resident_host() + ahead_ : 1 + ahead_; }
+  std::int64_t batches_on_device() const { return Dev::is_host ? resident_batches(*inner_) + ahead_ : 1 + ahead_; }
   std::int64_t pinned_batches() const { return Dev::is_host ? 0 : 1 + ahead_; }
 
   using inner_range = std::remove_cvref_t<decltype(std::declval<Loader&>().epoch(0, 0))>;
@@ -227,12 +227,6 @@ class on_device_loader {
   range epoch(std::int64_t e, std::int64_t first) { return range(this, e, first); }
 
  private:
-  std::int64_t resident_host() const {
-    if constexpr (requires { inner_->options().num_workers * inner_->options().prefetch_factor; })
-      return 1 + static_cast<std::int64_t>(inner_->options().num_workers) * inner_->options().prefetch_factor;
-    else
-      return 1;
-  }
   Loader* inner_;
   Move move_;
   int ahead_ = 0;

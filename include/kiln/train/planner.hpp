@@ -13,6 +13,7 @@
 #include "kiln/autograd/grad_mode.hpp"
 #include "kiln/core/philox.hpp"
 #include "kiln/core/type_name.hpp"
+#include "kiln/data/dataset.hpp"
 #include "kiln/nn/module.hpp"
 #include "kiln/nn/unit.hpp"
 #include "kiln/train/concepts.hpp"
@@ -38,14 +39,6 @@ std::int64_t batch_bytes(const B& b) {
     return tensor_block(b);
   else
     return 0;
-}
-// Batches a loader holds at once: the one in use plus what its workers build ahead.
-template <class L>
-std::int64_t resident_batches(const L& l) {
-  if constexpr (requires { l.options().num_workers* l.options().prefetch_factor; })
-    return 1 + static_cast<std::int64_t>(l.options().num_workers) * l.options().prefetch_factor;
-  else
-    return 1;
 }
 }  // namespace detail
 
@@ -173,9 +166,9 @@ struct planner {
       if constexpr (requires { loader.batches_on_device(); }) {  // data::on_device: its slots, then its inner loader
         d.batches = one * loader.batches_on_device();
         if constexpr (!std::remove_cvref_t<L>::device_type::is_host)
-          host_batches = one * (detail::resident_batches(loader.inner()) + loader.pinned_batches());
+          host_batches = one * (data::resident_batches(loader.inner()) + loader.pinned_batches());
       } else {
-        d.batches = one * detail::resident_batches(loader);
+        d.batches = one * data::resident_batches(loader);
       }
       const bool was_planning = std::exchange(t.planning_, true);
       const auto saved_loop = t.state_.loop;
