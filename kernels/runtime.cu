@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -57,6 +58,26 @@ int current_device() {
   int d = 0;
   ok(cudaGetDevice(&d), "cudaGetDevice");
   return d;
+}
+
+int use_local_device() {
+  int local = 0;
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"})
+    if (const char* v = std::getenv(var); v && *v) {
+      local = std::atoi(v);
+      break;
+    }
+  const int n = device_count();
+  KILN_CHECK(n > 0, "cuda use_local_device: no CUDA device is visible");
+  const int d = local % n;
+  set_device(d);
+  return d;
+}
+
+int device_of(const void* p) {
+  cudaPointerAttributes a{};
+  ok(cudaPointerGetAttributes(&a, p), "cudaPointerGetAttributes");
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged ? a.device : -1;
 }
 
 void set_device(int device) {
@@ -280,6 +301,43 @@ void raw_memory<cuda>::convert(void* dst, dtype to, const void* src, dtype from,
   });
 }
 
+namespace {
+template <class To, class From>
+__global__ void convert_scaled_kernel(To* dst, const From* src, std::int64_t n, float factor) {
+  using cuda_kernels::detail::from_f32;
+  using cuda_kernels::detail::to_f32;
+  KILN_GRID_STRIDE(i, n) dst[i] = from_f32<To>(to_f32(src[i]) * factor);
+}
+}  // namespace
+}  // namespace detail
+
+void cuda_runtime::convert_scaled(void* dst, dtype to, const void* src, dtype from, std::size_t count, float factor,
+                                  stream_t stream) {
+  if (count == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const auto n = static_cast<std::int64_t>(count);
+  auto only_16_32 = [](dtype t, const char* side) {
+    if (t != dtype::f32 && t != dtype::bf16 && t != dtype::f16)
+      throw error(std::string("cuda convert_scaled: the ") + side + " type " + std::string(dtype_name(t)) +
+                  " is not f32, bf16 or f16");
+  };
+  only_16_32(to, "destination");
+  only_16_32(from, "source");
+  detail::with_floating(to, "destination", [&](auto t) {
+    detail::with_floating(from, "source", [&](auto f) {
+      using To = decltype(t);
+      using From = decltype(f);
+      if constexpr (!std::is_same_v<To, double> && !std::is_same_v<From, double>) {
+        const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>((n + 255) / 256, 65535LL * 32));
+        detail::convert_scaled_kernel<To, From>
+            <<<blocks, 256, 0, s>>>(static_cast<To*>(dst), static_cast<const From*>(src), n, factor);
+        cuda_kernels::detail::check(cudaGetLastError(), "convert_scaled_kernel");
+      }
+    });
+  });
+}
+
+namespace detail {
 void raw_memory<cuda>::copy_strided(void* dst, const std::int64_t* dst_strides, const void* src,
                                     const std::int64_t* src_strides, const std::int64_t* dims, int rank,
                                     std::size_t elem_bytes) {

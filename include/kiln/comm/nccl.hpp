@@ -13,6 +13,8 @@
 // and the last one it completed, aborts the NCCL communicator (so the kernel stops
 // spinning) and then the job. NCCL and CUDA errors become kiln::errors naming the
 // collective. Element types: f32, f64, i64, bf16 (reductions), bytes (gather, broadcast).
+// Buffers that kiln's kernels wrote: call after(compute stream) first, so the NCCL stream
+// waits for them (the strategies do; strategy/buffers.hpp).
 // Ensures: the communicator concept (comm/communicator.hpp); results as NCCL's (ring or
 // tree reductions, deterministic for a fixed world size and NCCL configuration).
 #pragma once
@@ -206,6 +208,17 @@ class nccl : public detail::blocking_collectives<nccl> {
     s_->comm = nullptr;
     MPI_Abort(MPI_COMM_WORLD, code);
     std::_Exit(code);
+  }
+
+  // Collectives posted after this call start once the work enqueued on `producer` so far
+  // is done (kiln's compute stream: the kernels that packed the buffers). No host wait.
+  void after(void* producer) {
+    cudaEvent_t e = nullptr;
+    cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    cuda_check(cudaEventRecord(e, static_cast<cudaStream_t>(producer)), "cudaEventRecord");
+    const cudaError_t w = cudaStreamWaitEvent(s_->stream, e, 0);
+    cudaEventDestroy(e);  // released once the wait is resolved
+    cuda_check(w, "cudaStreamWaitEvent");
   }
 
   // ---- enqueued on stream(); wait() under the watchdog ----

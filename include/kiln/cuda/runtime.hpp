@@ -43,6 +43,14 @@ struct device_info {
 device_info info(int device);
 int current_device();
 void set_device(int device);
+// The GPU a process launched by mpirun or srun should use: its node-local rank
+// (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID or LOCAL_RANK, in that order) modulo the
+// visible devices, made current; 0 when none of them is set. Call it before the first
+// cuda tensor of a multi-GPU program — comm::nccl picks the same device — so the model
+// is built where its rank communicates. Returns the device.
+int use_local_device();
+// The device a pointer from cudaMalloc(Async) belongs to; -1 for host memory.
+int device_of(const void* p);
 
 // kiln's compute stream on the current device.
 stream_t compute_stream();
@@ -68,6 +76,11 @@ class event {
 
 enum class copy_kind { host_to_device, device_to_host, device_to_device, host_to_host };
 void copy(void* dst, const void* src, std::size_t bytes, copy_kind kind, stream_t stream);
+
+// dst[i] = to(f32(src[i]) · factor) for `count` contiguous device elements, floating types
+// f32, bf16 and f16, rounded to nearest even; dst may be src (in place). The strategies'
+// packing of gradients into f32 buckets and the averaged result back (factor 1/world).
+void convert_scaled(void* dst, dtype to, const void* src, dtype from, std::size_t count, float factor, stream_t stream);
 
 // Page-locked host memory (DMA at full PCIe/NVLink speed, asynchronous copies).
 void* pinned_allocate(std::size_t bytes);

@@ -10,7 +10,9 @@
 // Spec: on_device<Dev>(inner, move, options) has inner's size() and epoch(e, first): the
 // same batches in the same order (so resume, limits and the memory plan see what inner
 // gives), each mapped by move(host_batch, up), where up(tensor<T, cpu>) returns the
-// tensor on Dev. The inner loader is kept by reference and must outlive the adaptor.
+// tensor on Dev; distribute(rank, world) (the trainer's sharding under ddp and zero)
+// reaches the inner loader. The inner loader is kept by reference and must outlive the
+// adaptor.
 // With options.ahead = 1 (the default on cuda) batch n+1 is built and its copies are
 // enqueued when the consumer moves to batch n, so they run while batch n computes:
 // copies go on cuda_runtime::copy_stream() from pinned buffers that the range owns (two
@@ -134,6 +136,9 @@ class on_device_loader {
                ", expected 0 or 1 (or -1: the default)");
   }
   std::int64_t size() const { return static_cast<std::int64_t>(inner_->size()); }
+  // The trainer's sharding under ddp / zero (train/ranks.hpp) reaches the inner loader.
+  void distribute(int rank, int world) requires requires(Loader& l) { l.distribute(rank, world); }
+  { inner_->distribute(rank, world); }
   Loader& inner() { return *inner_; }
   const Loader& inner() const { return *inner_; }
   // What the memory plan counts (kiln/train/planner.hpp): batches held on Dev (the one in

@@ -17,8 +17,12 @@
 // Logging and checkpoints: only rank 0 logs and writes; every rank joins the capture
 // (so sharded strategies can gather). log(..., sync_dist = true) all-reduces the value:
 // mean, sum, max or min over ranks of each rank's value.
-// On CPU the all-reduce runs after backward: the autograd tape has no per-parameter
-// ready hooks yet, and with every core computing there is no idle core to overlap on.
+// The all-reduce runs after backward: the autograd tape has no per-parameter ready hooks
+// yet (on CPU, with every core computing, there is no idle core to overlap on anyway).
+// Devices: ddp<Comm, Dev> keeps its buckets on Dev, the model's device (cpu by default).
+// On cuda they are packed and unpacked by kernels and reduced in place by comm::nccl, or
+// through pinned host memory by comm::mpi (strategy/buffers.hpp); a module whose
+// parameters live elsewhere than Dev is a compile error.
 #pragma once
 
 #include <algorithm>
@@ -31,6 +35,7 @@
 #include "kiln/comm/communicator.hpp"
 #include "kiln/core/device.hpp"
 #include "kiln/nn/module.hpp"
+#include "kiln/strategy/buffers.hpp"
 #include "kiln/train/memory_plan.hpp"
 #include "kiln/train/metrics.hpp"
 
@@ -38,7 +43,8 @@ namespace kiln::strategy {
 
 namespace detail {
 
-// One parameter as the reducers see it, whatever its element type.
+// One parameter as the reducers see it, whatever its element type; the pointers are on
+// the parameter's device.
 struct grad_slot {
   std::string name;
   std::int64_t numel = 0;
@@ -52,29 +58,22 @@ std::vector<grad_slot> grad_slots(M& target) {
   std::vector<grad_slot> out;
   nn::visit_parameters(target, [&](const std::string& name, auto& p) {
     if (!p.requires_grad()) return;
-    using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+    using V = std::remove_cvref_t<decltype(p)>;
+    using D = typename V::device_type;
     auto v = p;  // a handle: shares the parameter's state
     grad_slot s;
     s.name = name;
     s.numel = v.numel();
     s.has_grad = [v] { return v.has_grad(); };
     s.pack = [v](float* dst) {
-      const std::int64_t n = v.numel();
-      if (!v.has_grad()) {
-        std::fill(dst, dst + n, 0.0f);
-        return;
-      }
-      const T* g = v.grad().data();
-      if constexpr (std::is_same_v<T, float>)
-        std::memcpy(dst, g, static_cast<std::size_t>(n) * sizeof(float));
+      if (!v.has_grad())
+        fill_zero<D>(dst, v.numel());
       else
-        for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(g[i]);
+        convert<D>(dst, v.grad().data(), v.numel());
     };
-    s.store = [v](const float* src, float f) {
+    s.store = [v](const float* src, float f) mutable {
       v.begin_grad_write();
-      T* g = v.grad().data();
-      const std::int64_t n = v.numel();
-      for (std::int64_t i = 0; i < n; ++i) g[i] = static_cast<T>(src[i] * f);
+      convert<D>(v.grad().data(), src, v.numel(), f);
     };
     out.push_back(std::move(s));
   });
@@ -85,10 +84,9 @@ std::vector<grad_slot> grad_slots(M& target) {
 // setup (rank 0's weights on every rank).
 template <comm::communicator Comm, device Dev>
 class distributed {
-  static_assert(Dev::is_host, "kiln::strategy::ddp / zero: only the cpu device has a backend so far");
-  static_assert(Comm::host_memory,
-                "kiln::strategy::ddp / zero: this communicator moves device buffers (comm::nccl); the GPU strategies "
-                "arrive with the CUDA backend's device tensors — on CPU ranks use comm::mpi");
+  static_assert(comm_reaches<Comm, Dev>,
+                "kiln::strategy (ddp / zero): this communicator moves device buffers (comm::nccl) but the model is "
+                "on the cpu device; on CPU ranks use comm::mpi");
 
  public:
   using device_type = Dev;
@@ -106,20 +104,28 @@ class distributed {
     const comm::op o = r == train::reduce::max   ? comm::op::max
                        : r == train::reduce::min ? comm::op::min
                                                  : comm::op::sum;
-    comm_.all_reduce(&v, 1, o, "log(sync_dist)");
+    all_reduce_host(&v, 1, o, "log(sync_dist)");
     if (r == train::reduce::mean) v /= world_size();
     return v;
   }
   void barrier() { comm_.barrier("barrier"); }
   // The maximum over ranks of each of n flags, in place (the trainer's stop and save
   // agreement at each quiet point: one small all-reduce).
-  void agree(std::int64_t* v, int n) { comm_.all_reduce(v, n, comm::op::max, "trainer: stop/save agreement"); }
+  void agree(std::int64_t* v, int n) { all_reduce_host(v, n, comm::op::max, "trainer: stop/save agreement"); }
   // Rank 0's string on every rank (checkpoint requests, so every rank joins a capture).
   void broadcast_string(std::string& s) {
     std::int64_t n = static_cast<std::int64_t>(s.size());
-    comm_.broadcast(reinterpret_cast<std::byte*>(&n), sizeof n, 0, "broadcast_string.size");
+    broadcast_host(reinterpret_cast<std::byte*>(&n), sizeof n, "broadcast_string.size");
     s.resize(static_cast<std::size_t>(n));
-    if (n > 0) comm_.broadcast(reinterpret_cast<std::byte*>(s.data()), n, 0, "broadcast_string");
+    if (n > 0) broadcast_host(reinterpret_cast<std::byte*>(s.data()), n, "broadcast_string");
+  }
+  // A collective on values in host memory, whatever memory the communicator takes.
+  template <class T>
+  void all_reduce_host(T* v, std::int64_t n, comm::op o, std::string_view label) {
+    through_comm_memory<cpu>(comm_, v, n, [&](T* q) { comm_.all_reduce(q, n, o, label); });
+  }
+  void broadcast_host(std::byte* v, std::int64_t n, std::string_view label) {
+    through_comm_memory<cpu>(comm_, v, n, [&](std::byte* q) { comm_.broadcast(q, n, 0, label); });
   }
   // A fit that failed on this rank ends the job (the trainer calls it after on_exception):
   // the other ranks would otherwise wait in their next collective until the watchdog.
@@ -132,10 +138,24 @@ class distributed {
   void broadcast_parameters(M& model) {
     nn::visit_parameters(model, [&](const std::string& name, auto& p) {
       using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+      using D = typename std::remove_cvref_t<decltype(p)>::device_type;
+      static_assert(std::is_same_v<D, Dev>,
+                    "kiln::strategy (ddp / zero): the module's parameters live on another device than the strategy's; "
+                    "name the module's device in the strategy: strategy::ddp<Comm, kiln::cuda>, "
+                    "strategy::zero<Stage, Comm, strategy::offload::none, kiln::cuda>");
       auto& v = p.value();
       KILN_CHECK(v.is_contiguous(), "strategy: parameter '", name, "' is not contiguous");
-      comm_.broadcast(reinterpret_cast<std::byte*>(v.data()), v.numel() * std::int64_t(sizeof(T)), 0,
-                      "broadcast of parameter " + name);
+      if constexpr (requires { comm_.device(); })
+        if (v.numel() > 0) {
+          const int at = cuda_runtime::device_of(v.data());
+          KILN_CHECK(at == comm_.device(), "strategy ", Comm::name, ": parameter '", name, "' lives on GPU ", at,
+                     ", but rank ", rank(), " communicates on GPU ", comm_.device(),
+                     "; call kiln::cuda_runtime::use_local_device() before building the model");
+        }
+      through_comm_memory<Dev>(
+          comm_, reinterpret_cast<std::byte*>(v.data()), v.numel() * std::int64_t(sizeof(T)), [&](std::byte* q) {
+            comm_.broadcast(q, v.numel() * std::int64_t(sizeof(T)), 0, "broadcast of parameter " + name);
+          });
     });
   }
 
@@ -143,8 +163,9 @@ class distributed {
   Comm comm_{};
 };
 
-// Bucketed all-reduce of the gradients of `target`, averaged over ranks.
-template <class Comm>
+// Bucketed all-reduce of the gradients of `target` (parameters on Dev), averaged over
+// ranks.
+template <class Comm, device Dev = cpu>
 class gradient_reducer {
  public:
   explicit gradient_reducer(double bucket_cap_mb = 25.0) : cap_mb_(bucket_cap_mb) {}
@@ -157,7 +178,10 @@ class gradient_reducer {
     // gets the others' average; one no rank used keeps no gradient, as on one rank).
     used_.assign(slots_.size(), 0);
     for (std::size_t i = 0; i < slots_.size(); ++i) used_[i] = slots_[i].has_grad() ? 1 : 0;
-    c.all_reduce(used_.data(), static_cast<std::int64_t>(used_.size()), comm::op::max, "ddp: which gradients exist");
+    const auto flags = static_cast<std::int64_t>(used_.size());
+    through_comm_memory<cpu>(c, used_.data(), flags, [&](std::int64_t* q) {
+      c.all_reduce(q, flags, comm::op::max, "ddp: which gradients exist");
+    });
     using handle = decltype(c.iall_reduce(static_cast<float*>(nullptr), std::int64_t{}, comm::op::sum, ""));
     std::vector<handle> pending;
     pending.reserve(buckets_.size());
@@ -165,13 +189,14 @@ class gradient_reducer {
       auto& bk = buckets_[b];
       for (std::size_t k = 0; k < bk.slots.size(); ++k) slots_[bk.slots[k]].pack(bk.data.data() + bk.offsets[k]);
       pending.push_back(
-          c.iall_reduce(bk.data.data(), static_cast<std::int64_t>(bk.data.size()), comm::op::sum,
+          c.iall_reduce(bk.data.send(c), bk.data.size(), comm::op::sum,
                         "ddp gradient bucket " + std::to_string(b + 1) + "/" + std::to_string(buckets_.size())));
     }
     const float inv = 1.0f / static_cast<float>(c.world_size());
     for (std::size_t b = 0; b < buckets_.size(); ++b) {
       pending[b].wait();
       auto& bk = buckets_[b];
+      bk.data.receive();
       for (std::size_t k = 0; k < bk.slots.size(); ++k)
         if (used_[bk.slots[k]]) slots_[bk.slots[k]].store(bk.data.data() + bk.offsets[k], inv);
     }
@@ -182,7 +207,7 @@ class gradient_reducer {
   struct bucket {
     std::vector<std::size_t> slots;
     std::vector<std::int64_t> offsets;
-    std::vector<float> data;
+    comm_buffer<float, Dev, Comm> data;
   };
   // Slots and buckets are built once per set of parameters (the same vars in the same
   // order): a step only checks their identities.
@@ -201,7 +226,7 @@ class gradient_reducer {
     std::int64_t fill = 0;
     for (std::size_t i = slots_.size(); i-- > 0;) {  // reverse: the order backward finishes them
       if (fill > 0 && fill + slots_[i].numel > cap) {
-        cur.data.resize(static_cast<std::size_t>(fill));
+        cur.data.resize(fill);
         buckets_.push_back(std::move(cur));
         cur = {};
         fill = 0;
@@ -211,7 +236,7 @@ class gradient_reducer {
       fill += slots_[i].numel;
     }
     if (fill > 0) {
-      cur.data.resize(static_cast<std::size_t>(fill));
+      cur.data.resize(fill);
       buckets_.push_back(std::move(cur));
     }
   }
@@ -247,7 +272,7 @@ class ddp : public detail::distributed<Comm, Dev> {
 
  private:
   ddp_options opt_{};
-  detail::gradient_reducer<Comm> reducer_{opt_.bucket_cap_mb};
+  detail::gradient_reducer<Comm, Dev> reducer_{opt_.bucket_cap_mb};
 };
 
 }  // namespace kiln::strategy

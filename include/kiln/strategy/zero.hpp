@@ -27,7 +27,13 @@
 // still gathers whole tensors (named as the unsharded optimizer names them,
 // "net.0.weight.exp_avg"; a collective: every rank calls it) for code that wants them.
 // Offload: offload::none keeps the shards where the model is; offload::cpu keeps them and
-// their update on the host (ZeRO-Offload). On the cpu device the two are the same place.
+// their update on the host (ZeRO-Offload). On the cpu device the two are the same place;
+// with a cuda model (zero<S, Comm, offload::none, cuda>) the shards, the reduce-scatter
+// and gather buffers live on the GPU (strategy/buffers.hpp), and offload::cpu is not
+// built yet (compile error).
+// Mixed precision: step(compute_copies) has each rank write the bf16/f16 copies of its
+// segments in its step (the fused write-back, each element with its own rounding
+// counter), then all-gathers the masters and the copies' ranges.
 // Requires: N >= world; the optimizer has rebind() (adamw and sgd do); under stage 2 no
 // loss scaling (the overflow test would read unreduced gradients: compile error).
 #pragma once
@@ -41,6 +47,7 @@
 #include <set>
 #include <vector>
 
+#include "kiln/core/transfer.hpp"
 #include "kiln/io/checkpoint.hpp"
 #include "kiln/optim/clip.hpp"
 #include "kiln/optim/optimizer.hpp"
@@ -79,14 +86,16 @@ struct param_list {
 
 // The flat partition of an optimizer's parameters, shared by the optimizer (which steps
 // and gathers) and the strategy (which reduces gradients into it).
-template <class T, class D>
+template <class T, class D, class Comm>
 struct shard_layout {
+  using device_type = D;
   std::vector<nn::named_parameter<T, D>> params;
   std::vector<std::int64_t> offset;
   std::int64_t total = 0, shard = 0;
   int rank = 0, world = 1;
-  std::vector<float> flat, mine;         // stage 2: the reduce-scatter buffers
-  std::vector<std::byte> gather_buffer;  // the parameter all-gather
+  comm_buffer<float, D, Comm> flat, mine;  // stage 2: the reduce-scatter buffers
+  comm_buffer<u8, D, Comm> gather_buffer;  // the all-gather of updated parameters
+  comm_buffer<u8, D, Comm> copy_buffer;    // and of their compute copies (mixed precision)
   std::vector<std::int64_t> used;
 
   std::int64_t begin() const { return std::min(total, std::int64_t(rank) * shard); }
@@ -113,7 +122,7 @@ class sharded_optimizer {
   using state_type = std::remove_cvref_t<decltype(std::declval<const O&>().state())>;
   using T = typename detail::state_types<state_type>::element;
   using D = typename detail::state_types<state_type>::device_type;
-  using layout = detail::shard_layout<T, D>;
+  using layout = detail::shard_layout<T, D, Comm>;
 
   static auto make_inner(const O& o, layout& L, std::vector<std::pair<std::size_t, var<T, D>>>& segs,
                          bool own = false) {
@@ -160,6 +169,39 @@ class sharded_optimizer {
       inner_.step();
       return;
     }
+    bind_segments();
+    inner_.step();
+    gather_parameters();
+  }
+  // Mixed precision's fused write-back: each rank's step writes the compute copies of its
+  // segments (element e of a parameter with its own rounding counter, as one rank's step
+  // would), then the ranks exchange the updated masters and the copies' ranges.
+  template <floating_element C>
+  void step(const optim::compute_copies<C, D>& copies) requires(requires(inner_type& i,
+                                                                         const optim::compute_copies<C, D>& c) {
+    i.step(c);
+  }) {
+    KILN_CHECK(!owns_segments_, "zero<3> steps parameters that are their own masters; it takes no compute copies");
+    optim::compute_copies<C, D> mine;
+    mine.stochastic = copies.stochastic;
+    mine.stream = copies.stream;
+    for (auto& [k, v] : segs_)
+      if (auto it = copies.of.find(L_->params[k].param.id()); it != copies.of.end()) {
+        const auto [lo, hi] = L_->owned(k);
+        mine.of[v.id()] = {it->second.data + lo, it->second.first + lo};
+      }
+    bind_segments();
+    inner_.step(mine);
+    gather_parameters();
+    gather_ranges<C>(L_->copy_buffer, "zero: all-gather of updated compute copies", [&](std::size_t k) -> C* {
+      const auto it = copies.of.find(L_->params[k].param.id());
+      return it == copies.of.end() ? nullptr : it->second.data;
+    });
+  }
+
+ private:
+  // The segments viewing this step's parameters and gradients.
+  void bind_segments() {
     for (auto& [k, v] : segs_) {
       auto& p = L_->params[k].param;
       const auto [lo, hi] = L_->owned(k);
@@ -171,9 +213,9 @@ class sharded_optimizer {
         v.zero_grad();
       }
     }
-    inner_.step();
-    gather_parameters();
   }
+
+ public:
   void zero_grad() {
     for (auto& np : L_->params) np.param.zero_grad();
     inner_.zero_grad();
@@ -207,6 +249,7 @@ class sharded_optimizer {
     const int w = L_->world;
     const std::vector<std::string> slots = slot_names(mine);
     state_type out;
+    // Assembled on the host (a checkpoint's capture: the tensors are written from there).
     std::vector<T> buf(static_cast<std::size_t>(L_->shard * w));
     for (auto& slot : slots) {
       std::fill(buf.begin(), buf.end(), T(0));
@@ -215,23 +258,23 @@ class sharded_optimizer {
         const auto* t = mine.find(L_->params[k].name + "." + slot);
         KILN_CHECK(t != nullptr, "zero: optimizer state of '", L_->params[k].name, "' has no slot '", slot, "'");
         const auto [lo, hi] = L_->owned(k);
-        std::memcpy(part + (L_->offset[k] + lo - L_->begin()), t->data(),
-                    static_cast<std::size_t>(hi - lo) * sizeof(T));
+        const auto h = to_host(*t);
+        std::memcpy(part + (L_->offset[k] + lo - L_->begin()), h.data(), static_cast<std::size_t>(hi - lo) * sizeof(T));
       }
-      comm_->all_gather(reinterpret_cast<std::byte*>(buf.data()), L_->shard * std::int64_t(sizeof(T)),
-                        "zero: gather optimizer state '" + slot + "'");
+      const std::int64_t bytes = L_->shard * std::int64_t(sizeof(T));
+      detail::through_comm_memory<cpu>(*comm_, reinterpret_cast<std::byte*>(buf.data()), bytes * w, [&](std::byte* q) {
+        comm_->all_gather(q, bytes, "zero: gather optimizer state '" + slot + "'");
+      });
       for (std::size_t k = 0; k < L_->params.size(); ++k) {
         const auto& p = L_->params[k].param;
-        tensor<T, D> full(p.shape());
+        tensor<T, cpu> full(p.shape());
         std::memcpy(full.data(), buf.data() + L_->offset[k], static_cast<std::size_t>(p.numel()) * sizeof(T));
-        out.tensors.emplace_back(L_->params[k].name + "." + slot, std::move(full));
+        out.tensors.emplace_back(L_->params[k].name + "." + slot, to_device<D>(full));
       }
     }
     // Counters (per-group step counts): a rank without a segment in a group never stepped
     // it; the maximum is the group's count.
-    std::vector<std::int64_t> values;
-    for (auto& [n, c] : mine.counters) values.push_back(c);
-    comm_->all_reduce(values.data(), static_cast<std::int64_t>(values.size()), comm::op::max, "zero: counters");
+    std::vector<std::int64_t> values = max_counters(mine);
     std::size_t i = 0;
     for (auto& [n, c] : mine.counters) out.counters[n] = values[i++];
     return out;
@@ -252,7 +295,7 @@ class sharded_optimizer {
         const auto* t = mine.find(L.params[k].name + "." + slot);
         KILN_CHECK(t != nullptr, "zero: optimizer state of '", L.params[k].name, "' has no slot '", slot, "'");
         const auto [lo, hi] = L.owned(k);
-        std::memcpy(flat.data() + (L.offset[k] + lo - b), t->data(), static_cast<std::size_t>(hi - lo) * sizeof(T));
+        detail::copy_elements<D>(flat.data() + (L.offset[k] + lo - b), t->data(), hi - lo);
       }
       w.add(slot, flat);
     }
@@ -268,9 +311,7 @@ class sharded_optimizer {
     ws.set("end", e);
     sh.files.emplace_back(sh.main.parent_path() / name_of(L.rank), std::move(w));
 
-    std::vector<std::int64_t> values;
-    for (auto& [n, c] : mine.counters) values.push_back(c);
-    comm_->all_reduce(values.data(), static_cast<std::int64_t>(values.size()), comm::op::max, "zero: counters");
+    const std::vector<std::int64_t> values = max_counters(mine);
     io::json counters = io::json::object();
     std::size_t i = 0;
     for (auto& [n, c] : mine.counters) counters.set(n, values[i++]);
@@ -322,6 +363,15 @@ class sharded_optimizer {
   }
 
  private:
+  // The state's counters, each the maximum over ranks.
+  std::vector<std::int64_t> max_counters(const state_type& mine) const {
+    std::vector<std::int64_t> values;
+    for (auto& [n, c] : mine.counters) values.push_back(c);
+    const auto n = static_cast<std::int64_t>(values.size());
+    detail::through_comm_memory<cpu>(
+        *comm_, values.data(), n, [&](std::int64_t* q) { comm_->all_reduce(q, n, comm::op::max, "zero: counters"); });
+    return values;
+  }
   // The state slots: the suffixes this rank's first segment has ("exp_avg", "exp_avg_sq");
   // every rank owns at least one segment (N >= world) of the same optimizer type.
   std::vector<std::string> slot_names(const state_type& mine) const {
@@ -367,21 +417,25 @@ class sharded_optimizer {
   }
   // Every rank's updated range into every replica, bit for bit.
   void gather_parameters() {
+    gather_ranges<T>(L_->gather_buffer, "zero: all-gather of updated parameters",
+                     [&](std::size_t k) { return L_->params[k].param.value().data(); });
+  }
+  // For each parameter k with base(k) non-null (numel elements of U on D): this rank's
+  // range out, every rank's range in, through one all-gather of the flat index space.
+  template <class U, class Base>
+  void gather_ranges(detail::comm_buffer<u8, D, Comm>& buffer, const char* label, Base&& base) {
     auto& L = *L_;
-    const std::int64_t S = L.shard;
-    L.gather_buffer.resize(static_cast<std::size_t>(S * L.world) * sizeof(T));
-    T* buf = reinterpret_cast<T*>(L.gather_buffer.data());
+    const std::int64_t S = L.shard, bytes = S * L.world * std::int64_t(sizeof(U));
+    if (buffer.size() != bytes) buffer.resize(bytes);
+    U* buf = reinterpret_cast<U*>(buffer.data());
     for (std::size_t k = 0; k < L.params.size(); ++k) {
       const auto [lo, hi] = L.owned(k);
-      if (lo != hi)
-        std::memcpy(buf + (L.offset[k] + lo), L.params[k].param.value().data() + lo,
-                    static_cast<std::size_t>(hi - lo) * sizeof(T));
+      if (U* p = base(k); p && lo != hi) detail::copy_elements<D>(buf + (L.offset[k] + lo), p + lo, hi - lo);
     }
-    comm_->all_gather(L.gather_buffer.data(), S * std::int64_t(sizeof(T)), "zero: all-gather of updated parameters");
-    for (std::size_t k = 0; k < L.params.size(); ++k) {
-      auto& v = L.params[k].param.value();
-      std::memcpy(v.data(), buf + L.offset[k], static_cast<std::size_t>(v.numel()) * sizeof(T));
-    }
+    comm_->all_gather(reinterpret_cast<std::byte*>(buffer.send(*comm_)), S * std::int64_t(sizeof(U)), label);
+    buffer.receive();
+    for (std::size_t k = 0; k < L.params.size(); ++k)
+      if (U* p = base(k)) detail::copy_elements<D>(p, buf + L.offset[k], L.params[k].param.numel());
   }
 
   std::shared_ptr<layout> L_;
@@ -399,6 +453,9 @@ class zero : public detail::distributed<Comm, Dev> {
                 "(and parameters)");
   static_assert(std::is_same_v<Offload, offload::none> || std::is_same_v<Offload, offload::cpu>,
                 "kiln::strategy::zero: Offload must be offload::none or offload::cpu");
+  static_assert(Dev::is_host || std::is_same_v<Offload, offload::none>,
+                "kiln::strategy::zero<Stage, Comm, offload::cpu, cuda>: offloading a GPU model's optimizer to the "
+                "host is not built yet; use offload::none (the shards stay on the GPU)");
 
  public:
   using offload_type = Offload;
@@ -413,6 +470,9 @@ class zero : public detail::distributed<Comm, Dev> {
   // Called by the trainer on each optimizer after the precision policy adapted it.
   template <class O>
   optimizer_t<O> adapt(O&& o) {
+    static_assert(std::is_same_v<typename decltype(s_layout(o))::element_type::device_type, Dev>,
+                  "kiln::strategy::zero: the optimizer's parameters live on another device than the strategy's "
+                  "(zero<Stage, Comm, Offload, Dev>: Dev is the model's device)");
     optimizer_t<O> s(o, this->comm_);
     std::erase_if(reducers_, [](auto& r) { return r.alive.expired(); });
     auto L = s.shared_layout();
@@ -439,7 +499,7 @@ class zero : public detail::distributed<Comm, Dev> {
       double sq = 0;
       for (auto& r : reducers_)
         if (!r.alive.expired()) sq += r.norm_sq();
-      this->comm_.all_reduce(&sq, 1, comm::op::sum, "zero: gradient norm");
+      this->all_reduce_host(&sq, 1, comm::op::sum, "zero: gradient norm");
       const double norm = std::sqrt(sq);
       if (norm > max_norm)
         for (auto& r : reducers_)
@@ -476,45 +536,54 @@ class zero : public detail::distributed<Comm, Dev> {
   template <class L>
   void reduce_scatter(L& lay) {
     const std::int64_t S = lay.shard, W = lay.world;
-    lay.flat.assign(static_cast<std::size_t>(S * W), 0.0f);
-    lay.mine.resize(static_cast<std::size_t>(S));
+    if (lay.flat.size() != S * W) {
+      lay.flat.resize(S * W);
+      lay.mine.resize(S);
+    } else {
+      detail::fill_zero<Dev>(lay.flat.data(), S * W);
+    }
     lay.used.assign(lay.params.size(), 0);
     for (std::size_t k = 0; k < lay.params.size(); ++k) {
       auto& p = lay.params[k].param;
       if (!p.has_grad()) continue;
       lay.used[k] = 1;
-      const auto* g = p.grad().data();
-      float* dst = lay.flat.data() + lay.offset[k];
-      for (std::int64_t i = 0, n = p.numel(); i < n; ++i) dst[i] = static_cast<float>(g[i]);
+      detail::convert<Dev>(lay.flat.data() + lay.offset[k], p.grad().data(), p.numel());
     }
-    this->comm_.all_reduce(lay.used.data(), static_cast<std::int64_t>(lay.used.size()), comm::op::max,
-                           "zero: which gradients exist");
-    this->comm_.reduce_scatter(lay.flat.data(), lay.mine.data(), S, comm::op::sum, "zero: gradient reduce-scatter");
+    const auto flags = static_cast<std::int64_t>(lay.used.size());
+    this->all_reduce_host(lay.used.data(), flags, comm::op::max, "zero: which gradients exist");
+    this->comm_.reduce_scatter(lay.flat.send(this->comm_), lay.mine.target(this->comm_), S, comm::op::sum,
+                               "zero: gradient reduce-scatter");
+    lay.mine.receive();
     const float inv = 1.0f / static_cast<float>(W);
     for (std::size_t k = 0; k < lay.params.size(); ++k) {
       auto& p = lay.params[k].param;
       if (!lay.used[k]) continue;
       const auto [lo, hi] = lay.owned(k);
-      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
       if (!p.has_grad()) {  // no local gradient: start from zeros, then write the owned range
         p.begin_grad_write();
-        std::fill(p.grad().data(), p.grad().data() + p.numel(), T(0));
+        detail::fill_zero<Dev>(p.grad().data(), p.numel());
       }
-      T* g = p.grad().data();
-      const float* src = lay.mine.data() + (lay.offset[k] + lo - lay.begin());
-      for (std::int64_t i = lo; i < hi; ++i) g[i] = static_cast<T>(src[i - lo] * inv);
+      detail::convert<Dev>(p.grad().data() + lo, lay.mine.data() + (lay.offset[k] + lo - lay.begin()), hi - lo, inv);
     }
   }
   template <class L>
   static double shard_norm_sq(L& lay) {
     double sq = 0;
+    std::optional<tensor<double, cuda>> acc;  // device gradients: one f64 sum, read once
     for (std::size_t k = 0; k < lay.params.size(); ++k) {
       auto& p = lay.params[k].param;
       if (!p.has_grad()) continue;
       const auto [lo, hi] = lay.owned(k);
-      const auto* g = p.grad().data();
-      for (std::int64_t i = lo; i < hi; ++i) sq += double(g[i]) * double(g[i]);
+      if constexpr (Dev::is_host) {
+        const auto* g = p.grad().data();
+        for (std::int64_t i = lo; i < hi; ++i) sq += double(g[i]) * double(g[i]);
+      } else if (lo < hi) {
+        if (!acc) acc = tensor<double, cuda>::zeros(shape{1});
+        ops::gpu::add_sum_squares(detail::flat_view(p.grad(), lo, hi), *acc);
+      }
     }
+    if constexpr (!Dev::is_host)
+      if (acc) sq += item(*acc);
     return sq;
   }
   template <class L>
@@ -525,12 +594,17 @@ class zero : public detail::distributed<Comm, Dev> {
       const auto [lo, hi] = lay.owned(k);
       using T = typename std::remove_cvref_t<decltype(p)>::value_type;
       T* g = p.grad().data();
-      for (std::int64_t i = lo; i < hi; ++i) g[i] = static_cast<T>(static_cast<double>(g[i]) * f);
+      if constexpr (Dev::is_host)
+        for (std::int64_t i = lo; i < hi; ++i) g[i] = static_cast<T>(static_cast<double>(g[i]) * f);
+      else
+        detail::convert<Dev>(g + lo, g + lo, hi - lo, static_cast<float>(f));
     }
   }
 
+  template <class O>
+  static auto s_layout(O&& o) -> decltype(std::declval<optimizer_t<O>&>().shared_layout());
   std::vector<reducer> reducers_;
-  detail::gradient_reducer<Comm> ddp_reducer_{};
+  detail::gradient_reducer<Comm, Dev> ddp_reducer_{};
 };
 
 }  // namespace kiln::strategy

@@ -59,6 +59,10 @@ template <comm::communicator Comm, class Offload, device Dev>
 class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
   static_assert(std::is_same_v<Offload, offload::none> || std::is_same_v<Offload, offload::cpu>,
                 "kiln::strategy::zero: Offload must be offload::none or offload::cpu");
+  static_assert(Dev::is_host,
+                "kiln::strategy::zero<3, Comm, Offload, cuda>: ZeRO-3 on GPU ranks is not built yet (its gathers and "
+                "releases are host buffers); use zero<1> or zero<2>, which shard the optimizer state and gradients "
+                "on the GPU");
 
  public:
   using offload_type = Offload;

@@ -1,0 +1,180 @@
+// kiln/strategy/buffers.hpp — the multi-rank strategies' flat buffers, on the device the
+// model lives on, and their way into the communicator's memory.
+//
+// Spec: comm_device<Comm> is the device whose pointers Comm's collectives take: cpu for
+// comm::local and comm::mpi, cuda for comm::nccl. A strategy over Dev packs gradients
+// and parameters into flat buffers on Dev (convert: one floating type into another times
+// a factor, a host loop or a kernel on kiln's compute stream) and runs collectives on
+// them through one of two routes:
+//   comm_buffer<T, Dev, Comm>  a persistent buffer (ddp's buckets, zero's reduce-scatter
+//       and gather buffers). send(c) returns the pointer to hand the collective: Dev's
+//       own memory when Dev is the communicator's device (on cuda the NCCL stream is
+//       first told to wait for the compute stream, so the packing kernels are done), or
+//       a pinned host mirror the buffer was copied into (a cuda model on a host
+//       communicator: ddp<comm::mpi, cuda>, MPI's path for GPUs; the copy waits for the
+//       stream). After the collective's wait(), receive() brings a mirrored result back
+//       (a host-to-device copy enqueued on the compute stream; nothing to do otherwise).
+//   through_comm_memory<Where>(c, p, n, f)  one blocking collective f(q) over n
+//       elements at p on device Where: q is p itself, or a temporary on the
+//       communicator's side that p is copied into and back from. For the small
+//       exchanges: flags, counters, a logged value, a broadcast parameter.
+// A cpu model on a device communicator (comm::nccl with Dev = cpu) is a compile error.
+// Ensures: the values the collectives see are exactly the packed ones (copies are
+// bitwise); the host loops are the arithmetic the CPU strategies always did.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "kiln/comm/communicator.hpp"
+#include "kiln/core/tensor.hpp"
+#include "kiln/cuda/runtime.hpp"
+
+namespace kiln::strategy::detail {
+
+template <class Comm>
+using comm_device = std::conditional_t<Comm::host_memory, cpu, cuda>;
+
+template <class Comm, class Dev>
+inline constexpr bool comm_reaches = Comm::host_memory || !Dev::is_host;
+template <class Comm, class Dev>
+constexpr void require_reachable() {
+  static_assert(comm_reaches<Comm, Dev>,
+                "kiln::strategy (ddp / zero): this communicator moves device buffers (comm::nccl) but the model is "
+                "on the cpu device; on CPU ranks use comm::mpi");
+}
+
+// dst[i] = To(f32(src[i]) · factor), n contiguous elements on Dev (dst may be src).
+template <device Dev, class To, class From>
+void convert(To* dst, const From* src, std::int64_t n, float factor = 1.0f) {
+  if (n == 0) return;
+  if constexpr (Dev::is_host) {
+    if constexpr (std::is_same_v<To, From>)
+      if (factor == 1.0f) {
+        if (static_cast<const void*>(dst) != static_cast<const void*>(src))
+          std::memcpy(static_cast<void*>(dst), src, static_cast<std::size_t>(n) * sizeof(To));
+        return;
+      }
+    for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<To>(static_cast<float>(src[i]) * factor);
+  } else {
+    cuda_runtime::convert_scaled(dst, dtype_of<To>, src, dtype_of<From>, static_cast<std::size_t>(n), factor,
+                                 cuda_runtime::compute_stream());
+  }
+}
+
+// n elements from src to dst, both on Dev (kiln's compute stream on cuda).
+template <device Dev, class T>
+void copy_elements(T* dst, const T* src, std::int64_t n) {
+  if (n == 0 || dst == src) return;
+  const auto bytes = static_cast<std::size_t>(n) * sizeof(T);
+  if constexpr (Dev::is_host)
+    std::memcpy(static_cast<void*>(dst), static_cast<const void*>(src), bytes);
+  else
+    cuda_runtime::copy(dst, src, bytes, cuda_runtime::copy_kind::device_to_device, cuda_runtime::compute_stream());
+}
+
+// n zeros at p on Dev.
+template <device Dev, class T>
+void fill_zero(T* p, std::int64_t n) {
+  if (n == 0) return;
+  if constexpr (Dev::is_host) {
+    std::fill(p, p + n, T(0));
+  } else {
+    const T z(0);
+    kiln::detail::raw_memory<Dev>::fill(p, static_cast<std::size_t>(n), sizeof(T), &z);
+  }
+}
+
+// The communicator's stream waits for kiln's compute stream (comm::nccl); nothing else.
+template <class Comm>
+void after_compute(Comm& c) {
+  if constexpr (requires { c.after(static_cast<void*>(nullptr)); }) c.after(cuda_runtime::compute_stream());
+}
+
+template <class T, device Dev, class Comm>
+class comm_buffer {
+  static constexpr bool mirrored = !Dev::is_host && Comm::host_memory;
+
+ public:
+  comm_buffer() { require_reachable<Comm, Dev>(); }
+  // n elements, zero.
+  void resize(std::int64_t n) {
+    values_ = tensor<T, Dev>::zeros(shape{n});
+    if constexpr (mirrored) {
+      host_.reset(n > 0 ? cuda_runtime::pinned_allocate(static_cast<std::size_t>(n) * sizeof(T)) : nullptr);
+      if (n > 0) std::memset(host_.get(), 0, static_cast<std::size_t>(n) * sizeof(T));
+    }
+  }
+  std::int64_t size() const { return values_.numel(); }
+  T* data() { return values_.data(); }  // on Dev
+  tensor<T, Dev>& values() { return values_; }
+
+  // Where the collective reads and writes the buffer's current contents (see the spec).
+  T* send(Comm& c) {
+    if constexpr (mirrored) {
+      const auto s = cuda_runtime::compute_stream();
+      cuda_runtime::copy(host(), values_.data(), bytes(), cuda_runtime::copy_kind::device_to_host, s);
+      cuda_runtime::synchronize(s);
+      return host();
+    } else {
+      after_compute(c);
+      return values_.data();
+    }
+  }
+  // Where a collective writes a result this buffer only receives (reduce-scatter's output).
+  T* target(Comm& c) {
+    if constexpr (mirrored) {
+      cuda_runtime::synchronize(cuda_runtime::compute_stream());  // a previous receive() read the mirror
+      return host();
+    } else {
+      after_compute(c);  // the kernels that read the last result are done before it is overwritten
+      return values_.data();
+    }
+  }
+  // After the collective's wait(): the result on Dev.
+  void receive() {
+    if constexpr (mirrored)
+      cuda_runtime::copy(values_.data(), host(), bytes(), cuda_runtime::copy_kind::host_to_device,
+                         cuda_runtime::compute_stream());
+  }
+
+ private:
+  T* host() { return static_cast<T*>(host_.get()); }
+  std::size_t bytes() const { return static_cast<std::size_t>(values_.numel()) * sizeof(T); }
+  tensor<T, Dev> values_;
+  std::conditional_t<mirrored, cuda_runtime::pinned_buffer, std::nullptr_t> host_{};
+};
+
+// One blocking collective f(q) over n elements at p (on device Where); see the spec.
+// T is a trivially copyable element the communicator takes (f32, f64, i64, std::byte).
+template <device Where, class Comm, class T, class F>
+void through_comm_memory(Comm& c, T* p, std::int64_t n, F&& f) {
+  using On = comm_device<Comm>;
+  const auto bytes = static_cast<std::size_t>(n) * sizeof(T);
+  if constexpr (std::is_same_v<Where, On>) {
+    if constexpr (!On::is_host) after_compute(c);
+    f(p);
+  } else if constexpr (Where::is_host) {  // host values, device communicator
+    tensor<u8, cuda> d(shape{static_cast<std::int64_t>(bytes)});
+    T* q = reinterpret_cast<T*>(d.data());
+    const auto s = cuda_runtime::compute_stream();
+    if (bytes) cuda_runtime::copy(q, p, bytes, cuda_runtime::copy_kind::host_to_device, s);
+    after_compute(c);
+    f(q);
+    if (bytes) cuda_runtime::copy(p, q, bytes, cuda_runtime::copy_kind::device_to_host, s);
+    cuda_runtime::synchronize(s);
+  } else {  // device values, host communicator
+    std::vector<T> h(static_cast<std::size_t>(n));
+    const auto s = cuda_runtime::compute_stream();
+    if (bytes) cuda_runtime::copy(h.data(), p, bytes, cuda_runtime::copy_kind::device_to_host, s);
+    cuda_runtime::synchronize(s);
+    f(h.data());
+    if (bytes) cuda_runtime::copy(p, h.data(), bytes, cuda_runtime::copy_kind::host_to_device, s);
+    cuda_runtime::synchronize(s);  // h is pageable and goes out of scope
+  }
+}
+
+}  // namespace kiln::strategy::detail
