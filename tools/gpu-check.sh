@@ -13,6 +13,8 @@
 #      under racecheck (racecheck.log);
 #   2b. tests/gpu/test_training.cpp: a GPT trained on the GPU against the CPU, the
 #      trainer's resume on the GPU and its checkpoints on the CPU (test_training.log);
+#   2b'. tests/gpu/test_dist.cpp on 2 ranks sharing the GPU (ddp and zero<1|2> with the
+#      model on the GPU against single_device; only where MPI is installed: test_dist.log);
 #   2c. examples/01_fashion_mnist.cpp built for cuda: one epoch of Fashion-MNIST with the
 #      trainer on the GPU, against the CPU build's accuracy bar (fashion_mnist_cuda.log);
 #   3. bench/gpu/adamw.cu against bench/gpu/torch_adamw.py (adamw.jsonl): fused AdamW GB/s
@@ -84,6 +86,15 @@ build test_training g++ "${host[@]}" tests/gpu/test_training.cpp tests/test_main
 build 01_fashion_mnist_cuda g++ "${host[@]}" -O2 -DKILN_EXAMPLE_CUDA examples/01_fashion_mnist.cpp "${hostlibs[@]}" \
   -o "$b/01_fashion_mnist_cuda"
 build gpu_gpt2_step g++ "${host[@]}" -O2 bench/gpu/gpt2_step.cpp "${hostlibs[@]}" -o "$b/gpu_gpt2_step"
+# Two ranks training with their models on the GPU (tests/gpu/test_dist.cpp) need MPI, which
+# the device image may lack: built only where mpicxx is found (NCCL's cases where libnccl is).
+if command -v mpicxx > /dev/null && command -v mpirun > /dev/null; then
+  read -ra mpiflags <<< "$(mpicxx --showme:compile) $(mpicxx --showme:link)"
+  ncclflags=()
+  ls "$cudalib"/libnccl.so* > /dev/null 2>&1 && ncclflags=(-DKILN_TEST_NCCL -I"$cudalib/../include" -lnccl)
+  build test_dist g++ "${host[@]}" tests/gpu/test_dist.cpp tests/test_main.cpp "${hostlibs[@]}" "${ncclflags[@]}" \
+    "${mpiflags[@]}" -o "$b/test_dist"
+fi
 for bench in adamw attention cross_entropy; do
   build "gpu_$bench" nvcc "${flags[@]}" "bench/gpu/$bench.cu" "$b/libkiln_kernels.a" -lcublasLt -o "$b/gpu_$bench"
 done
@@ -137,6 +148,13 @@ step check test_kernels "$out/test_kernels.log" "$b/test_kernels"
 step check "test_training (GPU training against the CPU)" "$out/test_training.log" "$b/test_training"
 step check 01_fashion_mnist_cuda "$out/fashion_mnist_cuda.log" "$b/01_fashion_mnist_cuda" --epochs 1 \
   --limit-batches 150 --min-accuracy 0.75 --no-progress --data "$fmnist" --out "$b/runs/01_fashion_mnist_cuda"
+if [ -x "$b/test_dist" ]; then
+  step check "test_dist (2 ranks, models on the GPU)" "$out/test_dist.log" mpirun -n 2 --oversubscribe \
+    --allow-run-as-root --bind-to none -x KILN_COLLECTIVE_TIMEOUT=120 "$b/test_dist"
+else
+  echo "gpu-check: test_dist (2 ranks, models on the GPU) not built: no MPI on this machine" | tee -a "$out/skipped.txt"
+  incomplete=1
+fi
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$sanitizer" ]; then
   step check "compute-sanitizer memcheck" "$out/memcheck.log" "$sanitizer" --tool memcheck --error-exitcode 3 \
