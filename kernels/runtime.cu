@@ -303,16 +303,19 @@ void raw_memory<cuda>::convert(void* dst, dtype to, const void* src, dtype from,
 
 namespace {
 template <class To, class From>
-__global__ void convert_scaled_kernel(To* dst, const From* src, std::int64_t n, float factor) {
+__global__ void convert_scaled_kernel(To* dst, const From* src, std::int64_t n, float factor, bool accumulate) {
   using cuda_kernels::detail::from_f32;
   using cuda_kernels::detail::to_f32;
-  KILN_GRID_STRIDE(i, n) dst[i] = from_f32<To>(to_f32(src[i]) * factor);
+  KILN_GRID_STRIDE(i, n) {
+    const float v = to_f32(src[i]) * factor;
+    dst[i] = from_f32<To>(accumulate ? to_f32(dst[i]) + v : v);
+  }
 }
 }  // namespace
 }  // namespace detail
 
 void cuda_runtime::convert_scaled(void* dst, dtype to, const void* src, dtype from, std::size_t count, float factor,
-                                  stream_t stream) {
+                                  bool accumulate, stream_t stream) {
   if (count == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   const auto n = static_cast<std::int64_t>(count);
@@ -330,7 +333,7 @@ void cuda_runtime::convert_scaled(void* dst, dtype to, const void* src, dtype fr
       if constexpr (!std::is_same_v<To, double> && !std::is_same_v<From, double>) {
         const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>((n + 255) / 256, 65535LL * 32));
         detail::convert_scaled_kernel<To, From>
-            <<<blocks, 256, 0, s>>>(static_cast<To*>(dst), static_cast<const From*>(src), n, factor);
+            <<<blocks, 256, 0, s>>>(static_cast<To*>(dst), static_cast<const From*>(src), n, factor, accumulate);
         cuda_kernels::detail::check(cudaGetLastError(), "convert_scaled_kernel");
       }
     });

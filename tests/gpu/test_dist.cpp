@@ -1,12 +1,13 @@
 // Multi-rank training with the model on the GPU (suite gpu; tests/gpu/run_dist.sh runs it
 // on 2 ranks, which share the GPU where there is one). The fixture run of the mpi suite
 // (tests/dist/dist_fixture.hpp), with its layers on the device:
-//   - ddp, zero<1> and zero<2> over comm::mpi (buckets packed on the GPU, reduced through
-//     pinned host memory) follow single_device<cuda> on the same global batch, with
-//     accumulation and norm clipping (zero<2> clips its shards on the device);
+//   - ddp, zero<1>, zero<2> and zero<3> (each layer an nn::unit) over comm::mpi (buckets
+//     packed on the GPU, reduced through pinned host memory) follow single_device<cuda> on
+//     the same global batch, with accumulation and norm clipping (zero<2|3> clip their
+//     shards on the device);
 //   - bf16_mixed under ddp and zero<2>: f32 masters on the GPU, reduced and sharded;
 //   - a zero<1> checkpoint written from the GPU resumes in single_device, ddp and zero<2>;
-//   - ddp and zero<2> over comm::nccl, where every rank has a GPU of its own (NCCL does
+//   - ddp and zero<1|2|3> over comm::nccl, where every rank has a GPU of its own (NCCL does
 //     not put two ranks of one communicator on one device).
 // KILN_GPU_TEST_DEVICE=kiln::cpu builds the same bodies with the model on the CPU (comm::mpi
 // only; suite mpi): how the test itself is checked on a machine without a GPU.
@@ -36,11 +37,13 @@ comm::mpi& world() {
 
 // The fixture's net with its layers on Dev, its batches on Dev through data::on_device
 // (whose loaders the trainer shards like any other).
-template <class T, class Dev>
+// Units = true wraps each layer in an nn::unit (zero<3> gathers one at a time).
+template <class T, class Dev, bool Units = false>
 struct gnet {
   using batch = data::labelled_batch_on<Dev>;
-  nn::linear<T, Dev> fc1{8, 32};
-  nn::linear<T, Dev> fc2{32, 3};
+  using layer = std::conditional_t<Units, nn::unit<nn::linear<T, Dev>>, nn::linear<T, Dev>>;
+  layer fc1{8, 32};
+  layer fc2{32, 3};
   std::vector<double> losses;  // per optimizer step: this rank's mean loss over its batch
 
   template <class F>
@@ -101,15 +104,15 @@ struct run_options {
 };
 
 // Strategy over `world` ranks (single_device: every rank alone on the global batch).
-template <class Strategy, class Precision = precision::fp32, class T = float>
+template <class Strategy, class Precision = precision::fp32, class T = float, bool Units = false>
 outcome run(const std::filesystem::path& root, run_options ro = {}) {
   if constexpr (!gpu::is_host) cuda_runtime::use_local_device();
   auto o = options(root, ro.epochs);
   o.accumulate_grad_batches = ro.accumulate;
   o.gradient_clip_val = ro.clip;
-  trainer<gnet<T, gpu>, Strategy, Precision> t(o);
+  trainer<gnet<T, gpu, Units>, Strategy, Precision> t(o);
   manual_seed(7);  // the same initial weights in every run (ddp then broadcasts rank 0's)
-  gnet<T, gpu> m;
+  gnet<T, gpu, Units> m;
   const int w = t.strategy().world_size();
   device_data dm(global_batch / w);
   outcome r;
@@ -151,7 +154,8 @@ void follows_single_device(const char* tag) {
   const auto d = run<ddp<Comm>>(scratch(std::string(tag) + "_ddp"));
   const auto z1 = run<zero<1, Comm>>(scratch(std::string(tag) + "_z1"));
   const auto z2 = run<zero<2, Comm>>(scratch(std::string(tag) + "_z2"));
-  for (auto* o : {&d, &z1, &z2}) {
+  const auto z3 = run<zero<3, Comm>, precision::fp32, float, true>(scratch(std::string(tag) + "_z3"));
+  for (auto* o : {&d, &z1, &z2, &z3}) {
     CHECK(o->fit.global_step == ref.fit.global_step);
     CHECK(max_abs_diff(o->losses, ref.losses) < tolerance);
     CHECK(max_abs_diff(o->weights, ref.weights) < tolerance);
@@ -162,17 +166,18 @@ void follows_single_device(const char* tag) {
 
 }  // namespace
 
-TEST_CASE("ddp, zero<1> and zero<2> over comm::mpi, the model on the device, follow single_device") {
+TEST_CASE("ddp and zero<1|2|3> over comm::mpi, the model on the device, follow single_device") {
   REQUIRE(world().world_size() >= 2);
   follows_single_device<comm::mpi>("mpi");
 }
 
-TEST_CASE("on the device: accumulation windows and zero<2>'s sharded norm clipping keep the trajectory") {
+TEST_CASE("on the device: accumulation and zero<2|3>'s sharded norm clipping keep the trajectory") {
   const run_options ro{.epochs = 2, .accumulate = 3, .clip = 0.05};
   const auto ref = run<single>(scratch("ref_acc"), ro);
   const auto d = run<ddp<comm::mpi>>(scratch("ddp_acc"), ro);
   const auto z2 = run<zero<2, comm::mpi>>(scratch("z2_acc"), ro);
-  for (auto* o : {&d, &z2}) {
+  const auto z3 = run<zero<3, comm::mpi>, precision::fp32, float, true>(scratch("z3_acc"), ro);
+  for (auto* o : {&d, &z2, &z3}) {
     CHECK(o->fit.global_step == ref.fit.global_step);
     CHECK(max_abs_diff(o->losses, ref.losses) < tolerance);
     CHECK(max_abs_diff(o->weights, ref.weights) < tolerance);
@@ -220,7 +225,7 @@ TEST_CASE("on the device: a zero<1> checkpoint resumes in single_device, ddp and
 }
 
 #if defined(KILN_TEST_NCCL)
-TEST_CASE("ddp and zero over comm::nccl follow single_device, where every rank has a GPU of its own") {
+TEST_CASE("ddp and zero<1|2|3> over comm::nccl follow single_device, where every rank has a GPU of its own") {
   const int w = world().world_size();
   if (cuda_runtime::device_count() < w) {
     MESSAGE("comm::nccl cases skipped: ", w, " ranks, ", cuda_runtime::device_count(),

@@ -494,17 +494,19 @@ void test_runtime() {
     const auto src = random<bf16>(1000, 61, 3.0f);
     auto d16 = cr::to_device(as_tensor(src, shape{1000}));
     tensor<f32, cuda> d32(shape{1000});
-    cr::convert_scaled(d32.data(), dtype::f32, d16.data(), dtype::bf16, 1000, 1.0f, cr::compute_stream());
-    cr::convert_scaled(d16.data(), dtype::bf16, d32.data(), dtype::f32, 1000, 0.25f, cr::compute_stream());
-    cr::convert_scaled(d32.data(), dtype::f32, d32.data(), dtype::f32, 1000, 0.5f, cr::compute_stream());
+    cr::convert_scaled(d32.data(), dtype::f32, d16.data(), dtype::bf16, 1000, 1.0f, false, cr::compute_stream());
+    cr::convert_scaled(d16.data(), dtype::bf16, d32.data(), dtype::f32, 1000, 0.25f, false, cr::compute_stream());
+    cr::convert_scaled(d32.data(), dtype::f32, d32.data(), dtype::f32, 1000, 0.5f, false, cr::compute_stream());
+    // accumulate: d16 += d32 · 2 (d32 holds src / 2 now), as store_grad adds into a gradient.
+    cr::convert_scaled(d16.data(), dtype::bf16, d32.data(), dtype::f32, 1000, 2.0f, true, cr::compute_stream());
     const auto got16 = cr::to_host(d16).to_vector();
     const auto got32 = cr::to_host(d32).to_vector();
     bool exact = true;
     for (std::size_t i = 0; i < src.size(); ++i) {
-      exact = exact && float(got16[i]) == float(bf16(float(src[i]) * 0.25f));
+      exact = exact && float(got16[i]) == float(bf16(float(bf16(float(src[i]) * 0.25f)) + float(src[i])));
       exact = exact && got32[i] == float(src[i]) * 0.5f;
     }
-    expect(exact, "runtime: convert_scaled rounds as the host does, bf16 <-> f32, in place");
+    expect(exact, "runtime: convert_scaled rounds as the host does, bf16 <-> f32, in place, accumulating");
   }
   // Events time work on the stream.
   cr::event start(true), stop(true);

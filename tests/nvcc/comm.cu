@@ -19,6 +19,7 @@ template class kiln::strategy::ddp<kiln::comm::nccl, kiln::cuda>;
 template class kiln::strategy::ddp<kiln::comm::mpi, kiln::cuda>;
 template class kiln::strategy::zero<1, kiln::comm::nccl, kiln::strategy::offload::none, kiln::cuda>;
 template class kiln::strategy::zero<2, kiln::comm::nccl, kiln::strategy::offload::none, kiln::cuda>;
+template class kiln::strategy::zero<3, kiln::comm::nccl, kiln::strategy::offload::none, kiln::cuda>;
 
 // Device buffers through every collective of the concept (not run here: compiled).
 void every_collective(kiln::comm::nccl& c, float* f, kiln::bf16* h, std::byte* b, std::int64_t n) {

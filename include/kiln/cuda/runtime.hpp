@@ -77,10 +77,13 @@ class event {
 enum class copy_kind { host_to_device, device_to_host, device_to_device, host_to_host };
 void copy(void* dst, const void* src, std::size_t bytes, copy_kind kind, stream_t stream);
 
-// dst[i] = to(f32(src[i]) · factor) for `count` contiguous device elements, floating types
-// f32, bf16 and f16, rounded to nearest even; dst may be src (in place). The strategies'
-// packing of gradients into f32 buckets and the averaged result back (factor 1/world).
-void convert_scaled(void* dst, dtype to, const void* src, dtype from, std::size_t count, float factor, stream_t stream);
+// dst[i] = to(f32(src[i]) · factor), or with accumulate to(f32(dst[i]) + f32(src[i]) ·
+// factor) (a gradient's grad_write::accumulate), for `count` contiguous device elements,
+// floating types f32, bf16 and f16, rounded to nearest even; dst may be src (in place,
+// without accumulate). The strategies' packing of gradients into f32 buckets and the
+// averaged result back (factor 1/world).
+void convert_scaled(void* dst, dtype to, const void* src, dtype from, std::size_t count, float factor, bool accumulate,
+                    stream_t stream);
 
 // Page-locked host memory (DMA at full PCIe/NVLink speed, asynchronous copies).
 void* pinned_allocate(std::size_t bytes);

@@ -23,8 +23,10 @@
 
 namespace kiln::optim {
 
+// The sum of the squares of every gradient present (f64): grad_norm's square before the
+// root, what sharded strategies add over ranks.
 template <class M>
-double grad_norm(M& module) {
+double grad_sq_sum(M& module) {
   double sq = 0;
   // Device gradients add into one f64 on the device, read back once at the end (through
   // a function made in the cuda branch, so cpu-only builds never instantiate the copy).
@@ -46,7 +48,12 @@ double grad_norm(M& module) {
     }
   });
   if (read_device) sq += read_device();
-  return std::sqrt(sq);
+  return sq;
+}
+
+template <class M>
+double grad_norm(M& module) {
+  return std::sqrt(grad_sq_sum(module));
 }
 
 template <class M>

@@ -32,6 +32,7 @@
 #include "kiln/comm/communicator.hpp"
 #include "kiln/core/tensor.hpp"
 #include "kiln/cuda/runtime.hpp"
+#include "kiln/ops/grad_write.hpp"
 
 namespace kiln::strategy::detail {
 
@@ -47,20 +48,26 @@ constexpr void require_reachable() {
                 "on the cpu device; on CPU ranks use comm::mpi");
 }
 
-// dst[i] = To(f32(src[i]) · factor), n contiguous elements on Dev (dst may be src).
+// dst[i] = To(f32(src[i]) · factor), n contiguous elements on Dev (dst may be src); with
+// grad_write::accumulate, To(f32(dst[i]) + f32(src[i]) · factor) (store_grad's rule).
 template <device Dev, class To, class From>
-void convert(To* dst, const From* src, std::int64_t n, float factor = 1.0f) {
+void convert(To* dst, const From* src, std::int64_t n, float factor = 1.0f, grad_write mode = grad_write::overwrite) {
   if (n == 0) return;
+  const bool add = mode == grad_write::accumulate;
   if constexpr (Dev::is_host) {
     if constexpr (std::is_same_v<To, From>)
-      if (factor == 1.0f) {
+      if (factor == 1.0f && !add) {
         if (static_cast<const void*>(dst) != static_cast<const void*>(src))
           std::memcpy(static_cast<void*>(dst), src, static_cast<std::size_t>(n) * sizeof(To));
         return;
       }
-    for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<To>(static_cast<float>(src[i]) * factor);
+    if (add)
+      for (std::int64_t i = 0; i < n; ++i)
+        dst[i] = static_cast<To>(static_cast<float>(dst[i]) + static_cast<float>(src[i]) * factor);
+    else
+      for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<To>(static_cast<float>(src[i]) * factor);
   } else {
-    cuda_runtime::convert_scaled(dst, dtype_of<To>, src, dtype_of<From>, static_cast<std::size_t>(n), factor,
+    cuda_runtime::convert_scaled(dst, dtype_of<To>, src, dtype_of<From>, static_cast<std::size_t>(n), factor, add,
                                  cuda_runtime::compute_stream());
   }
 }
@@ -76,15 +83,30 @@ void copy_elements(T* dst, const T* src, std::int64_t n) {
     cuda_runtime::copy(dst, src, bytes, cuda_runtime::copy_kind::device_to_device, cuda_runtime::compute_stream());
 }
 
-// n zeros at p on Dev.
+// n copies of v at p on Dev.
+template <device Dev, class T>
+void fill(T* p, std::int64_t n, T v) {
+  if (n == 0) return;
+  if constexpr (Dev::is_host)
+    std::fill(p, p + n, v);
+  else
+    kiln::detail::raw_memory<Dev>::fill(p, static_cast<std::size_t>(n), sizeof(T), &v);
+}
 template <device Dev, class T>
 void fill_zero(T* p, std::int64_t n) {
+  fill<Dev>(p, n, T(0));
+}
+// n elements at src on Dev into host memory (on cuda: a copy, then the stream waits).
+template <device Dev, class T>
+void read_to_host(T* host, const T* src, std::int64_t n) {
   if (n == 0) return;
+  const auto bytes = static_cast<std::size_t>(n) * sizeof(T);
   if constexpr (Dev::is_host) {
-    std::fill(p, p + n, T(0));
+    std::memcpy(static_cast<void*>(host), static_cast<const void*>(src), bytes);
   } else {
-    const T z(0);
-    kiln::detail::raw_memory<Dev>::fill(p, static_cast<std::size_t>(n), sizeof(T), &z);
+    const auto s = cuda_runtime::compute_stream();
+    cuda_runtime::copy(host, src, bytes, cuda_runtime::copy_kind::device_to_host, s);
+    cuda_runtime::synchronize(s);
   }
 }
 
@@ -100,6 +122,10 @@ class comm_buffer {
 
  public:
   comm_buffer() { require_reachable<Comm, Dev>(); }
+  // At least n elements (contents undefined after a growth); the buffer only grows.
+  void reserve(std::int64_t n) {
+    if (n > size()) resize(n);
+  }
   // n elements, zero.
   void resize(std::int64_t n) {
     values_ = tensor<T, Dev>::zeros(shape{n});
@@ -112,11 +138,12 @@ class comm_buffer {
   T* data() { return values_.data(); }  // on Dev
   tensor<T, Dev>& values() { return values_; }
 
-  // Where the collective reads and writes the buffer's current contents (see the spec).
-  T* send(Comm& c) {
+  // Where the collective reads and writes the buffer's current contents, its first n
+  // elements (all by default; see the spec).
+  T* send(Comm& c, std::int64_t n = -1) {
     if constexpr (mirrored) {
       const auto s = cuda_runtime::compute_stream();
-      cuda_runtime::copy(host(), values_.data(), bytes(), cuda_runtime::copy_kind::device_to_host, s);
+      cuda_runtime::copy(host(), values_.data(), bytes(n), cuda_runtime::copy_kind::device_to_host, s);
       cuda_runtime::synchronize(s);
       return host();
     } else {
@@ -134,16 +161,18 @@ class comm_buffer {
       return values_.data();
     }
   }
-  // After the collective's wait(): the result on Dev.
-  void receive() {
+  // After the collective's wait(): the result (the first n elements) on Dev.
+  void receive(std::int64_t n = -1) {
     if constexpr (mirrored)
-      cuda_runtime::copy(values_.data(), host(), bytes(), cuda_runtime::copy_kind::host_to_device,
+      cuda_runtime::copy(values_.data(), host(), bytes(n), cuda_runtime::copy_kind::host_to_device,
                          cuda_runtime::compute_stream());
   }
 
  private:
   T* host() { return static_cast<T*>(host_.get()); }
-  std::size_t bytes() const { return static_cast<std::size_t>(values_.numel()) * sizeof(T); }
+  std::size_t bytes(std::int64_t n = -1) const {
+    return static_cast<std::size_t>(n < 0 ? values_.numel() : n) * sizeof(T);
+  }
   tensor<T, Dev> values_;
   std::conditional_t<mirrored, cuda_runtime::pinned_buffer, std::nullptr_t> host_{};
 };

@@ -34,6 +34,9 @@
 // Requires: one optimizer; a precision whose parameters are what the optimizer steps
 // (fp32, bf16_true, f16_true — mixed policies keep f32 masters: compile error); every
 // rank calls the same units in the same order.
+// Devices: with a cuda model (zero<3, Comm, offload::none, cuda>) the segments, the unit
+// buffers and the released/restored parameter memory are on the GPU; the gathers and
+// reductions go through strategy/buffers.hpp like zero<1|2>'s.
 // Traffic per step: one broadcast of each unit's parameters per use in forward and one
 // in backward (ZeRO-3's 2 all-gathers), and one all-reduce of its gradients (twice a
 // reduce-scatter's bytes: the communicator has no reduce-to-owner yet).
@@ -59,10 +62,9 @@ template <comm::communicator Comm, class Offload, device Dev>
 class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
   static_assert(std::is_same_v<Offload, offload::none> || std::is_same_v<Offload, offload::cpu>,
                 "kiln::strategy::zero: Offload must be offload::none or offload::cpu");
-  static_assert(Dev::is_host,
-                "kiln::strategy::zero<3, Comm, Offload, cuda>: ZeRO-3 on GPU ranks is not built yet (its gathers and "
-                "releases are host buffers); use zero<1> or zero<2>, which shard the optimizer state and gradients "
-                "on the GPU");
+  static_assert(Dev::is_host || std::is_same_v<Offload, offload::none>,
+                "kiln::strategy::zero<3, Comm, offload::cpu, cuda>: offloading a GPU model's shards to the host is "
+                "not built yet; use offload::none (the shards stay on the GPU)");
 
  public:
   using offload_type = Offload;
@@ -134,13 +136,8 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
   template <class M>
   double clip_grad_norm(M& segments, double max_norm) {
     KILN_CHECK(max_norm > 0, "clip_grad_norm: max_norm = ", max_norm, ", expected > 0");
-    double sq = 0;
-    nn::visit_parameters(segments, [&](const std::string&, auto& p) {
-      if (!p.has_grad()) return;
-      const auto* g = p.grad().data();
-      for (std::int64_t i = 0, n = p.numel(); i < n; ++i) sq += double(g[i]) * double(g[i]);
-    });
-    this->comm_.all_reduce(&sq, 1, comm::op::sum, "zero3: gradient norm");
+    double sq = optim::grad_sq_sum(segments);
+    this->all_reduce_host(&sq, 1, comm::op::sum, "zero3: gradient norm");
     const double norm = std::sqrt(sq);
     if (norm > max_norm) optim::scale_gradients(segments, max_norm / (norm + 1e-6));
     return norm;
@@ -246,38 +243,39 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
     typed_ops o;
     std::vector<std::int64_t> seg_of(lay->params.size(), -1);
     for (std::size_t i = 0; i < segs.size(); ++i) seg_of[segs[i].first] = static_cast<std::int64_t>(i);
-    auto buf = std::make_shared<std::vector<std::byte>>();
-    auto fbuf = std::make_shared<std::vector<float>>();
+    // The unit buffers, on the model's device (grown to the largest unit, then kept).
+    auto buf = std::make_shared<detail::comm_buffer<u8, Dev, Comm>>();
+    auto fbuf = std::make_shared<detail::comm_buffer<float, Dev, Comm>>();
     L* Lp = lay.get();
     o.gather = [this, Lp, segs, seg_of, buf](std::size_t ui) {
       auto& u = units_[ui];
-      const std::int64_t n = u.end - u.begin, S = Lp->shard;
-      buf->resize(static_cast<std::size_t>(n) * sizeof(T));
+      const std::int64_t n = u.end - u.begin, S = Lp->shard, bytes = n * std::int64_t(sizeof(T));
+      buf->reserve(bytes);
       T* b = reinterpret_cast<T*>(buf->data());
       // This rank's part of the unit's range, from its segments.
       for (std::size_t k : u.params) {
         const auto [lo, hi] = Lp->owned(k);
         if (lo == hi) continue;
         const auto& v = segs[static_cast<std::size_t>(seg_of[k])].second;
-        std::memcpy(b + (Lp->offset[k] + lo - u.begin), v.value().data(),
-                    static_cast<std::size_t>(hi - lo) * sizeof(T));
+        detail::copy_elements<Dev>(b + (Lp->offset[k] + lo - u.begin), v.value().data(), hi - lo);
       }
       // Each owner's part to every rank.
       if (n > 0 && Lp->world > 1) {
+        T* c = reinterpret_cast<T*>(buf->send(this->comm_, bytes));
         const int first = static_cast<int>(u.begin / S), last = static_cast<int>((u.end - 1) / S);
         for (int r = first; r <= last; ++r) {
           const std::int64_t lo = std::max(u.begin, std::int64_t(r) * S), hi = std::min(u.end, std::int64_t(r + 1) * S);
           if (lo >= hi) continue;
-          this->comm_.broadcast(reinterpret_cast<std::byte*>(b + (lo - u.begin)), (hi - lo) * std::int64_t(sizeof(T)),
+          this->comm_.broadcast(reinterpret_cast<std::byte*>(c + (lo - u.begin)), (hi - lo) * std::int64_t(sizeof(T)),
                                 r, "zero3: gather of unit '" + u.name + "' from rank " + std::to_string(r));
         }
+        buf->receive(bytes);
       }
       for (std::size_t k : u.params) {
         auto& p = Lp->params[k].param;
         p.value().restore_storage();
-        std::memcpy(p.value().data(), b + (Lp->offset[k] - u.begin), static_cast<std::size_t>(p.numel()) * sizeof(T));
+        detail::copy_elements<Dev>(p.value().data(), b + (Lp->offset[k] - u.begin), p.numel());
       }
-      if (buf->size() > (std::size_t(1) << 26)) std::vector<std::byte>().swap(*buf);  // keep small buffers only
     };
     o.release = [this, Lp](std::size_t ui) {
       for (std::size_t k : units_[ui].params) {
@@ -290,31 +288,33 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
       const std::int64_t n = u.end - u.begin;
       const std::size_t np = u.params.size();
       if (n == 0) return;
-      fbuf->assign(static_cast<std::size_t>(n) + np, 0.0f);
+      // The unit's gradients in f32, then one flag per parameter (1: this rank has one).
+      const std::int64_t total = n + static_cast<std::int64_t>(np);
+      fbuf->reserve(total);
       float* f = fbuf->data();
+      detail::fill_zero<Dev>(f, total);
       for (std::size_t j = 0; j < np; ++j) {
         auto& p = Lp->params[u.params[j]].param;
         if (!p.has_grad()) continue;
-        f[n + static_cast<std::int64_t>(j)] = 1.0f;
-        const T* g = p.grad().data();
-        float* dst = f + (Lp->offset[u.params[j]] - u.begin);
-        for (std::int64_t i = 0, m = p.numel(); i < m; ++i) dst[i] = static_cast<float>(g[i]);
+        detail::fill<Dev>(f + n + static_cast<std::int64_t>(j), 1, 1.0f);
+        detail::convert<Dev>(f + (Lp->offset[u.params[j]] - u.begin), p.grad().data(), p.numel());
       }
-      this->comm_.all_reduce(f, n + static_cast<std::int64_t>(np), comm::op::sum,
+      this->comm_.all_reduce(fbuf->send(this->comm_, total), total, comm::op::sum,
                              "zero3: gradients of unit '" + u.name + "'");
+      fbuf->receive(total);
+      std::vector<float> flags(np);
+      detail::read_to_host<Dev>(flags.data(), f + n, static_cast<std::int64_t>(np));
       const float inv = 1.0f / static_cast<float>(Lp->world);
       for (std::size_t j = 0; j < np; ++j) {
         const std::size_t k = u.params[j];
         auto& p = Lp->params[k].param;
         p.grad() = {};  // the whole gradient is done with
         p.zero_grad();
-        if (f[n + static_cast<std::int64_t>(j)] == 0.0f || seg_of[k] < 0) continue;
+        if (flags[j] == 0.0f || seg_of[k] < 0) continue;
         const auto [lo, hi] = Lp->owned(k);
         const auto& v = segs[static_cast<std::size_t>(seg_of[k])].second;
         const grad_write mode = v.begin_grad_write();
-        T* g = v.grad().data();
-        const float* src = f + (Lp->offset[k] + lo - u.begin);
-        for (std::int64_t i = 0; i < hi - lo; ++i) store_grad(g[i], static_cast<compute_t<T>>(src[i] * inv), mode);
+        detail::convert<Dev>(v.grad().data(), f + (Lp->offset[k] + lo - u.begin), hi - lo, inv, mode);
       }
     };
     o.restore_all = [Lp] {
