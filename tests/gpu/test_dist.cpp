@@ -146,6 +146,8 @@ template <class Comm>
 using ddp = strategy::ddp<Comm, gpu>;
 template <int S, class Comm>
 using zero = strategy::zero<S, Comm, strategy::offload::none, gpu>;
+template <int S, class Comm>
+using zero_offload = strategy::zero<S, Comm, strategy::offload::cpu, gpu>;
 
 template <class Comm>
 void follows_single_device(const char* tag) {
@@ -155,7 +157,9 @@ void follows_single_device(const char* tag) {
   const auto z1 = run<zero<1, Comm>>(scratch(std::string(tag) + "_z1"));
   const auto z2 = run<zero<2, Comm>>(scratch(std::string(tag) + "_z2"));
   const auto z3 = run<zero<3, Comm>, precision::fp32, float, true>(scratch(std::string(tag) + "_z3"));
-  for (auto* o : {&d, &z1, &z2, &z3}) {
+  const auto o1 = run<zero_offload<1, Comm>>(scratch(std::string(tag) + "_o1"));
+  const auto o2 = run<zero_offload<2, Comm>>(scratch(std::string(tag) + "_o2"));
+  for (auto* o : {&d, &z1, &z2, &z3, &o1, &o2}) {
     CHECK(o->fit.global_step == ref.fit.global_step);
     CHECK(max_abs_diff(o->losses, ref.losses) < tolerance);
     CHECK(max_abs_diff(o->weights, ref.weights) < tolerance);
@@ -177,7 +181,8 @@ TEST_CASE("on the device: accumulation and zero<2|3>'s sharded norm clipping kee
   const auto d = run<ddp<comm::mpi>>(scratch("ddp_acc"), ro);
   const auto z2 = run<zero<2, comm::mpi>>(scratch("z2_acc"), ro);
   const auto z3 = run<zero<3, comm::mpi>, precision::fp32, float, true>(scratch("z3_acc"), ro);
-  for (auto* o : {&d, &z2, &z3}) {
+  const auto o2 = run<zero_offload<2, comm::mpi>>(scratch("o2_acc"), ro);
+  for (auto* o : {&d, &z2, &z3, &o2}) {
     CHECK(o->fit.global_step == ref.fit.global_step);
     CHECK(max_abs_diff(o->losses, ref.losses) < tolerance);
     CHECK(max_abs_diff(o->weights, ref.weights) < tolerance);
@@ -188,9 +193,12 @@ TEST_CASE("on the device: bf16_mixed under ddp and zero<2> reduces and shards th
   const auto s = run<single, precision::bf16_mixed, bf16>(scratch("single_bf16"));
   const auto d = run<ddp<comm::mpi>, precision::bf16_mixed, bf16>(scratch("ddp_bf16"));
   const auto z2 = run<zero<2, comm::mpi>, precision::bf16_mixed, bf16>(scratch("z2_bf16"));
-  // The two strategies round the same half-batch gradients: they agree to f32 order.
-  CHECK(max_abs_diff(d.losses, z2.losses) < tolerance);
-  CHECK(max_abs_diff(d.weights, z2.weights) < tolerance);
+  const auto o2 = run<zero_offload<2, comm::mpi>, precision::bf16_mixed, bf16>(scratch("o2_bf16"));
+  // The strategies round the same half-batch gradients: they agree to f32 order.
+  for (auto* o : {&z2, &o2}) {
+    CHECK(max_abs_diff(d.losses, o->losses) < tolerance);
+    CHECK(max_abs_diff(d.weights, o->weights) < tolerance);
+  }
   // Against one rank's whole-batch roundings, a few bf16 ulps (the mpi suite's bounds).
   CHECK(max_abs_diff(d.losses, s.losses) < 5e-3);
   CHECK(max_abs_diff(d.weights, s.weights) < 0.1);
@@ -198,7 +206,7 @@ TEST_CASE("on the device: bf16_mixed under ddp and zero<2> reduces and shards th
   check_replicas(z2.weights);
 }
 
-TEST_CASE("on the device: a zero<1> checkpoint resumes in single_device, ddp and zero<2>") {
+TEST_CASE("on the device: a zero<1> checkpoint resumes in single_device, ddp, zero<2> and zero<2> offloaded") {
   const auto dir = scratch("reshard");
   const auto ckpt = dir / "after_epoch_1.ckpt";
   const auto full = run<zero<1, comm::mpi>>(dir / "full");
@@ -216,7 +224,8 @@ TEST_CASE("on the device: a zero<1> checkpoint resumes in single_device, ddp and
   const auto s = run<single>(dir / "single", resume);
   const auto d = run<ddp<comm::mpi>>(dir / "ddp", resume);
   const auto z2 = run<zero<2, comm::mpi>>(dir / "z2", resume);
-  for (auto* o : {&s, &d, &z2}) {
+  const auto o2 = run<zero_offload<2, comm::mpi>>(dir / "o2", resume);
+  for (auto* o : {&s, &d, &z2, &o2}) {
     CHECK(o->fit.resumed_from == ckpt.string());
     CHECK(o->fit.global_step == full.fit.global_step);
     CHECK(max_abs_diff(o->weights, full.weights) < tolerance);
@@ -235,3 +244,41 @@ TEST_CASE("ddp and zero<1|2|3> over comm::nccl follow single_device, where every
   follows_single_device<comm::nccl>("nccl");
 }
 #endif
+
+TEST_CASE("zero with offload::cpu keeps its optimizer state on the host, and the memory plan says so") {
+  if constexpr (!gpu::is_host) cuda_runtime::use_local_device();
+  const int w = world().world_size();
+  auto plan_of = [&]<class S>(S*) {
+    trainer<gnet<float, gpu>, S, precision::fp32> t(options(scratch("plan")));
+    manual_seed(7);
+    gnet<float, gpu> m;
+    device_data dm(global_batch / w);
+    return t.plan(m, dm);
+  };
+  const auto kept = plan_of(static_cast<zero<2, comm::mpi>*>(nullptr));
+  const auto off = plan_of(static_cast<zero_offload<2, comm::mpi>*>(nullptr));
+  const std::int64_t state = kept.devices.at(0).optimizer_state;
+  CHECK(state > 0);
+  if constexpr (gpu::is_host) {
+    CHECK(off.devices.at(0).optimizer_state == state);  // the host is the model's device
+  } else {
+    REQUIRE(off.devices.size() == 2);
+    CHECK(off.devices.at(0).optimizer_state == 0);
+    CHECK(off.devices.at(1).device == "cpu");
+    CHECK(off.devices.at(1).optimizer_state == state);
+  }
+  // The sharded optimizer's own state tensors are host tensors.
+  {
+    trainer<gnet<float, gpu>, zero_offload<1, comm::mpi>, precision::fp32> t(options(scratch("offload_state"), 1));
+    manual_seed(7);
+    gnet<float, gpu> m;
+    device_data dm(global_batch / w);
+    t.fit(m, dm);
+    std::int64_t host_tensors = 0;
+    std::get<0>(t.optimizers()).optimizer.for_each_state_tensor([&](const auto& ten) {
+      static_assert(std::remove_cvref_t<decltype(ten)>::device_type::is_host);
+      host_tensors += ten.numel();
+    });
+    CHECK(host_tensors > 0);
+  }
+}

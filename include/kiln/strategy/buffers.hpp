@@ -110,6 +110,18 @@ void read_to_host(T* host, const T* src, std::int64_t n) {
   }
 }
 
+// n elements from host memory to dst on Dev (on cuda: a copy enqueued on the compute
+// stream; a pageable source is staged before the call returns).
+template <device Dev, class T>
+void write_from_host(T* dst, const T* host, std::int64_t n) {
+  if (n == 0) return;
+  const auto bytes = static_cast<std::size_t>(n) * sizeof(T);
+  if constexpr (Dev::is_host)
+    std::memcpy(static_cast<void*>(dst), static_cast<const void*>(host), bytes);
+  else
+    cuda_runtime::copy(dst, host, bytes, cuda_runtime::copy_kind::host_to_device, cuda_runtime::compute_stream());
+}
+
 // The communicator's stream waits for kiln's compute stream (comm::nccl); nothing else.
 template <class Comm>
 void after_compute(Comm& c) {

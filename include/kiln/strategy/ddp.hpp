@@ -266,7 +266,7 @@ class ddp : public detail::distributed<Comm, Dev> {
   void reduce_gradients(M& target) {
     reducer_.all_reduce_mean(this->comm_, target);
   }
-  train::memory_sharding memory_sharding() const { return {this->world_size(), false, false, false}; }
+  train::memory_sharding memory_sharding() const { return {this->world_size(), false, false, false, false}; }
   const ddp_options& options() const { return opt_; }
   std::size_t num_buckets() const { return reducer_.num_buckets(); }
 

@@ -26,11 +26,16 @@
 // strategy (single_device, ddp, the other stage) — the reshard is the load. state()
 // still gathers whole tensors (named as the unsharded optimizer names them,
 // "net.0.weight.exp_avg"; a collective: every rank calls it) for code that wants them.
-// Offload: offload::none keeps the shards where the model is; offload::cpu keeps them and
-// their update on the host (ZeRO-Offload). On the cpu device the two are the same place;
-// with a cuda model (zero<S, Comm, offload::none, cuda>) the shards, the reduce-scatter
-// and gather buffers live on the GPU (strategy/buffers.hpp), and offload::cpu is not
-// built yet (compile error).
+// Offload: offload::none keeps the shards where the model is (with a cuda model,
+// zero<S, Comm, offload::none, cuda>, the shards, the reduce-scatter and the gather
+// buffers live on the GPU: strategy/buffers.hpp). offload::cpu (ZeRO-Offload) keeps each
+// rank's optimizer state on the host: the optimizer is rebound to the cpu over host
+// copies of the rank's parameter ranges; a step copies the ranges and their averaged
+// gradients to the host, steps there (the CPU's multi-threaded AdamW), copies the ranges
+// back and all-gathers on the device as before. The memory plan puts the optimizer state
+// in the cpu column. On a cpu model the copies are host to host (what the CPU tests run).
+// Mixed precision with offload::cpu rounds the gathered masters to nearest into the
+// compute copies on the device (stochastic rounding is refused at run time).
 // Mixed precision: step(compute_copies) has each rank write the bf16/f16 copies of its
 // segments in its step (the fused write-back, each element with its own rounding
 // counter), then all-gathers the masters and the copies' ranges.
@@ -117,34 +122,43 @@ tensor<T, D> flat_view(const tensor<T, D>& t, std::int64_t lo, std::int64_t hi) 
 }  // namespace detail
 
 // The user's optimizer O over this rank's shard; satisfies optim::optimizer.
-template <class O, class Comm>
+// Offload = offload::cpu: the segments are host copies of the parameters' ranges, and the
+// optimizer (rebound to the cpu) keeps its state and steps there (see zero's spec).
+template <class O, class Comm, class Offload = offload::none>
 class sharded_optimizer {
   using state_type = std::remove_cvref_t<decltype(std::declval<const O&>().state())>;
   using T = typename detail::state_types<state_type>::element;
   using D = typename detail::state_types<state_type>::device_type;
   using layout = detail::shard_layout<T, D, Comm>;
+  static constexpr bool offloaded = std::is_same_v<Offload, offload::cpu>;
+  using SD = std::conditional_t<offloaded, cpu, D>;  // where the segments and the state live
+  using segment_list = std::vector<std::pair<std::size_t, var<T, SD>>>;
 
-  static auto make_inner(const O& o, layout& L, std::vector<std::pair<std::size_t, var<T, D>>>& segs,
-                         bool own = false) {
+  static auto make_inner(const O& o, layout& L, segment_list& segs, bool own = false) {
     static_assert(
-        requires { o.template rebind<T, D>([](const nn::named_parameter<T, D>&) { return var<T, D>{}; }); },
+        requires { o.template rebind<T, SD>([](const nn::named_parameter<T, D>&) { return var<T, SD>{}; }); },
         "kiln::strategy::zero: the optimizer needs rebind<T, Dev>(map) to be sharded (adamw and sgd have it)");
     std::size_t i = 0;
-    auto map = [&](const nn::named_parameter<T, D>&) -> std::optional<var<T, D>> {
+    auto map = [&](const nn::named_parameter<T, D>&) -> std::optional<var<T, SD>> {
       const std::size_t k = i++;
       const auto [lo, hi] = L.owned(k);
       if (lo == hi) return std::nullopt;
       auto view = detail::flat_view(L.params[k].param.value(), lo, hi);
-      var<T, D> v(own ? view.clone() : view, true);
+      var<T, SD> v;
+      if constexpr (offloaded)
+        v = var<T, SD>(host_copy(view), true);
+      else
+        v = var<T, SD>(own ? view.clone() : view, true);
       segs.emplace_back(k, v);
       return v;
     };
-    return o.template rebind<T, D>(map);
+    return o.template rebind<T, SD>(map);
   }
 
  public:
-  using inner_type = decltype(make_inner(std::declval<const O&>(), std::declval<layout&>(),
-                                         std::declval<std::vector<std::pair<std::size_t, var<T, D>>>&>()));
+  using inner_type =
+      decltype(make_inner(std::declval<const O&>(), std::declval<layout&>(), std::declval<segment_list&>()));
+  using inner_state = std::remove_cvref_t<decltype(std::declval<const inner_type&>().state())>;
   static constexpr auto kind = O::kind;
 
   sharded_optimizer(const O& o, Comm& c) : L_(init_layout(o, c)), comm_(&c), inner_(make_inner(o, *L_, segs_)) {
@@ -169,37 +183,77 @@ class sharded_optimizer {
       inner_.step();
       return;
     }
-    bind_segments();
-    inner_.step();
+    if constexpr (offloaded) {
+      offload_in();
+      inner_.step();
+      offload_out();
+    } else {
+      bind_segments();
+      inner_.step();
+    }
     gather_parameters();
   }
   // Mixed precision's fused write-back: each rank's step writes the compute copies of its
   // segments (element e of a parameter with its own rounding counter, as one rank's step
   // would), then the ranks exchange the updated masters and the copies' ranges.
+  // Offloaded, the host step cannot write device copies: the gathered masters are rounded
+  // to nearest into them on the device (stochastic rounding is refused).
   template <floating_element C>
-  void step(const optim::compute_copies<C, D>& copies) requires(requires(inner_type& i,
-                                                                         const optim::compute_copies<C, D>& c) {
-    i.step(c);
-  }) {
+  void step(const optim::compute_copies<C, D>& copies) requires(
+      offloaded || requires(inner_type & i, const optim::compute_copies<C, D>& c) { i.step(c); }) {
     KILN_CHECK(!owns_segments_, "zero<3> steps parameters that are their own masters; it takes no compute copies");
-    optim::compute_copies<C, D> mine;
-    mine.stochastic = copies.stochastic;
-    mine.stream = copies.stream;
-    for (auto& [k, v] : segs_)
-      if (auto it = copies.of.find(L_->params[k].param.id()); it != copies.of.end()) {
-        const auto [lo, hi] = L_->owned(k);
-        mine.of[v.id()] = {it->second.data + lo, it->second.first + lo};
-      }
-    bind_segments();
-    inner_.step(mine);
-    gather_parameters();
-    gather_ranges<C>(L_->copy_buffer, "zero: all-gather of updated compute copies", [&](std::size_t k) -> C* {
-      const auto it = copies.of.find(L_->params[k].param.id());
-      return it == copies.of.end() ? nullptr : it->second.data;
-    });
+    if constexpr (offloaded) {
+      KILN_CHECK(!copies.stochastic,
+                 "strategy::zero with offload::cpu: stochastic rounding of the compute copies is not supported (the "
+                 "host step writes no device copies); turn stochastic_rounding off or use offload::none");
+      step();
+      for (auto& np : L_->params)
+        if (auto it = copies.of.find(np.param.id()); it != copies.of.end())
+          detail::convert<D>(it->second.data, np.param.value().data(), np.param.numel());
+      return;
+    } else {
+      optim::compute_copies<C, D> mine;
+      mine.stochastic = copies.stochastic;
+      mine.stream = copies.stream;
+      for (auto& [k, v] : segs_)
+        if (auto it = copies.of.find(L_->params[k].param.id()); it != copies.of.end()) {
+          const auto [lo, hi] = L_->owned(k);
+          mine.of[v.id()] = {it->second.data + lo, it->second.first + lo};
+        }
+      bind_segments();
+      inner_.step(mine);
+      gather_parameters();
+      gather_ranges<C>(L_->copy_buffer, "zero: all-gather of updated compute copies", [&](std::size_t k) -> C* {
+        const auto it = copies.of.find(L_->params[k].param.id());
+        return it == copies.of.end() ? nullptr : it->second.data;
+      });
+    }
   }
 
  private:
+  // Offloaded: each segment's parameter range and averaged gradient into its host copy.
+  void offload_in() {
+    for (auto& [k, v] : segs_) {
+      auto& p = L_->params[k].param;
+      const auto [lo, hi] = L_->owned(k);
+      detail::read_to_host<D>(v.value().data(), p.value().data() + lo, hi - lo);
+      if (p.has_grad()) {
+        tensor<T, cpu> g(shape{hi - lo});
+        detail::read_to_host<D>(g.data(), p.grad().data() + lo, hi - lo);
+        v.grad() = g;
+        v.begin_grad_write();  // same shape: keeps the tensor, marks it valid
+      } else {
+        v.zero_grad();
+      }
+    }
+  }
+  // Offloaded: the stepped host copies back into the parameters' ranges.
+  void offload_out() {
+    for (auto& [k, v] : segs_) {
+      const auto [lo, hi] = L_->owned(k);
+      detail::write_from_host<D>(L_->params[k].param.value().data() + lo, v.value().data(), hi - lo);
+    }
+  }
   // The segments viewing this step's parameters and gradients.
   void bind_segments() {
     for (auto& [k, v] : segs_) {
@@ -238,14 +292,14 @@ class sharded_optimizer {
   std::int64_t total_elements() const { return L_->total; }
   std::shared_ptr<layout> shared_layout() const { return L_; }
   // This rank's segments: (index into the layout's parameters, the 1-D var stepped).
-  const std::vector<std::pair<std::size_t, var<T, D>>>& segments() const { return segs_; }
+  const segment_list& segments() const { return segs_; }
   // The segments as a module (ZeRO-3's gradients: what unscaling, clipping and the
   // finite check act on), named "fc1.weight[lo:hi]".
   detail::param_list<T, D> segment_parameters() { return {&segment_names_}; }
 
   // Whole tensors gathered from every rank (a collective: every rank calls it).
   state_type state() const {
-    const state_type mine = inner_.state();
+    const inner_state mine = inner_.state();
     const int w = L_->world;
     const std::vector<std::string> slots = slot_names(mine);
     state_type out;
@@ -284,18 +338,18 @@ class sharded_optimizer {
   // (maximum over ranks) and the layout a reader needs to reassemble whole tensors
   // (train/checkpointing.hpp), whatever world size or strategy loads them.
   void save_sharded(io::json& j, io::checkpoint_shards& sh, std::size_t index) const {
-    const state_type mine = inner_.state();
+    const inner_state mine = inner_.state();
     const auto& L = *L_;
     std::vector<std::string> slots = slot_names(mine);
     io::checkpoint_writer w;
     const std::int64_t b = L.begin(), e = L.end();
     for (auto& slot : slots) {
-      tensor<T, D> flat({e - b});
+      tensor<T, SD> flat({e - b});
       for (auto& [k, v] : segs_) {
         const auto* t = mine.find(L.params[k].name + "." + slot);
         KILN_CHECK(t != nullptr, "zero: optimizer state of '", L.params[k].name, "' has no slot '", slot, "'");
         const auto [lo, hi] = L.owned(k);
-        detail::copy_elements<D>(flat.data() + (L.offset[k] + lo - b), t->data(), hi - lo);
+        detail::copy_elements<SD>(flat.data() + (L.offset[k] + lo - b), t->data(), hi - lo);
       }
       w.add(slot, flat);
     }
@@ -341,7 +395,7 @@ class sharded_optimizer {
 
   // This rank's slices of whole tensors; checks every tensor before changing anything.
   void load_state(const state_type& full) {
-    state_type mine;
+    inner_state mine;
     mine.counters = full.counters;
     std::set<std::string> slots;
     for (auto& [n, t] : full.tensors)
@@ -356,7 +410,7 @@ class sharded_optimizer {
         if (!t) continue;  // the shard optimizer's load_state names what is missing
         KILN_CHECK(t->shape() == np.param.shape(), "zero load_state: state tensor '", np.name, ".", slot,
                    "' has shape ", t->shape().str(), ", expected ", np.param.shape().str());
-        mine.tensors.emplace_back(np.name + "." + slot, detail::flat_view(*t, lo, hi).contiguous());
+        mine.tensors.emplace_back(np.name + "." + slot, to_device<SD>(detail::flat_view(*t, lo, hi).contiguous()));
       }
     }
     inner_.load_state(mine);
@@ -364,7 +418,7 @@ class sharded_optimizer {
 
  private:
   // The state's counters, each the maximum over ranks.
-  std::vector<std::int64_t> max_counters(const state_type& mine) const {
+  std::vector<std::int64_t> max_counters(const inner_state& mine) const {
     std::vector<std::int64_t> values;
     for (auto& [n, c] : mine.counters) values.push_back(c);
     const auto n = static_cast<std::int64_t>(values.size());
@@ -374,7 +428,7 @@ class sharded_optimizer {
   }
   // The state slots: the suffixes this rank's first segment has ("exp_avg", "exp_avg_sq");
   // every rank owns at least one segment (N >= world) of the same optimizer type.
-  std::vector<std::string> slot_names(const state_type& mine) const {
+  std::vector<std::string> slot_names(const inner_state& mine) const {
     std::vector<std::string> slots;
     if (!segs_.empty()) {
       const std::string& first = L_->params[segs_.front().first].name;
@@ -440,7 +494,7 @@ class sharded_optimizer {
 
   std::shared_ptr<layout> L_;
   Comm* comm_;
-  std::vector<std::pair<std::size_t, var<T, D>>> segs_;
+  segment_list segs_;
   inner_type inner_;
   bool owns_segments_ = false;
   std::vector<nn::named_parameter<T, D>> segment_names_;
@@ -453,9 +507,6 @@ class zero : public detail::distributed<Comm, Dev> {
                 "(and parameters)");
   static_assert(std::is_same_v<Offload, offload::none> || std::is_same_v<Offload, offload::cpu>,
                 "kiln::strategy::zero: Offload must be offload::none or offload::cpu");
-  static_assert(Dev::is_host || std::is_same_v<Offload, offload::none>,
-                "kiln::strategy::zero<Stage, Comm, offload::cpu, cuda>: offloading a GPU model's optimizer to the "
-                "host is not built yet; use offload::none (the shards stay on the GPU)");
 
  public:
   using offload_type = Offload;
@@ -465,7 +516,7 @@ class zero : public detail::distributed<Comm, Dev> {
   static constexpr bool shards_gradients = Stage >= 2;
 
   template <class O>
-  using optimizer_t = sharded_optimizer<std::remove_cvref_t<O>, Comm>;
+  using optimizer_t = sharded_optimizer<std::remove_cvref_t<O>, Comm, Offload>;
 
   // Called by the trainer on each optimizer after the precision policy adapted it.
   template <class O>
@@ -507,7 +558,9 @@ class zero : public detail::distributed<Comm, Dev> {
       return norm;
     }
   }
-  train::memory_sharding memory_sharding() const { return {this->world_size(), true, Stage >= 2, false}; }
+  train::memory_sharding memory_sharding() const {
+    return {this->world_size(), true, Stage >= 2, false, std::is_same_v<Offload, offload::cpu>};
+  }
 
  private:
   struct reducer {

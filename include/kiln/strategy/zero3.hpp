@@ -64,7 +64,8 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
                 "kiln::strategy::zero: Offload must be offload::none or offload::cpu");
   static_assert(Dev::is_host || std::is_same_v<Offload, offload::none>,
                 "kiln::strategy::zero<3, Comm, offload::cpu, cuda>: offloading a GPU model's shards to the host is "
-                "not built yet; use offload::none (the shards stay on the GPU)");
+                "not built yet under ZeRO-3; use offload::none (the shards stay on the GPU), or zero<1|2> with "
+                "offload::cpu");
 
  public:
   using offload_type = Offload;
@@ -181,7 +182,7 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
     uninstall();
   }
 
-  train::memory_sharding memory_sharding() const { return {this->world_size(), true, true, true}; }
+  train::memory_sharding memory_sharding() const { return {this->world_size(), true, true, true, false}; }
 
   // Introspection (tests, docs): units in layout order, and whether each is gathered.
   std::size_t num_units() const { return units_.size(); }

@@ -46,9 +46,10 @@ namespace kiln::train {
 // How a strategy divides model states across its ranks (ZeRO stages).
 struct memory_sharding {
   int world_size = 1;
-  bool optimizer_state = false;  // ZeRO ≥ 1 (master weights shard with it)
-  bool gradients = false;        // ZeRO ≥ 2
-  bool parameters = false;       // ZeRO 3
+  bool optimizer_state = false;    // ZeRO ≥ 1 (master weights shard with it)
+  bool gradients = false;          // ZeRO ≥ 2
+  bool parameters = false;         // ZeRO 3
+  bool offload_optimizer = false;  // ZeRO-Offload: the optimizer state's shard lives on the host
 };
 
 struct device_memory {

@@ -210,6 +210,9 @@ struct planner {
       host.device = std::string(cpu::name);
       host.rank = d.rank;
       host.batches = host_batches >= 0 ? host_batches : std::exchange(p.devices.back().batches, 0);
+      if constexpr (requires { t.strategy_.memory_sharding(); })
+        if (t.strategy_.memory_sharding().offload_optimizer)  // zero<S, Comm, offload::cpu, cuda>
+          host.optimizer_state = std::exchange(p.devices.back().optimizer_state, 0);
       p.devices.push_back(host);
     }
     return p;
