@@ -6,6 +6,7 @@
 //     the same global batch, with accumulation and norm clipping (zero<2|3> clip their
 //     shards on the device);
 //   - bf16_mixed under ddp and zero<2>: f32 masters on the GPU, reduced and sharded;
+//   - zero<1|2|3> with offload::cpu (optimizer state and step on the host);
 //   - a zero<1> checkpoint written from the GPU resumes in single_device, ddp and zero<2>;
 //   - ddp and zero<1|2|3> over comm::nccl, where every rank has a GPU of its own (NCCL does
 //     not put two ranks of one communicator on one device).
@@ -159,7 +160,8 @@ void follows_single_device(const char* tag) {
   const auto z3 = run<zero<3, Comm>, precision::fp32, float, true>(scratch(std::string(tag) + "_z3"));
   const auto o1 = run<zero_offload<1, Comm>>(scratch(std::string(tag) + "_o1"));
   const auto o2 = run<zero_offload<2, Comm>>(scratch(std::string(tag) + "_o2"));
-  for (auto* o : {&d, &z1, &z2, &z3, &o1, &o2}) {
+  const auto o3 = run<zero_offload<3, Comm>, precision::fp32, float, true>(scratch(std::string(tag) + "_o3"));
+  for (auto* o : {&d, &z1, &z2, &z3, &o1, &o2, &o3}) {
     CHECK(o->fit.global_step == ref.fit.global_step);
     CHECK(max_abs_diff(o->losses, ref.losses) < tolerance);
     CHECK(max_abs_diff(o->weights, ref.weights) < tolerance);
@@ -182,7 +184,8 @@ TEST_CASE("on the device: accumulation and zero<2|3>'s sharded norm clipping kee
   const auto z2 = run<zero<2, comm::mpi>>(scratch("z2_acc"), ro);
   const auto z3 = run<zero<3, comm::mpi>, precision::fp32, float, true>(scratch("z3_acc"), ro);
   const auto o2 = run<zero_offload<2, comm::mpi>>(scratch("o2_acc"), ro);
-  for (auto* o : {&d, &z2, &z3, &o2}) {
+  const auto o3 = run<zero_offload<3, comm::mpi>, precision::fp32, float, true>(scratch("o3_acc"), ro);
+  for (auto* o : {&d, &z2, &z3, &o2, &o3}) {
     CHECK(o->fit.global_step == ref.fit.global_step);
     CHECK(max_abs_diff(o->losses, ref.losses) < tolerance);
     CHECK(max_abs_diff(o->weights, ref.weights) < tolerance);

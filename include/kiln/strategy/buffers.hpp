@@ -122,6 +122,17 @@ void write_from_host(T* dst, const T* host, std::int64_t n) {
     cuda_runtime::copy(dst, host, bytes, cuda_runtime::copy_kind::host_to_device, cuda_runtime::compute_stream());
 }
 
+// n elements from src (on device From) to dst (on device To).
+template <device To, device From, class T>
+void copy_across(T* dst, const T* src, std::int64_t n) {
+  if constexpr (std::is_same_v<To, From>)
+    copy_elements<To>(dst, src, n);
+  else if constexpr (From::is_host)
+    write_from_host<To>(dst, src, n);
+  else
+    read_to_host<From>(dst, src, n);
+}
+
 // The communicator's stream waits for kiln's compute stream (comm::nccl); nothing else.
 template <class Comm>
 void after_compute(Comm& c) {

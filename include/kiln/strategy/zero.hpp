@@ -295,7 +295,7 @@ class sharded_optimizer {
   const segment_list& segments() const { return segs_; }
   // The segments as a module (ZeRO-3's gradients: what unscaling, clipping and the
   // finite check act on), named "fc1.weight[lo:hi]".
-  detail::param_list<T, D> segment_parameters() { return {&segment_names_}; }
+  detail::param_list<T, SD> segment_parameters() { return {&segment_names_}; }
 
   // Whole tensors gathered from every rank (a collective: every rank calls it).
   state_type state() const {
@@ -497,7 +497,7 @@ class sharded_optimizer {
   segment_list segs_;
   inner_type inner_;
   bool owns_segments_ = false;
-  std::vector<nn::named_parameter<T, D>> segment_names_;
+  std::vector<nn::named_parameter<T, SD>> segment_names_;
 };
 
 template <int Stage, comm::communicator Comm, class Offload = offload::none, device Dev = cpu>

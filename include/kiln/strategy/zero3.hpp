@@ -36,7 +36,10 @@
 // rank calls the same units in the same order.
 // Devices: with a cuda model (zero<3, Comm, offload::none, cuda>) the segments, the unit
 // buffers and the released/restored parameter memory are on the GPU; the gathers and
-// reductions go through strategy/buffers.hpp like zero<1|2>'s.
+// reductions go through strategy/buffers.hpp like zero<1|2>'s. With offload::cpu the
+// segments (this rank's only copy of its range, and the optimizer's state) are host
+// tensors stepped on the host: a unit's gather copies them up, its reduction copies the
+// averaged range down (ZeRO-Infinity's CPU tier, without NVMe).
 // Traffic per step: one broadcast of each unit's parameters per use in forward and one
 // in backward (ZeRO-3's 2 all-gathers), and one all-reduce of its gradients (twice a
 // reduce-scatter's bytes: the communicator has no reduce-to-owner yet).
@@ -62,10 +65,6 @@ template <comm::communicator Comm, class Offload, device Dev>
 class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
   static_assert(std::is_same_v<Offload, offload::none> || std::is_same_v<Offload, offload::cpu>,
                 "kiln::strategy::zero: Offload must be offload::none or offload::cpu");
-  static_assert(Dev::is_host || std::is_same_v<Offload, offload::none>,
-                "kiln::strategy::zero<3, Comm, offload::cpu, cuda>: offloading a GPU model's shards to the host is "
-                "not built yet under ZeRO-3; use offload::none (the shards stay on the GPU), or zero<1|2> with "
-                "offload::cpu");
 
  public:
   using offload_type = Offload;
@@ -75,7 +74,7 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
   static constexpr bool shards_parameters = true;
 
   template <class O>
-  using optimizer_t = sharded_optimizer<std::remove_cvref_t<O>, Comm>;
+  using optimizer_t = sharded_optimizer<std::remove_cvref_t<O>, Comm, Offload>;
 
   zero() = default;
   zero(const zero&) = delete;
@@ -241,6 +240,7 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
     using NP = typename decltype(lay->params)::value_type;
     using V = decltype(NP::param);
     using T = typename V::value_type;
+    using SD = typename std::remove_cvref_t<decltype(segs[0].second)>::device_type;  // offload::cpu: the host
     typed_ops o;
     std::vector<std::int64_t> seg_of(lay->params.size(), -1);
     for (std::size_t i = 0; i < segs.size(); ++i) seg_of[segs[i].first] = static_cast<std::int64_t>(i);
@@ -258,7 +258,7 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
         const auto [lo, hi] = Lp->owned(k);
         if (lo == hi) continue;
         const auto& v = segs[static_cast<std::size_t>(seg_of[k])].second;
-        detail::copy_elements<Dev>(b + (Lp->offset[k] + lo - u.begin), v.value().data(), hi - lo);
+        detail::copy_across<Dev, SD>(b + (Lp->offset[k] + lo - u.begin), v.value().data(), hi - lo);
       }
       // Each owner's part to every rank.
       if (n > 0 && Lp->world > 1) {
@@ -315,7 +315,14 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
         const auto [lo, hi] = Lp->owned(k);
         const auto& v = segs[static_cast<std::size_t>(seg_of[k])].second;
         const grad_write mode = v.begin_grad_write();
-        detail::convert<Dev>(v.grad().data(), f + (Lp->offset[k] + lo - u.begin), hi - lo, inv, mode);
+        const float* src = f + (Lp->offset[k] + lo - u.begin);
+        if constexpr (std::is_same_v<SD, Dev>) {
+          detail::convert<Dev>(v.grad().data(), src, hi - lo, inv, mode);
+        } else {  // offloaded segments: the average's range to the host, added there
+          std::vector<float> h(static_cast<std::size_t>(hi - lo));
+          detail::read_to_host<Dev>(h.data(), src, hi - lo);
+          detail::convert<cpu>(v.grad().data(), h.data(), hi - lo, inv, mode);
+        }
       }
     };
     o.restore_all = [Lp] {
