@@ -285,3 +285,31 @@ TEST_CASE("zero with offload::cpu keeps its optimizer state on the host, and the
     CHECK(host_tensors > 0);
   }
 }
+
+TEST_CASE("the memory plan's communication row is what ddp's and zero's buffers hold after fit") {
+  if constexpr (!gpu::is_host) cuda_runtime::use_local_device();
+  const int w = world().world_size();
+  auto check = [&]<class S, class P, class T>(S*, P*, T*, const char* name) {
+    trainer<gnet<T, gpu>, S, P> t(options(scratch(std::string("comm_") + name), 1));
+    manual_seed(7);
+    gnet<T, gpu> m;
+    device_data dm(global_batch / w);
+    const auto plan = t.plan(m, dm);
+    t.fit(m, dm);
+    const train::communication_bytes held = t.strategy().buffer_bytes();
+    INFO(std::string(name), ": planned ", plan.devices.at(0).communication, " B, held ", held.device, " + ", held.host,
+         " B (device + host)");
+    CHECK(held.device > 0);
+    CHECK(plan.devices.at(0).communication == (gpu::is_host ? held.device + held.host : held.device));
+    if constexpr (!gpu::is_host) CHECK(plan.devices.at(1).communication == held.host);
+  };
+  using fp32 = precision::fp32;
+  using mixed = precision::bf16_mixed;
+  check(static_cast<ddp<comm::mpi>*>(nullptr), static_cast<fp32*>(nullptr), static_cast<float*>(nullptr), "ddp");
+  check(static_cast<zero<1, comm::mpi>*>(nullptr), static_cast<fp32*>(nullptr), static_cast<float*>(nullptr), "z1");
+  check(static_cast<zero<2, comm::mpi>*>(nullptr), static_cast<fp32*>(nullptr), static_cast<float*>(nullptr), "z2");
+  check(static_cast<zero<2, comm::mpi>*>(nullptr), static_cast<mixed*>(nullptr), static_cast<bf16*>(nullptr),
+        "z2_bf16");
+  check(static_cast<zero_offload<1, comm::mpi>*>(nullptr), static_cast<mixed*>(nullptr), static_cast<bf16*>(nullptr),
+        "o1_bf16");
+}

@@ -33,6 +33,7 @@
 #include "kiln/core/tensor.hpp"
 #include "kiln/cuda/runtime.hpp"
 #include "kiln/ops/grad_write.hpp"
+#include "kiln/train/memory_plan.hpp"
 
 namespace kiln::strategy::detail {
 
@@ -152,12 +153,20 @@ class comm_buffer {
   // n elements, zero.
   void resize(std::int64_t n) {
     values_ = tensor<T, Dev>::zeros(shape{n});
+    n_ = n;
     if constexpr (mirrored) {
       host_.reset(n > 0 ? cuda_runtime::pinned_allocate(static_cast<std::size_t>(n) * sizeof(T)) : nullptr);
       if (n > 0) std::memset(host_.get(), 0, static_cast<std::size_t>(n) * sizeof(T));
     }
   }
-  std::int64_t size() const { return values_.numel(); }
+  std::int64_t size() const { return n_; }
+  // What the buffer holds: the device tensor's allocator block, and the pinned mirror.
+  std::int64_t device_bytes() const { return block(n_ * std::int64_t(sizeof(T))); }
+  std::int64_t host_bytes() const { return mirrored ? n_ * std::int64_t(sizeof(T)) : 0; }
+  // The same figures for a buffer of n elements (the memory plan's prediction).
+  static train::communication_bytes planned(std::int64_t n) {
+    return {block(n * std::int64_t(sizeof(T))), mirrored ? n * std::int64_t(sizeof(T)) : 0};
+  }
   T* data() { return values_.data(); }  // on Dev
   tensor<T, Dev>& values() { return values_; }
 
@@ -192,11 +201,13 @@ class comm_buffer {
   }
 
  private:
-  T* host() { return static_cast<T*>(host_.get()); }
-  std::size_t bytes(std::int64_t n = -1) const {
-    return static_cast<std::size_t>(n < 0 ? values_.numel() : n) * sizeof(T);
+  static std::int64_t block(std::int64_t bytes) {
+    return bytes <= 0 ? 0 : static_cast<std::int64_t>(kiln::detail::round_block_size(static_cast<std::size_t>(bytes)));
   }
+  T* host() { return static_cast<T*>(host_.get()); }
+  std::size_t bytes(std::int64_t n = -1) const { return static_cast<std::size_t>(n < 0 ? n_ : n) * sizeof(T); }
   tensor<T, Dev> values_;
+  std::int64_t n_ = 0;  // (a default tensor is a one-element scalar)
   std::conditional_t<mirrored, cuda_runtime::pinned_buffer, std::nullptr_t> host_{};
 };
 

@@ -221,25 +221,65 @@ class gradient_reducer {
     slots_ = grad_slots(target);
     bound_ = ids_;
     buckets_.clear();
-    const auto cap = std::max<std::int64_t>(1, static_cast<std::int64_t>(cap_mb_ * 1024 * 1024 / sizeof(float)));
-    bucket cur;
-    std::int64_t fill = 0;
-    for (std::size_t i = slots_.size(); i-- > 0;) {  // reverse: the order backward finishes them
-      if (fill > 0 && fill + slots_[i].numel > cap) {
-        cur.data.resize(fill);
-        buckets_.push_back(std::move(cur));
-        cur = {};
-        fill = 0;
+    std::vector<std::int64_t> numels;
+    for (auto& s : slots_) numels.push_back(s.numel);
+    for (auto& members : partition(numels)) {
+      bucket cur;
+      std::int64_t fill = 0;
+      for (std::size_t i : members) {
+        cur.slots.push_back(i);
+        cur.offsets.push_back(fill);
+        fill += slots_[i].numel;
       }
-      cur.slots.push_back(i);
-      cur.offsets.push_back(fill);
-      fill += slots_[i].numel;
-    }
-    if (fill > 0) {
       cur.data.resize(fill);
       buckets_.push_back(std::move(cur));
     }
   }
+  // The buckets over parameters of these sizes: slot indices, in reverse (the order
+  // backward finishes them), each bucket at most the cap (or one larger parameter).
+  std::vector<std::vector<std::size_t>> partition(const std::vector<std::int64_t>& numels) const {
+    const auto cap = std::max<std::int64_t>(1, static_cast<std::int64_t>(cap_mb_ * 1024 * 1024 / sizeof(float)));
+    std::vector<std::vector<std::size_t>> out;
+    std::vector<std::size_t> cur;
+    std::int64_t fill = 0;
+    for (std::size_t i = numels.size(); i-- > 0;) {
+      if (fill > 0 && fill + numels[i] > cap) {
+        out.push_back(std::move(cur));
+        cur.clear();
+        fill = 0;
+      }
+      cur.push_back(i);
+      fill += numels[i];
+    }
+    if (fill > 0) out.push_back(std::move(cur));
+    return out;
+  }
+
+ public:
+  // The buckets' bytes: as allocated (buffer_bytes), or as they will be for `target`
+  // (planned; nothing is allocated on one rank).
+  train::communication_bytes buffer_bytes() const {
+    train::communication_bytes c;
+    for (auto& b : buckets_) c += {b.data.device_bytes(), b.data.host_bytes()};
+    return c;
+  }
+  template <class M>
+  train::communication_bytes planned(M& target, int world) const {
+    train::communication_bytes c;
+    if (world == 1) return c;
+    std::vector<std::int64_t> numels;
+    nn::visit_parameters(target, [&](const std::string&, auto& p) {
+      if (p.requires_grad()) numels.push_back(p.numel());
+    });
+    for (auto& members : partition(numels)) {
+      std::int64_t fill = 0;
+      for (std::size_t i : members) fill += numels[i];
+      c += comm_buffer<float, Dev, Comm>::planned(fill);
+    }
+    return c;
+  }
+
+ private:
   double cap_mb_;
   std::vector<grad_slot> slots_;
   std::vector<const void*> ids_, bound_;
@@ -269,6 +309,12 @@ class ddp : public detail::distributed<Comm, Dev> {
   train::memory_sharding memory_sharding() const { return {this->world_size(), false, false, false, false}; }
   const ddp_options& options() const { return opt_; }
   std::size_t num_buckets() const { return reducer_.num_buckets(); }
+  // The memory plan's communication row, and what the buckets hold once allocated.
+  template <class M>
+  train::communication_bytes communication_plan(M& model, bool /*masters*/) const {
+    return reducer_.planned(model, this->world_size());
+  }
+  train::communication_bytes buffer_bytes() const { return reducer_.buffer_bytes(); }
 
  private:
   ddp_options opt_{};

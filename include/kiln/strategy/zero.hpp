@@ -529,7 +529,14 @@ class zero : public detail::distributed<Comm, Dev> {
     auto L = s.shared_layout();
     reducers_.push_back({L, [this, w = std::weak_ptr(L)] { reduce_into(*w.lock()); },
                          [this, w = std::weak_ptr(L)] { return shard_norm_sq(*w.lock()); },
-                         [w = std::weak_ptr(L)](double f) { scale_shard(*w.lock(), f); }});
+                         [w = std::weak_ptr(L)](double f) { scale_shard(*w.lock(), f); },
+                         [w = std::weak_ptr(L)] {
+                           auto& l = *w.lock();
+                           train::communication_bytes c;
+                           for (auto* b : {&l.flat, &l.mine}) c += {b->device_bytes(), b->host_bytes()};
+                           for (auto* b : {&l.gather_buffer, &l.copy_buffer}) c += {b->device_bytes(), b->host_bytes()};
+                           return c;
+                         }});
     return s;
   }
 
@@ -561,6 +568,38 @@ class zero : public detail::distributed<Comm, Dev> {
   train::memory_sharding memory_sharding() const {
     return {this->world_size(), true, Stage >= 2, false, std::is_same_v<Offload, offload::cpu>};
   }
+  // The memory plan's communication row (train/memory_plan.hpp) for `model` with one
+  // optimizer over its trainable parameters (masters: f32 masters under a mixed policy),
+  // and what the buffers hold once allocated.
+  template <class M>
+  train::communication_bytes communication_plan(M& model, bool masters) const {
+    std::int64_t n = 0, elem = 0, copy = 0;
+    nn::visit_parameters(model, [&](const std::string&, auto& p) {
+      if (!p.requires_grad()) return;
+      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+      n += p.numel();
+      elem = masters ? 4 : std::int64_t(sizeof(T));
+      copy = masters && !std::is_same_v<Offload, offload::cpu> ? std::int64_t(sizeof(T)) : 0;
+    });
+    train::communication_bytes c;
+    if (n == 0) return c;
+    const std::int64_t w = this->world_size(), s = (n + w - 1) / w;
+    if constexpr (Stage == 1) {
+      c += ddp_reducer_.planned(model, this->world_size());
+    } else if (w > 1) {
+      c += detail::comm_buffer<float, Dev, Comm>::planned(s * w);
+      c += detail::comm_buffer<float, Dev, Comm>::planned(s);
+    }
+    c += detail::comm_buffer<u8, Dev, Comm>::planned(s * w * elem);  // every step, on one rank too
+    if (copy) c += detail::comm_buffer<u8, Dev, Comm>::planned(s * w * copy);
+    return c;
+  }
+  train::communication_bytes buffer_bytes() const {
+    train::communication_bytes c = ddp_reducer_.buffer_bytes();
+    for (auto& r : reducers_)
+      if (!r.alive.expired()) c += r.bytes();
+    return c;
+  }
 
  private:
   struct reducer {
@@ -568,6 +607,7 @@ class zero : public detail::distributed<Comm, Dev> {
     std::function<void()> reduce;
     std::function<double()> norm_sq;
     std::function<void(double)> scale;
+    std::function<train::communication_bytes()> bytes;
   };
 
   template <class L>

@@ -16,6 +16,12 @@
 //                     with, through forward and backward (saved activations, gradients of
 //                     intermediate values, scratch), with parameter gradients allocated
 //                     beforehand so they are not counted twice
+//   communication     the strategy's own buffers (strategy.communication_plan): ddp's
+//                     f32 buckets; zero's all-gather buffers (and at stage 2 its
+//                     reduce-scatter buffers); a pinned host mirror of them in the cpu
+//                     column when a cuda model reduces over comm::mpi. Not counted yet:
+//                     zero<3>'s unit buffers (the largest unit) and ZeRO-Offload's host
+//                     copies of the rank's parameter range (1/world of the parameters).
 //   batches           bytes of one batch times the batches the loader holds at once
 //                     (1, plus num_workers · prefetch_factor with workers); host memory,
 //                     so on a GPU strategy they are a cpu column of their own beside the
@@ -52,12 +58,24 @@ struct memory_sharding {
   bool offload_optimizer = false;  // ZeRO-Offload: the optimizer state's shard lives on the host
 };
 
+// A strategy's communication buffers: bytes on the model's device and in host memory.
+struct communication_bytes {
+  std::int64_t device = 0, host = 0;
+  communication_bytes& operator+=(const communication_bytes& o) {
+    device += o.device;
+    host += o.host;
+    return *this;
+  }
+  friend bool operator==(const communication_bytes&, const communication_bytes&) = default;
+};
+
 struct device_memory {
   std::string device = "cpu";
   int rank = 0;
-  std::int64_t parameters = 0, gradients = 0, master_weights = 0, optimizer_state = 0, activations = 0, batches = 0;
+  std::int64_t parameters = 0, gradients = 0, master_weights = 0, optimizer_state = 0, activations = 0, batches = 0,
+               communication = 0;
   std::int64_t model_states() const { return parameters + gradients + master_weights + optimizer_state; }
-  std::int64_t total() const { return model_states() + activations + batches; }
+  std::int64_t total() const { return model_states() + activations + batches + communication; }
 };
 
 struct memory_plan {
@@ -93,6 +111,7 @@ struct memory_plan {
     row("optimizer state", [](const device_memory& d) { return d.optimizer_state; });
     row("activations", [](const device_memory& d) { return d.activations; });
     row("batches", [](const device_memory& d) { return d.batches; });
+    row("communication", [](const device_memory& d) { return d.communication; });
     row("total", [](const device_memory& d) { return d.total(); });
     return os.str();
   }

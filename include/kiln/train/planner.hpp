@@ -77,6 +77,7 @@ struct planner {
         },
         opts);
     shard(t, d);
+    d.communication = communication(t, model).device;
     if constexpr (requires { Trainer::strategy_type::shards_parameters; }) {
       // zero<3> holds 1/world between uses; within a step the root unit and the unit in
       // use are whole on top (and their gradients, during the unit's backward).
@@ -213,12 +214,23 @@ struct planner {
       if constexpr (requires { t.strategy_.memory_sharding(); })
         if (t.strategy_.memory_sharding().offload_optimizer)  // zero<S, Comm, offload::cpu, cuda>
           host.optimizer_state = std::exchange(p.devices.back().optimizer_state, 0);
+      host.communication = communication(t, model).host;
       p.devices.push_back(host);
     }
     return p;
   }
 
  private:
+  // The strategy's buffers (train/memory_plan.hpp); on one device, its host part counts there.
+  static communication_bytes communication(const Trainer& t, module_type& model) {
+    communication_bytes c;
+    if constexpr (requires { t.strategy_.communication_plan(model, true); }) {
+      constexpr bool masters = requires { precision_type::keeps_masters; };
+      c = t.strategy_.communication_plan(model, masters);
+      if constexpr (Trainer::strategy_type::device_type::is_host) c = {c.device + c.host, 0};
+    }
+    return c;
+  }
   static void shard(const Trainer& t, device_memory& d) {
     if constexpr (requires { t.strategy_.memory_sharding(); }) {
       const memory_sharding s = t.strategy_.memory_sharding();
