@@ -286,13 +286,13 @@ TEST_CASE("zero with offload::cpu keeps its optimizer state on the host, and the
   }
 }
 
-TEST_CASE("the memory plan's communication row is what ddp's and zero's buffers hold after fit") {
+TEST_CASE("the memory plan's communication row is what ddp's and zero<1|2|3>'s buffers hold after fit") {
   if constexpr (!gpu::is_host) cuda_runtime::use_local_device();
   const int w = world().world_size();
-  auto check = [&]<class S, class P, class T>(S*, P*, T*, const char* name) {
-    trainer<gnet<T, gpu>, S, P> t(options(scratch(std::string("comm_") + name), 1));
+  auto check = [&]<class S, class P, class T, bool Units = false>(S*, P*, T*, const char* name) {
+    trainer<gnet<T, gpu, Units>, S, P> t(options(scratch(std::string("comm_") + name), 1));
     manual_seed(7);
-    gnet<T, gpu> m;
+    gnet<T, gpu, Units> m;
     device_data dm(global_batch / w);
     const auto plan = t.plan(m, dm);
     t.fit(m, dm);
@@ -312,4 +312,5 @@ TEST_CASE("the memory plan's communication row is what ddp's and zero's buffers 
         "z2_bf16");
   check(static_cast<zero_offload<1, comm::mpi>*>(nullptr), static_cast<mixed*>(nullptr), static_cast<bf16*>(nullptr),
         "o1_bf16");
+  check.template operator()<zero<3, comm::mpi>, fp32, float, true>(nullptr, nullptr, nullptr, "z3");
 }

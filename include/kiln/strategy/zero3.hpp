@@ -182,6 +182,39 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
   }
 
   train::memory_sharding memory_sharding() const { return {this->world_size(), true, true, true, false}; }
+  // The memory plan's communication row: the unit buffers, grown to the largest unit (its
+  // parameters for the gather; f32 gradients plus one flag per parameter for the
+  // reduction), for the units setup() will find; and what they hold once allocated.
+  template <class M>
+  train::communication_bytes communication_plan(M& model, bool /*masters: zero<3> has none*/) const {
+    std::map<const void*, std::size_t> holder;
+    std::size_t units = 1;
+    nn::visit_modules(model, [&](const std::string&, auto& sub) {
+      if constexpr (nn::sharding_unit<std::remove_cvref_t<decltype(sub)>>) {
+        const std::size_t u = units++;
+        nn::visit_parameters(sub, [&](const std::string&, auto& p) { holder[p.id()] = u; });
+      }
+    });
+    std::vector<std::int64_t> bytes(units, 0), elements(units, 0), params(units, 0);
+    nn::visit_parameters(model, [&](const std::string&, auto& p) {
+      if (!p.requires_grad()) return;
+      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+      const auto it = holder.find(p.id());
+      const std::size_t u = it == holder.end() ? 0 : it->second;
+      bytes[u] += p.numel() * std::int64_t(sizeof(T));
+      elements[u] += p.numel();
+      ++params[u];
+    });
+    std::int64_t gather = 0, reduce = 0;
+    for (std::size_t u = 0; u < units; ++u) {
+      gather = std::max(gather, bytes[u]);
+      if (elements[u] > 0) reduce = std::max(reduce, elements[u] + params[u]);
+    }
+    train::communication_bytes c = detail::comm_buffer<u8, Dev, Comm>::planned(gather);
+    c += detail::comm_buffer<float, Dev, Comm>::planned(reduce);
+    return c;
+  }
+  train::communication_bytes buffer_bytes() const { return ops_.bytes ? ops_.bytes() : train::communication_bytes{}; }
 
   // Introspection (tests, docs): units in layout order, and whether each is gathered.
   std::size_t num_units() const { return units_.size(); }
@@ -203,6 +236,7 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
     std::weak_ptr<void> layout;
     std::function<void(std::size_t)> gather, release, reduce;
     std::function<void()> restore_all;
+    std::function<train::communication_bytes()> bytes;
   };
 
   template <class S>
@@ -327,6 +361,11 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
     };
     o.restore_all = [Lp] {
       for (auto& np : Lp->params) np.param.value().restore_storage();
+    };
+    o.bytes = [buf, fbuf] {
+      train::communication_bytes c{buf->device_bytes(), buf->host_bytes()};
+      c += {fbuf->device_bytes(), fbuf->host_bytes()};
+      return c;
     };
     return o;
   }

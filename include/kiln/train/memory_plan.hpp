@@ -19,8 +19,8 @@
 //   communication     the strategy's own buffers (strategy.communication_plan): ddp's
 //                     f32 buckets; zero's all-gather buffers (and at stage 2 its
 //                     reduce-scatter buffers); a pinned host mirror of them in the cpu
-//                     column when a cuda model reduces over comm::mpi. Not counted yet:
-//                     zero<3>'s unit buffers (the largest unit) and ZeRO-Offload's host
+//                     column when a cuda model reduces over comm::mpi; zero<3>'s unit
+//                     buffers (the largest unit). Not counted yet: ZeRO-Offload's host
 //                     copies of the rank's parameter range (1/world of the parameters).
 //   batches           bytes of one batch times the batches the loader holds at once
 //                     (1, plus num_workers · prefetch_factor with workers); host memory,
