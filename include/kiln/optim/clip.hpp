@@ -23,32 +23,42 @@
 
 namespace kiln::optim {
 
+// Σ x² in f64 over contiguous tensors of either device: host ones in lanes, device ones
+// added into one f64 on the device and read back once, by total() (through a function
+// made in the cuda branch, so cpu-only builds never instantiate the copy).
+class sum_of_squares {
+ public:
+  template <class T, device D>
+  void add(const tensor<T, D>& g) {
+    if constexpr (D::is_host) {
+      const auto* d = g.data();
+      // In lanes, not one serial chain of dependent adds (~1.3 ms per 0.84 M gradients).
+      host_ += cpu_runtime::lane_sum<double>(g.numel(), [d](std::int64_t i) { return double(d[i]) * double(d[i]); });
+    } else {
+      if (!device_) {
+        device_ = tensor<double, cuda>::zeros(shape{1});
+        read_ = [&acc = *device_] { return cuda_runtime::to_host(acc).flat(0); };
+      }
+      ops::gpu::add_sum_squares(g, *device_);
+    }
+  }
+  double total() const { return host_ + (read_ ? read_() : 0.0); }
+
+ private:
+  double host_ = 0;
+  std::optional<tensor<double, cuda>> device_;
+  std::function<double()> read_;
+};
+
 // The sum of the squares of every gradient present (f64): grad_norm's square before the
 // root, what sharded strategies add over ranks.
 template <class M>
 double grad_sq_sum(M& module) {
-  double sq = 0;
-  // Device gradients add into one f64 on the device, read back once at the end (through
-  // a function made in the cuda branch, so cpu-only builds never instantiate the copy).
-  std::optional<tensor<double, cuda>> device_acc;
-  std::function<double()> read_device;
+  sum_of_squares sq;
   nn::visit_parameters(module, [&](const std::string&, auto& p) {
-    if (!p.has_grad()) return;
-    const auto& g = p.grad();
-    if constexpr (std::remove_cvref_t<decltype(p)>::device_type::is_host) {
-      const auto* d = g.data();
-      // In lanes, not one serial chain of dependent adds (~1.3 ms per 0.84 M gradients).
-      sq += cpu_runtime::lane_sum<double>(g.numel(), [d](std::int64_t i) { return double(d[i]) * double(d[i]); });
-    } else {
-      if (!device_acc) {
-        device_acc = tensor<double, cuda>::zeros(shape{1});
-        read_device = [&acc = *device_acc] { return cuda_runtime::to_host(acc).flat(0); };
-      }
-      ops::gpu::add_sum_squares(g, *device_acc);
-    }
+    if (p.has_grad()) sq.add(p.grad());
   });
-  if (read_device) sq += read_device();
-  return sq;
+  return sq.total();
 }
 
 template <class M>

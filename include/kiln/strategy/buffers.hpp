@@ -40,14 +40,9 @@ namespace kiln::strategy::detail {
 template <class Comm>
 using comm_device = std::conditional_t<Comm::host_memory, cpu, cuda>;
 
+// Whether Comm can reduce buffers of a model on Dev (strategy::detail::distributed checks).
 template <class Comm, class Dev>
 inline constexpr bool comm_reaches = Comm::host_memory || !Dev::is_host;
-template <class Comm, class Dev>
-constexpr void require_reachable() {
-  static_assert(comm_reaches<Comm, Dev>,
-                "kiln::strategy (ddp / zero): this communicator moves device buffers (comm::nccl) but the model is "
-                "on the cpu device; on CPU ranks use comm::mpi");
-}
 
 // dst[i] = To(f32(src[i]) · factor), n contiguous elements on Dev (dst may be src); with
 // grad_write::accumulate, To(f32(dst[i]) + f32(src[i]) · factor) (store_grad's rule).
@@ -62,11 +57,7 @@ void convert(To* dst, const From* src, std::int64_t n, float factor = 1.0f, grad
           std::memcpy(static_cast<void*>(dst), src, static_cast<std::size_t>(n) * sizeof(To));
         return;
       }
-    if (add)
-      for (std::int64_t i = 0; i < n; ++i)
-        dst[i] = static_cast<To>(static_cast<float>(dst[i]) + static_cast<float>(src[i]) * factor);
-    else
-      for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<To>(static_cast<float>(src[i]) * factor);
+    for (std::int64_t i = 0; i < n; ++i) store_grad(dst[i], static_cast<float>(src[i]) * factor, mode);
   } else {
     cuda_runtime::convert_scaled(dst, dtype_of<To>, src, dtype_of<From>, static_cast<std::size_t>(n), factor, add,
                                  cuda_runtime::compute_stream());
@@ -145,7 +136,6 @@ class comm_buffer {
   static constexpr bool mirrored = !Dev::is_host && Comm::host_memory;
 
  public:
-  comm_buffer() { require_reachable<Comm, Dev>(); }
   // At least n elements (contents undefined after a growth); the buffer only grows.
   void reserve(std::int64_t n) {
     if (n > size()) resize(n);

@@ -521,10 +521,10 @@ class zero : public detail::distributed<Comm, Dev> {
   // Called by the trainer on each optimizer after the precision policy adapted it.
   template <class O>
   optimizer_t<O> adapt(O&& o) {
-    static_assert(std::is_same_v<typename decltype(s_layout(o))::element_type::device_type, Dev>,
+    optimizer_t<O> s(o, this->comm_);
+    static_assert(std::is_same_v<typename decltype(s.shared_layout())::element_type::device_type, Dev>,
                   "kiln::strategy::zero: the optimizer's parameters live on another device than the strategy's "
                   "(zero<Stage, Comm, Offload, Dev>: Dev is the model's device)");
-    optimizer_t<O> s(o, this->comm_);
     std::erase_if(reducers_, [](auto& r) { return r.alive.expired(); });
     auto L = s.shared_layout();
     reducers_.push_back({L, [this, w = std::weak_ptr(L)] { reduce_into(*w.lock()); },
@@ -661,23 +661,13 @@ class zero : public detail::distributed<Comm, Dev> {
   }
   template <class L>
   static double shard_norm_sq(L& lay) {
-    double sq = 0;
-    std::optional<tensor<double, cuda>> acc;  // device gradients: one f64 sum, read once
+    optim::sum_of_squares sq;
     for (std::size_t k = 0; k < lay.params.size(); ++k) {
       auto& p = lay.params[k].param;
-      if (!p.has_grad()) continue;
       const auto [lo, hi] = lay.owned(k);
-      if constexpr (Dev::is_host) {
-        const auto* g = p.grad().data();
-        for (std::int64_t i = lo; i < hi; ++i) sq += double(g[i]) * double(g[i]);
-      } else if (lo < hi) {
-        if (!acc) acc = tensor<double, cuda>::zeros(shape{1});
-        ops::gpu::add_sum_squares(detail::flat_view(p.grad(), lo, hi), *acc);
-      }
+      if (p.has_grad() && lo < hi) sq.add(detail::flat_view(p.grad(), lo, hi));
     }
-    if constexpr (!Dev::is_host)
-      if (acc) sq += item(*acc);
-    return sq;
+    return sq.total();
   }
   template <class L>
   static void scale_shard(L& lay, double f) {
@@ -694,8 +684,6 @@ class zero : public detail::distributed<Comm, Dev> {
     }
   }
 
-  template <class O>
-  static auto s_layout(O&& o) -> decltype(std::declval<optimizer_t<O>&>().shared_layout());
   std::vector<reducer> reducers_;
   detail::gradient_reducer<Comm, Dev> ddp_reducer_{};
 };

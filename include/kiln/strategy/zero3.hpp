@@ -86,16 +86,7 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
   void setup(M& model) {
     uninstall();
     this->broadcast_parameters(model);
-    units_.clear();
-    units_.push_back({"(root)", nullptr});
-    std::map<const void*, std::size_t> holder;
-    nn::visit_modules(model, [&](const std::string& name, auto& sub) {
-      if constexpr (nn::sharding_unit<std::remove_cvref_t<decltype(sub)>>) {
-        const std::size_t u = units_.size();
-        units_.push_back({name, static_cast<const void*>(&sub)});
-        nn::visit_parameters(sub, [&](const std::string&, auto& p) { holder[p.id()] = u; });  // innermost wins
-      }
-    });
+    std::map<const void*, std::size_t> holder = find_units(model, units_);
     std::vector<std::vector<const void*>> per_unit(units_.size());
     nn::visit_parameters(model, [&](const std::string&, auto& p) {
       const auto it = holder.find(p.id());
@@ -187,14 +178,9 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
   // reduction), for the units setup() will find; and what they hold once allocated.
   template <class M>
   train::communication_bytes communication_plan(M& model, bool /*masters: zero<3> has none*/) const {
-    std::map<const void*, std::size_t> holder;
-    std::size_t units = 1;
-    nn::visit_modules(model, [&](const std::string&, auto& sub) {
-      if constexpr (nn::sharding_unit<std::remove_cvref_t<decltype(sub)>>) {
-        const std::size_t u = units++;
-        nn::visit_parameters(sub, [&](const std::string&, auto& p) { holder[p.id()] = u; });
-      }
-    });
+    std::vector<unit_state> found;
+    const std::map<const void*, std::size_t> holder = find_units(model, found);
+    const std::size_t units = found.size();
     std::vector<std::int64_t> bytes(units, 0), elements(units, 0), params(units, 0);
     nn::visit_parameters(model, [&](const std::string&, auto& p) {
       if (!p.requires_grad()) return;
@@ -231,6 +217,22 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
     std::vector<std::size_t> params;
     std::int64_t begin = 0, end = 0;
   };
+  // The root unit, then every nn::unit of `model` in visit order, into `units`; returns
+  // which unit holds each parameter (the innermost; the root holds the rest).
+  template <class M>
+  static std::map<const void*, std::size_t> find_units(M& model, std::vector<unit_state>& units) {
+    units.clear();
+    units.push_back({"(root)", nullptr});
+    std::map<const void*, std::size_t> holder;
+    nn::visit_modules(model, [&](const std::string& name, auto& sub) {
+      if constexpr (nn::sharding_unit<std::remove_cvref_t<decltype(sub)>>) {
+        const std::size_t u = units.size();
+        units.push_back({name, static_cast<const void*>(&sub)});
+        nn::visit_parameters(sub, [&](const std::string&, auto& p) { holder[p.id()] = u; });  // innermost wins
+      }
+    });
+    return holder;
+  }
   // The typed work, bound to the optimizer's layout and segments.
   struct typed_ops {
     std::weak_ptr<void> layout;
