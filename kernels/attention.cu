@@ -13,13 +13,17 @@
 // a block visits only the keys its rows may see. Dropout on the probabilities draws the
 // CPU's Philox index (b, h, i, j).
 // These are the reference kernels (CUDA cores, f32 arithmetic, one row per thread): they
-// serve f32 and head dimension 32. bf16 and f16 with head dimensions 64 and 128 run the
-// tensor-core block programs of kiln/cuda/flash_tiles.hpp (FlashAttention-2's tiling on
-// wmma), which g++ also runs on host threads in the CPU test suite.
+// serve f32 and head dimension 32. bf16 and f16 with head dimensions 64 and 128 run
+// tensor-core block programs, which g++ also runs on host threads in the CPU test suite:
+// by default the register-resident ones of kiln/cuda/flash_registers.hpp (FlashAttention-2
+// on mma.sync, ldmatrix and cp.async), or, with attention_dims::staged_tiles, those of
+// kiln/cuda/flash_tiles.hpp (the same tiling on wmma, S, P and O staged through shared
+// memory).
 #include <algorithm>
 #include <atomic>
 
 #include "common.cuh"
+#include "kiln/cuda/flash_registers.hpp"
 #include "kiln/cuda/flash_tiles.hpp"
 #include "kiln/cuda/kernels.hpp"
 #include "kiln/ops/attention_mask.hpp"
@@ -287,6 +291,28 @@ __global__ void __launch_bounds__(dkv_warps * 32)
                                  mask);
 }
 
+// The register-resident programs (kiln/cuda/flash_registers.hpp): four warps a block.
+template <int D, class DT, class Mask>
+__global__ void __launch_bounds__(flash::reg::warps * 32)
+    reg_forward_kernel(const DT* q, const DT* k, const DT* v, DT* o, float* lse, attention_dims d, const Mask mask) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  flash::reg::forward_block<D>(this_block(), smem, blockIdx.x, blockIdx.y, q, k, v, o, lse, d, mask);
+}
+template <int D, class DT, class Mask>
+__global__ void __launch_bounds__(flash::reg::warps * 32)
+    reg_dq_kernel(const DT* q, const DT* k, const DT* v, const DT* dout, const float* lse, const float* delta, DT* dq,
+                  attention_dims d, const Mask mask) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  flash::reg::dq_block<D>(this_block(), smem, blockIdx.x, blockIdx.y, q, k, v, dout, lse, delta, dq, d, mask);
+}
+template <int D, class DT, class Mask>
+__global__ void __launch_bounds__(flash::reg::warps * 32)
+    reg_dkv_kernel(const DT* q, const DT* k, const DT* v, const DT* dout, const float* lse, const float* delta, DT* dk,
+                   DT* dv, attention_dims d, const Mask mask) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  flash::reg::dkv_block<D>(this_block(), smem, blockIdx.x, blockIdx.y, q, k, v, dout, lse, delta, dk, dv, d, mask);
+}
+
 // Raises a kernel's dynamic shared memory limit to `bytes`, once per kernel and device
 // (keyed by the kernel itself: the D = 64 and 128 kernels share a function type).
 template <auto Kernel>
@@ -320,13 +346,15 @@ int max_shared_per_block() {
 // The tensor-core path takes D 64 or 128, 16-byte aligned buffers (its tile loads move 8
 // elements at a time), and a device whose blocks can hold its tiles; otherwise the
 // reference kernels run.
+template <class Z>
+constexpr int most_shared = std::max({Z::forward, Z::dq, Z::dkv});
 bool tensor_cores(const attention_dims& d, std::initializer_list<const void*> buffers) {
   if (d.reference_kernels || (d.head_dim != 64 && d.head_dim != 128)) return false;
   for (const void* p : buffers)
     if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
-  const int need = d.head_dim == 64
-                       ? std::max({flash::sizes<64>::forward, flash::sizes<64>::dq, flash::sizes<64>::dkv})
-                       : std::max({flash::sizes<128>::forward, flash::sizes<128>::dq, flash::sizes<128>::dkv});
+  const int need = d.staged_tiles
+                       ? (d.head_dim == 64 ? most_shared<flash::sizes<64>> : most_shared<flash::sizes<128>>)
+                       : (d.head_dim == 64 ? most_shared<flash::reg::sizes<64>> : most_shared<flash::reg::sizes<128>>);
   return need <= max_shared_per_block();
 }
 
@@ -334,6 +362,14 @@ template <class T, class Mask, int D>
 void flash_forward(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, Mask mask,
                    cudaStream_t s) {
   using DT = detail::device_t<T>;
+  if (!d.staged_tiles) {
+    constexpr int bytes = flash::reg::sizes<D>::forward;
+    allow_shared<reg_forward_kernel<D, DT, Mask>>(bytes, "attention forward (registers): shared memory limit");
+    const dim3 grid(detail::grid_for(d.q_len, flash::br), static_cast<unsigned>(d.batch * d.q_heads));
+    reg_forward_kernel<D, DT, Mask><<<grid, flash::reg::warps * 32, bytes, s>>>(
+        detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(o), lse, d, mask);
+    return;
+  }
   constexpr int bytes = flash::sizes<D>::forward;
   allow_shared<flash_forward_kernel<D, DT, Mask>>(bytes, "attention forward (tensor cores): shared memory limit");
   const dim3 grid(detail::grid_for(d.q_len, flash::br), static_cast<unsigned>(d.batch * d.q_heads));
@@ -344,6 +380,19 @@ template <class T, class Mask, int D>
 void flash_backward(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, T* dq,
                     T* dk, T* dv, const attention_dims& d, Mask mask, cudaStream_t s) {
   using DT = detail::device_t<T>;
+  if (!d.staged_tiles) {
+    constexpr int dq_bytes = flash::reg::sizes<D>::dq, dkv_bytes = flash::reg::sizes<D>::dkv;
+    allow_shared<reg_dq_kernel<D, DT, Mask>>(dq_bytes, "attention dq (registers): shared memory limit");
+    allow_shared<reg_dkv_kernel<D, DT, Mask>>(dkv_bytes, "attention dk/dv (registers): shared memory limit");
+    const dim3 qgrid(detail::grid_for(d.q_len, flash::br), static_cast<unsigned>(d.batch * d.q_heads));
+    reg_dq_kernel<D, DT, Mask><<<qgrid, flash::reg::warps * 32, dq_bytes, s>>>(
+        detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(dout), lse, delta, detail::dev(dq), d, mask);
+    const dim3 kgrid(detail::grid_for(d.kv_len, flash::bc), static_cast<unsigned>(d.batch * d.kv_heads));
+    reg_dkv_kernel<D, DT, Mask><<<kgrid, flash::reg::warps * 32, dkv_bytes, s>>>(
+        detail::dev(q), detail::dev(k), detail::dev(v), detail::dev(dout), lse, delta, detail::dev(dk), detail::dev(dv),
+        d, mask);
+    return;
+  }
   constexpr int dq_bytes = flash::sizes<D>::dq, dkv_bytes = flash::sizes<D>::dkv;
   allow_shared<flash_dq_kernel<D, DT, Mask>>(dq_bytes, "attention dq (tensor cores): shared memory limit");
   allow_shared<flash_dkv_kernel<D, DT, Mask>>(dkv_bytes, "attention dk/dv (tensor cores): shared memory limit");

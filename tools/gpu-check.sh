@@ -171,6 +171,7 @@ for bench in adamw attention cross_entropy; do
   step bench "$bench (kiln)" "$out/$bench.kiln.jsonl" "$b/gpu_$bench"
   step peer "$bench (torch)" "$out/$bench.torch.jsonl" python3 "bench/gpu/torch_$bench.py"
   cat "$out/$bench.kiln.jsonl" "$out/$bench.torch.jsonl" > "$out/$bench.jsonl" 2> /dev/null
+  python3 bench/gpu/ratios.py "$out/$bench.jsonl" | tee -a "$out/ratios.txt"
 done
 step bench "gpt2_step (kiln)" "$out/gpt2_step.kiln.jsonl" "$b/gpu_gpt2_step"
 step peer "gpt2_step (torch eager, compiled)" "$out/gpt2_step.torch.jsonl" python3 bench/gpu/torch_gpt2_step.py \

@@ -6,8 +6,9 @@
 //
 // FLOPs counted as FlashAttention's benchmarks do: 4·B·H·T²·D forward (two GEMMs), 2.5x
 // that backward, halved under the causal mask. Output: one JSON line per shape and kernel
-// set — the tensor-core kernels, then the CUDA-core reference ones (attention_dims::
-// reference_kernels), so one run shows what the tensor cores bought.
+// set — the register-resident tensor-core programs (the default), the staged-tile ones
+// (attention_dims::staged_tiles), then the CUDA-core reference kernels
+// (attention_dims::reference_kernels), so one run shows what each step bought.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -36,9 +37,17 @@ bf16* random_device(std::size_t n, std::uint64_t seed) {
   return d;
 }
 
-void run(const char* device, std::int64_t B, std::int64_t T, std::int64_t H, std::int64_t D, bool reference) {
+enum class kernels { registers, staged, reference };
+const char* name_of(kernels k) {
+  return k == kernels::registers ? "tensor cores, registers (mma.sync)"
+         : k == kernels::staged  ? "tensor cores, staged tiles (wmma)"
+                                 : "reference (CUDA cores)";
+}
+
+void run(const char* device, std::int64_t B, std::int64_t T, std::int64_t H, std::int64_t D, kernels which) {
   ck::attention_dims d;
-  d.reference_kernels = reference;
+  d.reference_kernels = which == kernels::reference;
+  d.staged_tiles = which == kernels::staged;
   d.batch = B;
   d.q_len = d.kv_len = T;
   d.q_heads = d.kv_heads = H;
@@ -61,8 +70,8 @@ void run(const char* device, std::int64_t B, std::int64_t T, std::int64_t H, std
       "{\"impl\":\"kiln\",\"kernels\":\"%s\",\"device\":\"%s\",\"dtype\":\"bf16\",\"mask\":\"causal\",\"B\":%lld,\"T\":"
       "%lld,\"H\":%lld,"
       "\"D\":%lld,\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,\"fwd_bwd_tflops\":%.2f}\n",
-      reference ? "reference (CUDA cores)" : "tensor cores", device, static_cast<long long>(B),
-      static_cast<long long>(T), static_cast<long long>(H), static_cast<long long>(D), fwd, bwd, tflops);
+      name_of(which), device, static_cast<long long>(B), static_cast<long long>(T), static_cast<long long>(H),
+      static_cast<long long>(D), fwd, bwd, tflops);
   for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(dout),
                   static_cast<void*>(o), static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv),
                   static_cast<void*>(lse), static_cast<void*>(delta)})
@@ -72,9 +81,9 @@ void run(const char* device, std::int64_t B, std::int64_t T, std::int64_t H, std
 
 int main() {
   const cudaDeviceProp prop = kiln_bench::device_or_skip("gpu_attention");
-  for (bool reference : {false, true}) {
-    run(prop.name, 4, 1024, 12, 64, reference);   // GPT-2 124M
-    run(prop.name, 2, 2048, 16, 128, reference);  // a head dim of 128
+  for (kernels which : {kernels::registers, kernels::staged, kernels::reference}) {
+    run(prop.name, 4, 1024, 12, 64, which);   // GPT-2 124M
+    run(prop.name, 2, 2048, 16, 128, which);  // a head dim of 128
   }
   return 0;
 }

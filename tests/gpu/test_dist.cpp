@@ -248,7 +248,9 @@ TEST_CASE("ddp and zero<1|2|3> over comm::nccl follow single_device, where every
 }
 #endif
 
-TEST_CASE("zero with offload::cpu keeps its optimizer state on the host, and the memory plan says so") {
+TEST_CASE(
+    "zero with offload::cpu keeps its optimizer state and a copy of its range on the host, and the memory plan says "
+    "so") {
   if constexpr (!gpu::is_host) cuda_runtime::use_local_device();
   const int w = world().world_size();
   auto plan_of = [&]<class S>(S*) {
@@ -270,19 +272,42 @@ TEST_CASE("zero with offload::cpu keeps its optimizer state on the host, and the
     CHECK(off.devices.at(1).device == "cpu");
     CHECK(off.devices.at(1).optimizer_state == state);
   }
-  // The sharded optimizer's own state tensors are host tensors.
+  // The sharded optimizer's own state tensors are host tensors; its host copies of the
+  // rank's range are in the plan: values under master weights, the gradients copied down
+  // under gradients (on CPU ranks, on top of what the one column holds without offload).
   {
+    const auto kept1 = plan_of(static_cast<zero<1, comm::mpi>*>(nullptr));
+    const auto off1 = plan_of(static_cast<zero_offload<1, comm::mpi>*>(nullptr));
     trainer<gnet<float, gpu>, zero_offload<1, comm::mpi>, precision::fp32> t(options(scratch("offload_state"), 1));
     manual_seed(7);
     gnet<float, gpu> m;
     device_data dm(global_batch / w);
     t.fit(m, dm);
     std::int64_t host_tensors = 0;
-    std::get<0>(t.optimizers()).optimizer.for_each_state_tensor([&](const auto& ten) {
+    const auto& opt = std::get<0>(t.optimizers()).optimizer;
+    opt.for_each_state_tensor([&](const auto& ten) {
       static_assert(std::remove_cvref_t<decltype(ten)>::device_type::is_host);
       host_tensors += ten.numel();
     });
     CHECK(host_tensors > 0);
+    std::int64_t values = 0, grads = 0;
+    auto block = [](std::int64_t n) { return static_cast<std::int64_t>(kiln::detail::round_block_size(n * 4)); };
+    for (const auto& [k, v] : opt.segments()) {
+      values += block(v.value().numel());
+      if (v.grad().defined()) grads += block(v.grad().numel());
+    }
+    INFO("host copies held: ", values, " B of values, ", grads, " B of gradients");
+    CHECK(values > 0);
+    CHECK(grads == values);
+    if constexpr (gpu::is_host) {
+      CHECK(off1.devices.at(0).master_weights - kept1.devices.at(0).master_weights == values);
+      CHECK(off1.devices.at(0).gradients - kept1.devices.at(0).gradients == grads);
+    } else {
+      REQUIRE(off1.devices.size() == 2);
+      CHECK(off1.devices.at(1).master_weights == values);
+      CHECK(off1.devices.at(1).gradients == grads);
+      CHECK(off1.devices.at(0).master_weights == kept1.devices.at(0).master_weights);
+    }
   }
 }
 

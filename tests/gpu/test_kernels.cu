@@ -911,11 +911,13 @@ void test_clipping() {
 }
 
 // The tensor-core kernels against the CUDA-core reference kernels on the same device and
-// inputs (attention_dims::reference_kernels): both round only their outputs and, for the
-// tensor cores, the probabilities, so they agree within the 16-bit type's tolerance; and
-// each is deterministic — a second tensor-core run gives the same bits.
-void test_tensor_cores_against_reference() {
-  const std::int64_t B = 1, T = 150, S = 150, Hq = 4, Hkv = 2, D = 128;
+// inputs (attention_dims::reference_kernels), for both tensor-core sets: the register-
+// resident programs (the default) and the staged tiles (attention_dims::staged_tiles).
+// All round only their outputs and, on tensor cores, the probabilities, so they agree
+// within the 16-bit type's tolerance; and each tensor-core set is deterministic — a
+// second run gives the same bits. Both head dims, so every D's kernels run once here.
+void test_tensor_cores_against_reference(std::int64_t D) {
+  const std::int64_t B = 1, T = 150, S = 150, Hq = 4, Hkv = 2;
   const auto q = random<bf16>(B * T * Hq * D, 80), k = random<bf16>(B * S * Hkv * D, 81),
              v = random<bf16>(B * S * Hkv * D, 82), dout = random<bf16>(B * T * Hq * D, 83);
   ck::attention_dims d;
@@ -923,9 +925,11 @@ void test_tensor_cores_against_reference() {
   d.scale = 1.0f / std::sqrt(float(D));
   d.dropout_p = 0.1f;
   d.rng = philox_stream{0x7c, 1};
-  auto run = [&](bool reference) {
+  enum class set { registers, staged, reference };
+  auto run = [&](set which) {
     ck::attention_dims dd = d;
-    dd.reference_kernels = reference;
+    dd.reference_kernels = which == set::reference;
+    dd.staged_tiles = which == set::staged;
     dbuf<bf16> dq(q), dk(k), dv(v), ddo(dout), o(q.size()), gq(q.size()), gk(k.size()), gv(v.size());
     dbuf<float> lse(B * Hq * T), delta(B * Hq * T);
     ck::attention_forward<bf16, ops::mask::causal>(dq.p, dk.p, dv.p, o.p, lse.p, dd, nullptr);
@@ -933,16 +937,20 @@ void test_tensor_cores_against_reference() {
                                                     nullptr);
     return std::vector<std::vector<bf16>>{o.host(), gq.host(), gk.host(), gv.host()};
   };
-  const auto tc = run(false), ref = run(true), again = run(false);
+  const auto ref = run(set::reference);
   const char* names[] = {"O", "dq", "dk", "dv"};
-  for (int i = 0; i < 4; ++i) {
-    std::vector<float> want(ref[i].size());
-    for (std::size_t e = 0; e < want.size(); ++e) want[e] = float(ref[i][e]);
-    // Each within ~3.4e-3 of the exact result (scaled): two such errors apart.
-    expect_close_scaled(std::string("attention tensor cores vs reference (bf16, D 128, causal, dropout) ") + names[i],
-                        tc[i], want, 1.5e-2);
-    expect(std::memcmp(tc[i].data(), again[i].data(), tc[i].size() * sizeof(bf16)) == 0,
-           std::string("attention tensor cores: a second run gives the same bits, ") + names[i]);
+  for (set which : {set::registers, set::staged}) {
+    const auto tc = run(which), again = run(which);
+    const std::string n = std::string("attention tensor cores (") + (which == set::registers ? "registers" : "staged") +
+                          ") vs reference (bf16, D " + std::to_string(D) + ", causal, dropout) ";
+    for (int i = 0; i < 4; ++i) {
+      std::vector<float> want(ref[i].size());
+      for (std::size_t e = 0; e < want.size(); ++e) want[e] = float(ref[i][e]);
+      // Each within ~3.4e-3 of the exact result (scaled): two such errors apart.
+      expect_close_scaled(n + names[i], tc[i], want, 1.5e-2);
+      expect(std::memcmp(tc[i].data(), again[i].data(), tc[i].size() * sizeof(bf16)) == 0,
+             n + "a second run gives the same bits, " + names[i]);
+    }
   }
 }
 
@@ -968,7 +976,8 @@ void attention_tests() {
   test_attention<f16, ops::mask::none, 128>(70, 150, 0.1f, "no mask, 80 cached keys, dropout 0.1");
   test_attention<bf16, ops::mask::local<16>, 64>(200, 200, 0.0f, "local<16>, tiles skipped");
   test_attention<f16, ops::mask::strided<5>, 128>(70, 77, 0.0f, "strided<5>, 7 cached keys");
-  test_tensor_cores_against_reference();
+  test_tensor_cores_against_reference(128);
+  test_tensor_cores_against_reference(64);
 }
 
 int main(int argc, char** argv) {

@@ -1,8 +1,11 @@
-// The tensor-core attention kernels' block programs (kiln/cuda/flash_tiles.hpp) run on
-// host threads, one per warp with a std::barrier for __syncthreads and scalar loops for
-// the 16×16×16 products, against the CPU attention op: the tiling, masks, online
-// softmax, dropout, grouped-query sums and partial tiles are checked here on every
-// machine; the wmma calls themselves only where a GPU runs the gpu suite.
+// The tensor-core attention kernels' block programs run on host threads, one per warp with
+// a std::barrier for __syncthreads, against the CPU attention op: the tiling, masks,
+// online softmax, dropout, grouped-query sums and partial tiles are checked here on every
+// machine. Two sets: the staged tiles of kiln/cuda/flash_tiles.hpp (scalar loops for the
+// 16×16×16 wmma products) and the register-resident programs of
+// kiln/cuda/flash_registers.hpp (each warp's 32 lanes stepped in turn, ldmatrix, mma.sync
+// and the shuffles emulated from the PTX fragment tables). The PTX instructions
+// themselves run only where a GPU runs the gpu suite.
 #include <algorithm>
 #include <barrier>
 #include <cmath>
@@ -11,6 +14,7 @@
 #include <thread>
 
 #include "../helpers.hpp"
+#include "kiln/cuda/flash_registers.hpp"
 #include "kiln/cuda/flash_tiles.hpp"
 
 using namespace kiln;
@@ -73,6 +77,46 @@ double worst(const std::vector<T>& got, const tensor<f32>& want) {
   return w / scale;
 }
 
+// The two sets of block programs, as the launches in kernels/attention.cu call them.
+template <int D>
+struct staged {
+  static constexpr const char* name = "staged tiles (wmma)";
+  static constexpr int forward_warps = 4, dq_warps = 4, dkv_warps = 8;
+  using z = fl::sizes<D>;
+  static constexpr int forward_bytes = z::forward, dq_bytes = z::dq, dkv_bytes = z::dkv;
+  template <class... A>
+  static void forward(const host_block& c, A&&... a) {
+    fl::forward_block<D, forward_warps>(c, std::forward<A>(a)...);
+  }
+  template <class... A>
+  static void dq(const host_block& c, A&&... a) {
+    fl::dq_block<D, dq_warps>(c, std::forward<A>(a)...);
+  }
+  template <class... A>
+  static void dkv(const host_block& c, A&&... a) {
+    fl::dkv_block<D, dkv_warps>(c, std::forward<A>(a)...);
+  }
+};
+template <int D>
+struct registers {
+  static constexpr const char* name = "registers (mma.sync)";
+  static constexpr int forward_warps = fl::reg::warps, dq_warps = fl::reg::warps, dkv_warps = fl::reg::warps;
+  using z = fl::reg::sizes<D>;
+  static constexpr int forward_bytes = z::forward, dq_bytes = z::dq, dkv_bytes = z::dkv;
+  template <class... A>
+  static void forward(const host_block& c, A&&... a) {
+    fl::reg::forward_block<D>(c, std::forward<A>(a)...);
+  }
+  template <class... A>
+  static void dq(const host_block& c, A&&... a) {
+    fl::reg::dq_block<D>(c, std::forward<A>(a)...);
+  }
+  template <class... A>
+  static void dkv(const host_block& c, A&&... a) {
+    fl::reg::dkv_block<D>(c, std::forward<A>(a)...);
+  }
+};
+
 struct shape_case {
   std::int64_t batch, q_len, kv_len, q_heads, kv_heads;
   float dropout_p;
@@ -81,8 +125,9 @@ struct shape_case {
 // Forward and backward through the block programs against ops::attention in f32 on the
 // same 16-bit inputs. tol, on max |error| / max |value|: the input type's rounding of P
 // and of the outputs (measured: bf16 ≤ 3.4e-3, f16 ≤ 4.7e-4 on these cases).
-template <class T, class Mask, int D>
-void check_against_cpu(const shape_case& c, double tol) {
+template <class T, class Mask, int D, template <int> class Program>
+void check_program(const shape_case& c, double tol) {
+  using P = Program<D>;
   const std::int64_t B = c.batch, Tq = c.q_len, S = c.kv_len, Hq = c.q_heads, Hkv = c.kv_heads;
   const auto q = random_values<T>(B * Tq * Hq * D, 70), k = random_values<T>(B * S * Hkv * D, 71),
              v = random_values<T>(B * S * Hkv * D, 72), dout = random_values<T>(B * Tq * Hq * D, 73);
@@ -109,11 +154,11 @@ void check_against_cpu(const shape_case& c, double tol) {
   const DM dm = ops::mask::device_form<Mask>::make();
   std::vector<T> o(q.size()), dq(q.size()), dk(k.size()), dv(v.size());
   std::vector<float> lse(B * Hq * Tq, NAN), delta(B * Hq * Tq);
-  using z = fl::sizes<D>;
   const std::int64_t qtiles = (Tq + fl::br - 1) / fl::br, ktiles = (S + fl::bc - 1) / fl::bc;
-  run_grid<4>(qtiles, B * Hq, z::forward, [&](const host_block& ctx, unsigned char* smem, auto bx, auto by) {
-    fl::forward_block<D, 4>(ctx, smem, bx, by, q.data(), k.data(), v.data(), o.data(), lse.data(), d, dm);
-  });
+  run_grid<P::forward_warps>(qtiles, B * Hq, P::forward_bytes,
+                             [&](const host_block& ctx, unsigned char* smem, auto bx, auto by) {
+                               P::forward(ctx, smem, bx, by, q.data(), k.data(), v.data(), o.data(), lse.data(), d, dm);
+                             });
   // Δ = rowsum(dO∘O), as attention_delta_kernel computes it.
   for (std::int64_t b = 0; b < B; ++b)
     for (std::int64_t h = 0; h < Hq; ++h)
@@ -125,22 +170,27 @@ void check_against_cpu(const shape_case& c, double tol) {
         }
         delta[(b * Hq + h) * Tq + i] = s;
       }
-  run_grid<4>(qtiles, B * Hq, z::dq, [&](const host_block& ctx, unsigned char* smem, auto bx, auto by) {
-    fl::dq_block<D, 4>(ctx, smem, bx, by, q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(),
-                       dq.data(), d, dm);
+  run_grid<P::dq_warps>(qtiles, B * Hq, P::dq_bytes, [&](const host_block& ctx, unsigned char* smem, auto bx, auto by) {
+    P::dq(ctx, smem, bx, by, q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(), dq.data(), d, dm);
   });
-  run_grid<8>(ktiles, B * Hkv, z::dkv, [&](const host_block& ctx, unsigned char* smem, auto bx, auto by) {
-    fl::dkv_block<D, 8>(ctx, smem, bx, by, q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(),
-                        dk.data(), dv.data(), d, dm);
-  });
+  run_grid<P::dkv_warps>(ktiles, B * Hkv, P::dkv_bytes,
+                         [&](const host_block& ctx, unsigned char* smem, auto bx, auto by) {
+                           P::dkv(ctx, smem, bx, by, q.data(), k.data(), v.data(), dout.data(), lse.data(),
+                                  delta.data(), dk.data(), dv.data(), d, dm);
+                         });
   for (float x : lse) REQUIRE(std::isfinite(x));  // every row sees at least its own key
   const double eo = worst(o, out.value()), eq = worst(dq, vq.grad()), ek = worst(dk, vk.grad()),
                ev = worst(dv, vv.grad());
-  INFO("O ", eo, ", dQ ", eq, ", dK ", ek, ", dV ", ev, " (tolerance ", tol, ")");
+  INFO(P::name, ": O ", eo, ", dQ ", eq, ", dK ", ek, ", dV ", ev, " (tolerance ", tol, ")");
   CHECK(eo <= tol);
   CHECK(eq <= tol);
   CHECK(ek <= tol);
   CHECK(ev <= tol);
+}
+template <class T, class Mask, int D>
+void check_against_cpu(const shape_case& c, double tol) {
+  check_program<T, Mask, D, staged>(c, tol);
+  check_program<T, Mask, D, registers>(c, tol);
 }
 
 }  // namespace

@@ -117,10 +117,12 @@ struct attention_dims {
   float scale = 1.0f;  // usually 1/sqrt(D)
   float dropout_p = 0.0f;
   philox_stream rng{};
-  // bf16/f16 at head dims 64 and 128 run the tensor-core kernels (kiln/cuda/flash_tiles.hpp)
-  // unless this is set: then the CUDA-core reference kernels, as for f32 and D 32 (tests
-  // and benchmarks compare the two).
+  // bf16/f16 at head dims 64 and 128 run the tensor-core kernels unless this is set: then
+  // the CUDA-core reference kernels, as for f32 and D 32 (tests and benchmarks compare).
   bool reference_kernels = false;
+  // Which tensor-core kernels: the register-resident ones (kiln/cuda/flash_registers.hpp,
+  // the default) or, when set, the staged tiles of kiln/cuda/flash_tiles.hpp.
+  bool staged_tiles = false;
 };
 template <class T, class Mask>
 void attention_forward(const T* q, const T* k, const T* v, T* o, float* lse, const attention_dims& d, stream_t stream,

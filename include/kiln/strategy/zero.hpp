@@ -594,6 +594,35 @@ class zero : public detail::distributed<Comm, Dev> {
     if (copy) c += detail::comm_buffer<u8, Dev, Comm>::planned(s * w * copy);
     return c;
   }
+  // ZeRO-Offload's host copies of this rank's range, each (the values the host steps, and
+  // the averaged gradients copied down to it): one allocator block per parameter the
+  // range touches, in the parameters' order (zero<3> orders its range by units; the
+  // figure is exact where the units follow that order). 0 without offload.
+  template <class M>
+  std::int64_t offload_plan(M& model, bool masters) const {
+    if constexpr (!std::is_same_v<Offload, offload::cpu>) {
+      return 0;
+    } else {
+      std::vector<std::int64_t> numels;
+      std::int64_t n = 0, elem = 0;
+      nn::visit_parameters(model, [&](const std::string&, auto& p) {
+        if (!p.requires_grad()) return;
+        using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+        numels.push_back(p.numel());
+        n += p.numel();
+        elem = masters ? 4 : std::int64_t(sizeof(T));
+      });
+      const std::int64_t w = this->world_size(), s = (n + w - 1) / w;
+      const std::int64_t lo = std::min(n, this->rank() * s), hi = std::min(n, lo + s);
+      std::int64_t bytes = 0, at = 0;
+      for (std::int64_t k : numels) {
+        const std::int64_t a = std::max(lo, at), b = std::min(hi, at + k);
+        if (a < b) bytes += static_cast<std::int64_t>(kiln::detail::round_block_size(std::size_t((b - a) * elem)));
+        at += k;
+      }
+      return bytes;
+    }
+  }
   train::communication_bytes buffer_bytes() const {
     train::communication_bytes c = ddp_reducer_.buffer_bytes();
     for (auto& r : reducers_)

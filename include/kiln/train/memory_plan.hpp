@@ -20,8 +20,12 @@
 //                     f32 buckets; zero's all-gather buffers (and at stage 2 its
 //                     reduce-scatter buffers); a pinned host mirror of them in the cpu
 //                     column when a cuda model reduces over comm::mpi; zero<3>'s unit
-//                     buffers (the largest unit). Not counted yet: ZeRO-Offload's host
-//                     copies of the rank's parameter range (1/world of the parameters).
+//                     buffers (the largest unit)
+//   ZeRO-Offload      zero<S, Comm, offload::cpu>: the optimizer state's shard moves to
+//                     the cpu column, which also holds the host copies of the rank's
+//                     range (strategy.offload_plan): its values in master weights and
+//                     the gradients copied down to them in gradients, one block per
+//                     parameter the range touches (on CPU ranks, added to the one column)
 //   batches           bytes of one batch times the batches the loader holds at once
 //                     (1, plus num_workers · prefetch_factor with workers); host memory,
 //                     so on a GPU strategy they are a cpu column of their own beside the

@@ -201,6 +201,11 @@ struct planner {
     nn::zero_grad(prec.master_parameters(model));
     for (auto& [g, s] : streams) g->set_state(s.first, s.second);
     t.train_metrics_.reset_entries();
+    if constexpr (Trainer::strategy_type::device_type::is_host) {  // ZeRO-Offload on CPU ranks: host-to-host copies
+      const std::int64_t copies = offloaded(t, model);
+      d.master_weights += copies;
+      d.gradients += copies;
+    }
     p.devices.push_back(d);
     if constexpr (!Trainer::strategy_type::device_type::is_host) {
       // A loader's batches are host tensors: on a GPU strategy they get a cpu column of
@@ -214,6 +219,7 @@ struct planner {
       if constexpr (requires { t.strategy_.memory_sharding(); })
         if (t.strategy_.memory_sharding().offload_optimizer)  // zero<S, Comm, offload::cpu, cuda>
           host.optimizer_state = std::exchange(p.devices.back().optimizer_state, 0);
+      host.master_weights = host.gradients = offloaded(t, model);
       host.communication = communication(t, model).host;
       p.devices.push_back(host);
     }
@@ -230,6 +236,16 @@ struct planner {
       if constexpr (Trainer::strategy_type::device_type::is_host) c = {c.device + c.host, 0};
     }
     return c;
+  }
+  // ZeRO-Offload's host copies of the rank's range: the bytes of the values, and as many
+  // again for the gradients copied down to them (0 without offload).
+  static std::int64_t offloaded(const Trainer& t, module_type& model) {
+    if constexpr (requires { t.strategy_.offload_plan(model, true); }) {
+      constexpr bool masters = requires { precision_type::keeps_masters; };
+      return t.strategy_.offload_plan(model, masters);
+    } else {
+      return 0;
+    }
   }
   static void shard(const Trainer& t, device_memory& d) {
     if constexpr (requires { t.strategy_.memory_sharding(); }) {
