@@ -35,6 +35,7 @@
 //
 // Usage: 04_distributed [--strategy single|ddp|zero1|zero2|zero3] [--epochs N] [--batch B]
 //                       [--lr X] [--threads N] [--seed S] [--data DIR] [--out DIR]
+//                       [--bucket-mb X] [--no-overlap]  (ddp: bucket cap, reduce after backward)
 //                       [--limit-batches N] [--no-val] [--resume last|PATH]
 //                       [--min-accuracy A] [--json]
 #include <chrono>
@@ -79,6 +80,8 @@ struct options {
   std::string resume;
   double min_accuracy = -1;
   bool json = false;
+  double bucket_mb = 25.0;  // ddp's bucket cap
+  bool overlap = true;      // ddp posts buckets during backward
 };
 
 options parse(int argc, char** argv) {
@@ -115,10 +118,14 @@ options parse(int argc, char** argv) {
       o.min_accuracy = std::stod(next());
     else if (a == "--json")
       o.json = true;
+    else if (a == "--bucket-mb")
+      o.bucket_mb = std::stod(next());
+    else if (a == "--no-overlap")
+      o.overlap = false;
     else
       throw kiln::error("unknown flag '" + a +
                         "' (expected --strategy, --epochs, --batch, --lr, --threads, --seed, --data, --out, "
-                        "--limit-batches, --no-val, --resume, --min-accuracy, --json)");
+                        "--limit-batches, --no-val, --resume, --min-accuracy, --json, --bucket-mb, --no-overlap)");
   }
   return o;
 }
@@ -208,6 +215,8 @@ int run(const options& opt) {
   }
   trainer_t trainer(to, kiln::callbacks::model_checkpoint({.save_top_k = 0, .save_last = true}), kiln::loggers::csv{});
   auto& st = trainer.strategy();
+  if constexpr (requires { st.set_options(kiln::strategy::ddp_options{}); })
+    st.set_options({.bucket_cap_mb = opt.bucket_mb, .overlap_backward = opt.overlap});
   const bool zero_rank = st.is_global_zero();
   kiln::manual_seed(opt.seed);  // rank 0's initial weights are broadcast anyway
   classifier model;
@@ -238,11 +247,11 @@ int run(const options& opt) {
       std::printf(
           "{\"impl\": \"kiln\", \"strategy\": \"%s\", \"ranks\": %d, \"threads\": %d, \"steps\": %lld, \"batch\": "
           "%lld, \"seconds\": %.4f, \"samples_per_s\": %.1f, \"test_acc\": %.6f, \"optimizer_state_bytes_rank0\": "
-          "%lld, \"model_state_bytes_rank0\": %lld}\n",
+          "%lld, \"model_state_bytes_rank0\": %lld, \"bucket_mb\": %g, \"overlap\": %s}\n",
           opt.strategy.c_str(), st.world_size(), opt.threads, static_cast<long long>(fit.global_step),
           static_cast<long long>(opt.batch), fit.seconds, samples / fit.seconds, acc,
           static_cast<long long>(plan.devices.at(0).optimizer_state),
-          static_cast<long long>(plan.devices.at(0).model_states()));
+          static_cast<long long>(plan.devices.at(0).model_states()), opt.bucket_mb, opt.overlap ? "true" : "false");
   }
   if (opt.min_accuracy >= 0 && acc < opt.min_accuracy) {
     if (zero_rank) std::fprintf(stderr, "test accuracy %.4f is below --min-accuracy %.4f\n", acc, opt.min_accuracy);

@@ -78,3 +78,79 @@ TEST_CASE("backward consumes its own graph and leaves a neighbouring graph intac
   sum(mul(a, b)).backward();
   CHECK(autograd::tape::current().size() == 0);
 }
+
+namespace {
+// Records the order in which the tape reports leaves ready, and whether each one's
+// gradient had been written when it was reported.
+struct ready_log {
+  std::vector<const void*> order;
+  std::vector<bool> had_grad_of_first;  // per report: did the first layer's weight have a gradient yet
+  const var<f32>* first = nullptr;
+  static void ready(void* self, const void* leaf) {
+    auto& r = *static_cast<ready_log*>(self);
+    r.order.push_back(leaf);
+    r.had_grad_of_first.push_back(r.first->has_grad());
+  }
+};
+}  // namespace
+
+TEST_CASE("tape: a listener hears each parameter once its last gradient write is done, last layer first") {
+  auto& tp = autograd::tape::current();
+  tp.clear();
+  var<f32> w1(tensor<f32>::from({3, 2}, {0.1f, -0.2f, 0.3f, 0.4f, -0.5f, 0.6f}), true);
+  var<f32> b1(tensor<f32>::from({3}, {0.01f, 0.02f, 0.03f}), true);
+  var<f32> w2(tensor<f32>::from({1, 3}, {0.7f, -0.8f, 0.9f}), true);
+  var<f32> x(tensor<f32>::from({4, 2}, {1, 2, 3, 4, 5, 6, 7, 8}));
+  ready_log log;
+  log.first = &w1;
+  tp.listen({&ready_log::ready, &log});
+  // w2 is read twice: its first reader (the earlier node) writes its gradient last.
+  auto h = ops::relu(ops::linear(x, w1, std::optional<var<f32>>(b1)));
+  auto y = add(ops::linear(h, w2), ops::linear(h, w2));
+  sum(y).backward();
+  tp.stop_listening();
+  REQUIRE(log.order.size() == 3);
+  CHECK(log.order[0] == w2.id());  // reported while the first layer's backward was still to run
+  CHECK_FALSE(log.had_grad_of_first[0]);
+  CHECK(std::find(log.order.begin(), log.order.end(), w1.id()) != log.order.end());
+  CHECK(std::find(log.order.begin(), log.order.end(), b1.id()) != log.order.end());
+  CHECK(log.had_grad_of_first[2]);
+  // w2's gradient is complete when reported: both readers' contributions.
+  var<f32> w2b(w2.value().clone(), true);
+  auto yb = add(ops::linear(ops::relu(ops::linear(x, w1, std::optional<var<f32>>(b1))), w2b),
+                ops::linear(ops::relu(ops::linear(x, w1, std::optional<var<f32>>(b1))), w2b));
+  sum(yb).backward();
+  CHECK(w2.grad().to_vector() == w2b.grad().to_vector());
+  // Without a listener nothing is noted.
+  CHECK_FALSE(tp.listening());
+}
+
+TEST_CASE("tape: parameters read inside a recomputed segment are reported after the segment's node ran") {
+  auto& tp = autograd::tape::current();
+  tp.clear();
+  var<f32> w1(tensor<f32>::from({2, 2}, {0.5f, -0.1f, 0.2f, 0.3f}), true);
+  var<f32> w2(tensor<f32>::from({1, 2}, {0.4f, 0.6f}), true);
+  var<f32> x(tensor<f32>::from({3, 2}, {1, 2, 3, 4, 5, 6}));
+  ready_log log;
+  log.first = &w1;
+  tp.listen({&ready_log::ready, &log});
+  auto h = autograd::recompute([&](const var<f32>& in) { return ops::relu(ops::linear(in, w1)); }, x);
+  sum(ops::linear(h, w2)).backward();
+  tp.stop_listening();
+  REQUIRE(log.order.size() == 2);
+  CHECK(log.order[0] == w2.id());
+  CHECK(log.order[1] == w1.id());
+  CHECK(log.had_grad_of_first[1]);  // w1's gradient, written by the recomputation, is there
+}
+
+TEST_CASE("tape: a sealed parameter's gradient cannot be written, and the error names it") {
+  var<f32> w(tensor<f32>::from({2}, {1, 2}), true);
+  var<f32> x(tensor<f32>::from({2}, {3, 4}));
+  const std::string name = "fc1.weight";
+  w.seal(&name);
+  auto loss = sum(mul(w, x));
+  CHECK_THROWS_WITH_AS(loss.backward(), doctest::Contains("parameter 'fc1.weight'"), error);
+  w.seal(nullptr);
+  sum(mul(w, x)).backward();
+  CHECK(w.grad().to_vector() == std::vector<f32>{3, 4});
+}

@@ -41,11 +41,14 @@ var<T, Dev> recompute(F f, const var<T, Dev>& x, rng_positions rng = {}) {
   if (!grad_enabled()) return f(x);
   const auto before = rng.offsets();
   tensor<T, Dev> y;
+  leaf_sink reads;  // the parameters the segment reads: its one node writes their gradients
   {
     no_grad ng;
     y = f(x).value();
   }
   const auto after = rng.offsets();
+  if (tape::current().listening())
+    for (const void* leaf : reads.leaves()) tape::current().note_leaf(leaf);
   var<T, Dev> out = var<T, Dev>::make_result(std::move(y));
   record_node(out, [f = std::move(f), x, rng, before, after](const tensor<T, Dev>& gy) mutable {
     tape_scope scope;

@@ -7,12 +7,17 @@
 // grown to the step's size. backward() replays the nodes in reverse; a node whose
 // output received no gradient is skipped. Nodes that ran are destroyed, and the
 // arena is rewound (its memory is kept for the next step). One tape per thread.
+// Gradient-ready notifications (what ddp overlaps its reduction with backward on): while
+// a listener is installed, ops note the leaves (parameters) each node reads as it is
+// recorded; backward calls the listener for a leaf as soon as the earliest recorded node
+// that read it has run — nodes run in reverse, so no later node writes its gradient.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <memory>
 #include <new>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -90,7 +95,8 @@ class tape {
   // had nothing to do is dropped too unless its output is still referenced outside the
   // tape (a second graph recorded in the same scope, to be differentiated later):
   // backward consumes the graph it differentiates, not its neighbours. When no node
-  // survives, the arena is rewound.
+  // survives, the arena is rewound. With a listener, each noted leaf is reported ready
+  // right after its earliest reader ran (and any left at the end, after the last node).
   void backward() {
     std::vector<node> kept;
     std::size_t remaining = nodes_.size();
@@ -99,27 +105,61 @@ class tape {
         node& n = nodes_[remaining - 1];
         const bool ran = n.run(n.self);
         --remaining;
+        left_ = remaining;
         if (ran || !n.referenced(n.self))
           n.destroy(n.self);
         else
           kept.push_back(n);
+        if (listener_.ready) report_ready(remaining);
       }
+      if (listener_.ready) report_ready(0);
     } catch (...) {
+      left_ = 0;
       for (std::size_t i = 0; i < remaining; ++i) nodes_[i].destroy(nodes_[i].self);
       for (auto& n : kept) n.destroy(n.self);
       nodes_.clear();
       arena_.reset();
+      forget_leaves();
       throw;
     }
+    left_ = 0;
     nodes_.assign(kept.rbegin(), kept.rend());
     if (nodes_.empty()) arena_.reset();
+    forget_leaves();
   }
+  // During backward (in a listener), the nodes still to run; 0 otherwise.
+  std::size_t nodes_left() const { return left_; }
 
   // Drops all nodes (and the tensors they keep alive) without running them.
   void clear() {
     for (auto it = nodes_.rbegin(); it != nodes_.rend(); ++it) it->destroy(it->self);
     nodes_.clear();
     arena_.reset();
+    forget_leaves();
+  }
+
+  // ---- gradient-ready notifications ----
+  // ready(context, leaf) is called with a leaf's identity (var::id()) once no node left on
+  // the tape writes its gradient. Installing a listener starts noting leaves; it stays
+  // until stop_listening() (or the next listen()).
+  struct listener {
+    void (*ready)(void* context, const void* leaf) = nullptr;
+    void* context = nullptr;
+  };
+  void listen(listener l) {
+    forget_leaves();
+    listener_ = l;
+  }
+  void stop_listening() {
+    listener_ = {};
+    forget_leaves();
+  }
+  bool listening() const { return listener_.ready != nullptr; }
+  listener listener_of() const { return listener_; }
+  // The node recorded next reads `leaf` (ops call this through any_requires_grad, before
+  // the node is appended). Only a leaf's first reader counts: it runs last.
+  void note_leaf(const void* leaf) {
+    if (seen_.insert(leaf).second) first_reader_.push_back({nodes_.size(), leaf});
   }
 
   std::size_t size() const { return nodes_.size(); }
@@ -132,8 +172,68 @@ class tape {
     bool (*referenced)(const void*);
     void* self;
   };
+  // Reports the leaves whose first reader has index ≥ `done` (every node from there on ran).
+  void report_ready(std::size_t done) {
+    while (!first_reader_.empty() && first_reader_.back().node >= done) {
+      const void* leaf = first_reader_.back().leaf;
+      first_reader_.pop_back();
+      listener_.ready(listener_.context, leaf);
+    }
+  }
+  void forget_leaves() {
+    first_reader_.clear();
+    seen_.clear();
+  }
+  struct reader {
+    std::size_t node;
+    const void* leaf;
+  };
   kiln::autograd::arena arena_;
   std::vector<node> nodes_;
+  listener listener_;
+  std::vector<reader> first_reader_;  // in recording order, so by node index
+  std::unordered_set<const void*> seen_;
+  std::size_t left_ = 0;
+};
+
+// Notes the leaves a segment reads while it runs without recording (activation
+// checkpointing's first forward, under no_grad), so its one node can declare them.
+class leaf_sink {
+ public:
+  leaf_sink() : prev_(slot()) { slot() = this; }
+  ~leaf_sink() { slot() = prev_; }
+  leaf_sink(const leaf_sink&) = delete;
+  leaf_sink& operator=(const leaf_sink&) = delete;
+  static leaf_sink*& slot() {
+    thread_local leaf_sink* s = nullptr;
+    return s;
+  }
+  void note(const void* leaf) {
+    if (seen_.insert(leaf).second) leaves_.push_back(leaf);
+    if (prev_) prev_->note(leaf);
+  }
+  const std::vector<const void*>& leaves() const { return leaves_; }
+
+ private:
+  leaf_sink* prev_;
+  std::vector<const void*> leaves_;
+  std::unordered_set<const void*> seen_;
+};
+
+// RAII: no gradient-ready notifications from this thread's tape while it lives (the
+// leaves then count as ready only at the end of backward). For code that writes
+// gradients outside the tape's nodes, such as nn::thread_replicas adding its twins'.
+class quiet_listener {
+ public:
+  quiet_listener() : saved_(tape::current().listener_of()) { tape::current().stop_listening(); }
+  ~quiet_listener() {
+    if (saved_.ready) tape::current().listen(saved_);
+  }
+  quiet_listener(const quiet_listener&) = delete;
+  quiet_listener& operator=(const quiet_listener&) = delete;
+
+ private:
+  tape::listener saved_;
 };
 
 // RAII: ops in this scope record onto a private tape, and backward() inside it replays

@@ -36,6 +36,9 @@ class var {
     bool grad_valid = false;
     bool is_leaf = true;
     std::string name;
+    // Set while a strategy holds a copy of the gradient it is reducing (ddp's overlap with
+    // backward): the parameter's name, for the error a further write raises.
+    const std::string* sealed_by = nullptr;
   };
 
   var() = default;
@@ -77,6 +80,8 @@ class var {
   // Called by backward nodes before writing this var's gradient: makes sure the buffer
   // exists and says whether to overwrite or accumulate.
   grad_write begin_grad_write() const {
+    if (s_->sealed_by) [[unlikely]]
+      seal_broken();
     if (s_->grad_valid) return grad_write::accumulate;
     if (!s_->grad.defined() || !(s_->grad.shape() == s_->value.shape())) s_->grad = tensor_type(s_->value.shape());
     s_->grad_valid = true;
@@ -106,6 +111,9 @@ class var {
     autograd::tape::current().backward();
   }
 
+  // While sealed (name non-null), writing the gradient is an error naming `name`.
+  void seal(const std::string* name) const { s_->sealed_by = name; }
+
   // Identity of the underlying state (used by parameter visitors and optimizers).
   const state* id() const { return s_.get(); }
   std::shared_ptr<state> state_ptr() const { return s_; }
@@ -118,14 +126,34 @@ class var {
   }
 
  private:
+  [[noreturn]] void seal_broken() const {
+    throw error("autograd: a gradient was written to parameter '" + *s_->sealed_by +
+                "' after the strategy reduced it during backward (ddp's overlap): the op that wrote it did not "
+                "declare the parameter among its inputs, or the gradient was written outside the tape. Set "
+                "ddp_options::overlap_backward = false, or pass the parameter to autograd::record / "
+                "autograd::any_requires_grad");
+  }
+
   std::shared_ptr<state> s_;
 };
 
 namespace autograd {
 
-// True when an op on these inputs must record a node.
+// Tells the tape (or an active leaf_sink) that the node about to be recorded reads v.
+template <class V>
+void note_input(const V& v) {
+  if (!v.defined() || !v.is_leaf() || !v.requires_grad()) return;
+  if (auto* sink = leaf_sink::slot()) sink->note(v.id());
+  if (grad_enabled() && tape::current().listening()) tape::current().note_leaf(v.id());
+}
+
+// True when an op on these inputs must record a node. Every op asks this of all the vars
+// its node writes gradients to (and autograd::record does), which is how the tape learns
+// which parameters a node reads.
 template <class... V>
 bool any_requires_grad(const V&... v) {
+  if (leaf_sink::slot() || tape::current().listening()) [[unlikely]]
+    (note_input(v), ...);
   return grad_enabled() && (v.requires_grad() || ...);
 }
 

@@ -40,6 +40,8 @@
 // moved while the replicas exist. Buffers that are not parameters (RoPE tables, masks)
 // are the twins' own, built by the same constructor. Not for parameter-sharding
 // strategies (zero<3>'s units gather per thread): run() refuses when one is listening.
+// ddp's overlap of reduction with backward is paused for the run: the primary's
+// gradients are complete only after the twins' are added in.
 #pragma once
 
 #include <algorithm>
@@ -96,6 +98,9 @@ class thread_replicas {
                "nn::thread_replicas::run: a parameter-sharding strategy (zero<3>) is listening on this thread; "
                "thread replicas cannot share gathered parameters");
     for (auto& t : twins_) sync(t);
+    // The twins' gradients are added into the primary's after every backward: none of the
+    // primary's is final when its own tape says so (ddp's overlap then reduces at the end).
+    autograd::quiet_listener quiet;
     const int n = size();
     const bool grad_on = autograd::grad_enabled();
     std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));

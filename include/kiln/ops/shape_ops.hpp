@@ -99,6 +99,7 @@ var<T, Dev> concat(const std::vector<var<T, Dev>>& xs, int dim) {
     dst.copy_from(x.value());
     at += x.size(dim);
   }
+  for (const auto& x : xs) autograd::any_requires_grad(x);  // the tape learns which parameters the node reads
   if (!autograd::grad_enabled() || !needs_grad) return var<T, Dev>(std::move(y));
   var<T, Dev> result = var<T, Dev>::make_result(std::move(y));
   autograd::record_node(result, [xs, starts, dim](const tensor<T, Dev>& gy) mutable {

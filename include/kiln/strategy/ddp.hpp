@@ -17,8 +17,18 @@
 // Logging and checkpoints: only rank 0 logs and writes; every rank joins the capture
 // (so sharded strategies can gather). log(..., sync_dist = true) all-reduces the value:
 // mean, sum, max or min over ranks of each rank's value.
-// The all-reduce runs after backward: the autograd tape has no per-parameter ready hooks
-// yet (on CPU, with every core computing, there is no idle core to overlap on anyway).
+// Overlap (ddp_options::overlap_backward, on by default): for the window's last
+// micro-batch the trainer has ddp listen on the autograd tape before the forward; the
+// tape reports each parameter as soon as the last node that writes its gradient has run,
+// and a bucket is packed and posted the moment all of its parameters and every earlier
+// bucket's are reported, so the reduction of the last layers runs while backward computes
+// the first ones (on cuda, NCCL's stream beside the compute stream). What was not
+// reported (a parameter no node read on this rank, or read inside nn::thread_replicas)
+// is posted after backward. The result is the same bits as posting after backward: the
+// same buckets, the same sums. A gradient written after its bucket was packed would be
+// lost, so it is an error naming the parameter (var::seal). Policies that reduce master
+// copies (bf16_mixed, f16_mixed: the fold into the masters comes after backward) reduce
+// after backward.
 // Devices: ddp<Comm, Dev> keeps its buckets on Dev, the model's device (cpu by default).
 // On cuda they are packed and unpacked by kernels and reduced in place by comm::nccl, or
 // through pinned host memory by comm::mpi (strategy/buffers.hpp); a module whose
@@ -30,8 +40,10 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
+#include "kiln/autograd/tape.hpp"
 #include "kiln/comm/communicator.hpp"
 #include "kiln/core/device.hpp"
 #include "kiln/nn/module.hpp"
@@ -47,7 +59,9 @@ namespace detail {
 // the parameter's device.
 struct grad_slot {
   std::string name;
+  const void* id = nullptr;  // the parameter's identity (var::id)
   std::int64_t numel = 0;
+  std::function<void(const std::string*)> seal;  // see var::seal
   std::function<bool()> has_grad;
   std::function<void(float*)> pack;                // gradient → f32 (zeros when it has none)
   std::function<void(const float*, float)> store;  // f32 · factor → gradient (creating it)
@@ -63,7 +77,9 @@ std::vector<grad_slot> grad_slots(M& target) {
     auto v = p;  // a handle: shares the parameter's state
     grad_slot s;
     s.name = name;
+    s.id = v.id();
     s.numel = v.numel();
+    s.seal = [v](const std::string* by) { v.seal(by); };
     s.has_grad = [v] { return v.has_grad(); };
     s.pack = [v](float* dst) {
       if (!v.has_grad())
@@ -164,16 +180,65 @@ class distributed {
 };
 
 // Bucketed all-reduce of the gradients of `target` (parameters on Dev), averaged over
-// ranks.
+// ranks. With listen(), the buckets are posted during the backward that follows.
 template <class Comm, device Dev = cpu>
 class gradient_reducer {
+  using handle = decltype(std::declval<Comm&>().iall_reduce(static_cast<float*>(nullptr), std::int64_t{}, comm::op::sum,
+                                                            std::string_view{}));
+
  public:
   explicit gradient_reducer(double bucket_cap_mb = 25.0) : cap_mb_(bucket_cap_mb) {}
+  gradient_reducer(const gradient_reducer& o) : cap_mb_(o.cap_mb_) {}  // buffers and pending work are not copied
+  gradient_reducer& operator=(const gradient_reducer& o) {
+    if (this != &o) {
+      stop();
+      *this = gradient_reducer(o.cap_mb_);
+    }
+    return *this;
+  }
+  gradient_reducer& operator=(gradient_reducer&& o) noexcept {
+    stop();
+    o.stop();
+    cap_mb_ = o.cap_mb_;
+    slots_ = std::move(o.slots_);
+    ids_ = std::move(o.ids_);
+    bound_ = std::move(o.bound_);
+    buckets_ = std::move(o.buckets_);
+    return *this;
+  }
+  ~gradient_reducer() { stop(); }
+
+  // Before the forward of a micro-batch that ends an accumulation window: listen on this
+  // thread's tape, so that each bucket is packed and its all-reduce posted as soon as
+  // backward has finished every gradient in it and every bucket before it (the ranks
+  // post the same collectives in the same order). all_reduce_mean then posts the rest.
+  template <class M>
+  void listen(Comm& c, M& target) {
+    if (c.world_size() == 1) return;
+    bind(target);
+    start(c);
+    waiting_.clear();
+    for (auto& bk : buckets_) waiting_.push_back(static_cast<std::int64_t>(bk.slots.size()));
+    ready_.assign(slots_.size(), 0);
+    autograd::tape::current().listen({&gradient_reducer::on_ready, this});
+    listening_ = true;
+  }
 
   template <class M>
   void all_reduce_mean(Comm& c, M& target) {
     if (c.world_size() == 1) return;
-    bind(target);
+    if (listening_) {
+      stop();
+      ids_.clear();
+      nn::visit_parameters(target, [&](const std::string&, auto& p) {
+        if (p.requires_grad()) ids_.push_back(p.id());
+      });
+      KILN_CHECK(ids_ == bound_, "ddp: the trainable parameters changed between the forward and the reduction");
+    } else {
+      bind(target);
+      start(c);
+    }
+    while (next_ < buckets_.size()) launch(next_++);
     // Which parameters some rank has a gradient for (a branch one rank skipped still
     // gets the others' average; one no rank used keeps no gradient, as on one rank).
     used_.assign(slots_.size(), 0);
@@ -182,25 +247,20 @@ class gradient_reducer {
     through_comm_memory<cpu>(c, used_.data(), flags, [&](std::int64_t* q) {
       c.all_reduce(q, flags, comm::op::max, "ddp: which gradients exist");
     });
-    using handle = decltype(c.iall_reduce(static_cast<float*>(nullptr), std::int64_t{}, comm::op::sum, ""));
-    std::vector<handle> pending;
-    pending.reserve(buckets_.size());
-    for (std::size_t b = 0; b < buckets_.size(); ++b) {
-      auto& bk = buckets_[b];
-      for (std::size_t k = 0; k < bk.slots.size(); ++k) slots_[bk.slots[k]].pack(bk.data.data() + bk.offsets[k]);
-      pending.push_back(
-          c.iall_reduce(bk.data.send(c), bk.data.size(), comm::op::sum,
-                        "ddp gradient bucket " + std::to_string(b + 1) + "/" + std::to_string(buckets_.size())));
-    }
     const float inv = 1.0f / static_cast<float>(c.world_size());
+    for (auto& s : slots_) s.seal(nullptr);
     for (std::size_t b = 0; b < buckets_.size(); ++b) {
-      pending[b].wait();
+      pending_[b].wait();
       auto& bk = buckets_[b];
       bk.data.receive();
       for (std::size_t k = 0; k < bk.slots.size(); ++k)
         if (used_[bk.slots[k]]) slots_[bk.slots[k]].store(bk.data.data() + bk.offsets[k], inv);
     }
+    pending_.clear();
+    comm_ = nullptr;
   }
+  // Buckets the last reduction posted while backward still had nodes to run.
+  std::size_t overlapped_buckets() const { return overlapped_; }
   std::size_t num_buckets() const { return buckets_.size(); }
 
  private:
@@ -223,12 +283,16 @@ class gradient_reducer {
     buckets_.clear();
     std::vector<std::int64_t> numels;
     for (auto& s : slots_) numels.push_back(s.numel);
+    bucket_of_.assign(slots_.size(), 0);
+    slot_of_.clear();
+    for (std::size_t i = 0; i < slots_.size(); ++i) slot_of_[slots_[i].id] = i;
     for (auto& members : partition(numels)) {
       bucket cur;
       std::int64_t fill = 0;
       for (std::size_t i : members) {
         cur.slots.push_back(i);
         cur.offsets.push_back(fill);
+        bucket_of_[i] = buckets_.size();
         fill += slots_[i].numel;
       }
       cur.data.resize(fill);
@@ -285,13 +349,66 @@ class gradient_reducer {
   std::vector<const void*> ids_, bound_;
   std::vector<bucket> buckets_;
   std::vector<std::int64_t> used_;
+  // One reduction in flight: its communicator, its posted buckets (in order), the next
+  // bucket to post; while listening, which slots backward has finished and how many each
+  // bucket still waits for.
+  Comm* comm_ = nullptr;
+  std::vector<handle> pending_;
+  std::size_t next_ = 0, overlapped_ = 0;
+  bool listening_ = false;
+  std::vector<char> ready_;
+  std::vector<std::int64_t> waiting_;
+  std::vector<std::size_t> bucket_of_;
+  std::unordered_map<const void*, std::size_t> slot_of_;
+
+  void start(Comm& c) {
+    comm_ = &c;
+    pending_.clear();
+    pending_.reserve(buckets_.size());
+    next_ = 0;
+    overlapped_ = 0;
+  }
+  void stop() {
+    if (listening_) autograd::tape::current().stop_listening();
+    listening_ = false;
+  }
+  // Seals the bucket's parameters (a later gradient write is an error: it would not be
+  // reduced), packs it, and posts its all-reduce.
+  void launch(std::size_t b) {
+    auto& bk = buckets_[b];
+    for (std::size_t k = 0; k < bk.slots.size(); ++k) {
+      auto& s = slots_[bk.slots[k]];
+      s.seal(&s.name);
+      s.pack(bk.data.data() + bk.offsets[k]);
+    }
+    pending_.push_back(
+        comm_->iall_reduce(bk.data.send(*comm_), bk.data.size(), comm::op::sum,
+                           "ddp gradient bucket " + std::to_string(b + 1) + "/" + std::to_string(buckets_.size())));
+  }
+  static void on_ready(void* self, const void* leaf) {
+    auto& r = *static_cast<gradient_reducer*>(self);
+    const auto it = r.slot_of_.find(leaf);
+    if (it == r.slot_of_.end() || r.ready_[it->second]) return;  // an input, or reported already
+    r.ready_[it->second] = 1;
+    --r.waiting_[r.bucket_of_[it->second]];
+    const bool early = autograd::tape::current().nodes_left() > 0;
+    while (r.next_ < r.buckets_.size() && r.waiting_[r.next_] == 0) {
+      r.launch(r.next_++);
+      if (early) ++r.overlapped_;
+    }
+  }
 };
 
 }  // namespace detail
 
-// Options of ddp: bucket size; set them before fit through trainer.strategy().
+// Options of ddp: bucket size, and whether buckets are posted during backward; pass them
+// to the constructor or to set_options before fit.
 struct ddp_options {
   double bucket_cap_mb = 25.0;
+  // Post each bucket's all-reduce during the backward of the window's last micro-batch, as
+  // soon as its gradients are final (the trainer calls listen_for_backward for it; fp32
+  // and other policies that step the module's own parameters). Off: after backward.
+  bool overlap_backward = true;
 };
 
 template <comm::communicator Comm, device Dev = cpu>
@@ -301,11 +418,24 @@ class ddp : public detail::distributed<Comm, Dev> {
 
   ddp() = default;
   explicit ddp(ddp_options o) : opt_(o), reducer_(o.bucket_cap_mb) {}
+  // Before fit, through trainer.strategy() (the communicator stays).
+  void set_options(ddp_options o) {
+    opt_ = o;
+    reducer_ = detail::gradient_reducer<Comm, Dev>(o.bucket_cap_mb);
+  }
 
+  // The trainer, before the forward of a micro-batch whose backward ends the window, when
+  // `target` is what it will pass to reduce_gradients.
+  template <class M>
+  void listen_for_backward(M& target) {
+    if (opt_.overlap_backward) reducer_.listen(this->comm_, target);
+  }
   template <class M>
   void reduce_gradients(M& target) {
     reducer_.all_reduce_mean(this->comm_, target);
   }
+  // Buckets the last reduction posted while backward still had nodes to run.
+  std::size_t overlapped_buckets() const { return reducer_.overlapped_buckets(); }
   train::memory_sharding memory_sharding() const { return {this->world_size(), false, false, false, false}; }
   const ddp_options& options() const { return opt_; }
   std::size_t num_buckets() const { return reducer_.num_buckets(); }

@@ -794,6 +794,9 @@ class trainer {
         if constexpr (train::is_loss_var<R>::value) state_.last_loss = item(out.value());
       }
     } else {
+      // The backward of the window's last micro-batch reduces: a strategy that overlaps
+      // its reduction with that backward listens from the forward on.
+      if (accum_count_ + 1 >= state_.accumulate_grad_batches || last_in_epoch) listen_for_backward();
       auto out = model_->training_step(ctx_, b);
       static_assert(train::is_loss_var<R>::value || train::is_step_output<R>::value,
                     "kiln::trainer: with automatic optimisation, training_step must return the loss (a scalar var) "
@@ -852,6 +855,14 @@ class trainer {
     if (stepped) step_schedules(optim::interval::step);
   }
 
+  // ddp's overlap, where the gradients backward writes are the ones it reduces: the
+  // policy steps the module's own parameters and finishes nothing after backward.
+  void listen_for_backward() {
+    if constexpr (
+        requires { strategy_.listen_for_backward(*model_); } && !requires { precision_.finish_gradients(*model_); } &&
+        std::is_same_v<std::remove_cvref_t<decltype(precision_.master_parameters(*model_))>, Module>)
+      strategy_.listen_for_backward(*model_);
+  }
   // A parameter-sharding strategy (zero<3>) gathers what the forward needs first.
   void prepare_forward() {
     if constexpr (requires { strategy_.before_forward(); }) strategy_.before_forward();
