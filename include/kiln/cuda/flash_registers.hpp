@@ -225,6 +225,7 @@ template <bool Max, int N, class Ctx>
 KILN_TILE_FN void quad_reduce(const Ctx& ctx, regs<float, N>& x) {
 #if defined(__CUDACC__)
   (void)ctx;
+
 #pragma unroll
   for (int i = 0; i < N; ++i)
 #pragma unroll
@@ -312,6 +313,7 @@ KILN_TILE_FN void load_rows(const Ctx& ctx, float* ls, float* dls, const float* 
 template <int D, class DT, class Ctx>
 KILN_TILE_FN void load_a(const Ctx& ctx, regs<std::uint32_t, D / 4>& af, const DT* a) {
   constexpr int ld = sizes<D>::ld;
+
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
     ldsm_x4<false, DT>(ctx, af, 4 * kk,
@@ -323,6 +325,7 @@ template <int D, int NT, class DT, class Ctx>
 KILN_TILE_FN void abt(const Ctx& ctx, regs<float, 4 * NT>& s, const regs<std::uint32_t, D / 4>& af, const DT* b) {
   constexpr int ld = sizes<D>::ld;
   fill(lanes(ctx), s, 0.0f);
+
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
@@ -350,6 +353,7 @@ template <int D, int KC, class DT, class Ctx>
 KILN_TILE_FN void accumulate_ab(const Ctx& ctx, regs<float, D / 2>& acc, const regs<std::uint32_t, 4 * KC>& pf,
                                 const DT* b) {
   constexpr int ld = sizes<D>::ld;
+
 #pragma unroll
   for (int c = 0; c < KC; ++c)
 #pragma unroll
@@ -369,10 +373,12 @@ KILN_TILE_FN void write_rows(const Ctx& ctx, const regs<float, D / 2>& acc, floa
                              std::int64_t t0, std::int64_t h, std::int64_t L, std::int64_t H) {
   for (int ln : lanes(ctx)) {
     const int g = ln / 4, t = ln % 4;
+
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const std::int64_t row = t0 + 16 * ctx.warp + g + 8 * hr;
       if (row >= L) continue;
+
 #pragma unroll
       for (int n = 0; n < D / 8; ++n)
         store2(dst + at(b, row, h, L, H, D) + 8 * n + 2 * t, acc(ln, 4 * n + 2 * hr) * s,
@@ -380,6 +386,52 @@ KILN_TILE_FN void write_rows(const Ctx& ctx, const regs<float, D / 2>& acc, floa
     }
   }
 }
+
+// ---- a query block's sweep over its key tiles (forward, dQ) ----------------------------------------
+template <int D, class DT, class Mask>
+struct query_block {
+  const attention_dims& d;
+  const Mask& mask;
+  std::int64_t b, h, g, i0, last, j_end;
+  KILN_TILE_FN query_block(std::int64_t bx, std::int64_t bh, const attention_dims& dims, const Mask& m)
+      : d(dims),
+        mask(m),
+        b(bh / dims.q_heads),
+        h(bh % dims.q_heads),
+        g(h / (dims.q_heads / dims.kv_heads)),
+        i0(bx * br),
+        last((i0 + br < dims.q_len ? i0 + br : dims.q_len) - 1),
+        j_end(m.end_key(dims.q_offset + last, dims.kv_len)) {}
+  // The first live key tile at or after j (j_end when none is left).
+  KILN_TILE_FN std::int64_t next_live(std::int64_t j) const {
+    while (j < j_end && !tile_live(mask, d, i0, j)) j += bc;
+    return j;
+  }
+  KILN_TILE_FN std::int64_t first_live() const {
+    return next_live(block_first_key(mask, d.q_offset + i0, d.q_offset + last) / bc * bc);
+  }
+  // K and V of key tile j into kd and vd, asynchronously.
+  template <class Ctx>
+  KILN_TILE_FN void fetch(const Ctx& ctx, DT* kd, DT* vd, const DT* k, const DT* v, std::int64_t j) const {
+    load_async<D>(ctx, kd, k, b, j, g, d.kv_len, d.kv_heads);
+    load_async<D>(ctx, vd, v, b, j, g, d.kv_len, d.kv_heads);
+  }
+  // body(j, K, V) for every live key tile j from `j` on, tile j in kv(buf, 0 | 1) while the
+  // next live one is fetched into kv(buf ^ 1, ·). Tile j must be fetched (and committed).
+  template <class Ctx, class KV, class Body>
+  KILN_TILE_FN void sweep(const Ctx& ctx, std::int64_t j, KV kv, const DT* k, const DT* v, Body body) const {
+    for (int buf = 0; j < j_end; buf ^= 1) {
+      const std::int64_t jn = next_live(j + bc);
+      if (jn < j_end) fetch(ctx, kv(buf ^ 1, 0), kv(buf ^ 1, 1), k, v, jn);  // last read before the barrier below
+      commit();  // possibly empty: every thread's groups stay in step
+      wait_pending<1>();
+      ctx.sync();  // tile j is in kv(buf, ·) for every thread
+      body(j, static_cast<const DT*>(kv(buf, 0)), static_cast<const DT*>(kv(buf, 1)));
+      ctx.sync();  // every warp is done with kv(buf, ·) before the next prefetch overwrites it
+      j = jn;
+    }
+  }
+};
 
 // ---- forward ------------------------------------------------------------------------------------
 template <int D, class DT, class Mask, class Ctx>
@@ -389,19 +441,11 @@ KILN_TILE_FN void forward_block(const Ctx& ctx, unsigned char* smem, std::int64_
   using z = sizes<D>;
   DT* qs = reinterpret_cast<DT*>(smem);
   auto kv = [&](int buf, int which) { return reinterpret_cast<DT*>(smem + (1 + 2 * buf + which) * z::tile); };
-  const std::int64_t b = bh / d.q_heads, h = bh % d.q_heads, g = h / (d.q_heads / d.kv_heads);
-  const std::int64_t i0 = bx * br, last = (i0 + br < d.q_len ? i0 + br : d.q_len) - 1;
-  const std::int64_t j_end = mask.end_key(d.q_offset + last, d.kv_len);
-  auto next_live = [&](std::int64_t j) {
-    while (j < j_end && !tile_live(mask, d, i0, j)) j += bc;
-    return j;
-  };
-  std::int64_t j = next_live(block_first_key(mask, d.q_offset + i0, d.q_offset + last) / bc * bc);
+  const query_block<D, DT, Mask> qb(bx, bh, d, mask);
+  const std::int64_t b = qb.b, h = qb.h, i0 = qb.i0;
+  const std::int64_t j_first = qb.first_live();
   load_async<D>(ctx, qs, q, b, i0, h, d.q_len, d.q_heads);
-  if (j < j_end) {
-    load_async<D>(ctx, kv(0, 0), k, b, j, g, d.kv_len, d.kv_heads);
-    load_async<D>(ctx, kv(0, 1), v, b, j, g, d.kv_len, d.kv_heads);
-  }
+  if (j_first < qb.j_end) qb.fetch(ctx, kv(0, 0), kv(0, 1), k, v, j_first);
   commit();
   wait_pending<0>();
   ctx.sync();
@@ -416,27 +460,20 @@ KILN_TILE_FN void forward_block(const Ctx& ctx, unsigned char* smem, std::int64_
   fill(all, m, -INFINITY);
   fill(all, l, 0.0f);
 
-  for (int buf = 0; j < j_end; buf ^= 1) {
-    const std::int64_t jn = next_live(j + bc);
-    if (jn < j_end) {  // the other buffer was last read before the previous iteration's barrier
-      load_async<D>(ctx, kv(buf ^ 1, 0), k, b, jn, g, d.kv_len, d.kv_heads);
-      load_async<D>(ctx, kv(buf ^ 1, 1), v, b, jn, g, d.kv_len, d.kv_heads);
-    }
-    commit();  // possibly empty: every thread's groups stay in step
-    wait_pending<1>();
-    ctx.sync();  // tile j is in kv(buf, ·) for every thread
-
+  qb.sweep(ctx, j_first, kv, k, v, [&](std::int64_t j, const DT* ks, const DT* vs) {
     regs<float, 32> s;
-    abt<D, 8>(ctx, s, qf, kv(buf, 0));
+    abt<D, 8>(ctx, s, qf, ks);
     regs<float, 2> mx;
     for (int ln : all) {
       const int gg = ln / 4, t = ln % 4;
+
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const std::int64_t i = i0 + 16 * w + gg + 8 * hr, pos = d.q_offset + i;
         const bool in = i < d.q_len;
         const std::int64_t first = in ? mask.first_key(pos) : 0, end = in ? mask.end_key(pos, d.kv_len) : 0;
         float x_max = -INFINITY;
+
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -452,12 +489,14 @@ KILN_TILE_FN void forward_block(const Ctx& ctx, unsigned char* smem, std::int64_
     quad_reduce<true>(ctx, mx);
     for (int ln : all) {
       const int gg = ln / 4, t = ln % 4;
+
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const std::int64_t i = i0 + 16 * w + gg + 8 * hr;
         const float m_old = m(ln, hr), m_new = m_old > mx(ln, hr) ? m_old : mx(ln, hr);
         const float c = m_new == -INFINITY ? 1.0f : exp_f(m_old - m_new);
         float sum = 0.0f;
+
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -469,6 +508,7 @@ KILN_TILE_FN void forward_block(const Ctx& ctx, unsigned char* smem, std::int64_
           }
         l(ln, hr) = l(ln, hr) * c + sum;
         m(ln, hr) = m_new;
+
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
           acc(ln, 4 * n + 2 * hr) *= c;
@@ -478,19 +518,19 @@ KILN_TILE_FN void forward_block(const Ctx& ctx, unsigned char* smem, std::int64_
     }
     regs<std::uint32_t, 16> pf;
     to_a<DT, 8>(ctx, pf, s);
-    accumulate_ab<D, 4>(ctx, acc, pf, kv(buf, 1));  // O += P·V
-    ctx.sync();  // every warp is done with kv(buf, ·) before the next prefetch overwrites it
-    j = jn;
-  }
+    accumulate_ab<D, 4>(ctx, acc, pf, vs);  // O += P·V
+  });
 
   quad_reduce<false>(ctx, l);
   for (int ln : all) {
     const int gg = ln / 4, t = ln % 4;
+
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const std::int64_t i = i0 + 16 * w + gg + 8 * hr;
       if (i >= d.q_len) continue;
       const float inv = l(ln, hr) > 0.0f ? 1.0f / l(ln, hr) : 0.0f;
+
 #pragma unroll
       for (int n = 0; n < D / 8; ++n)
         store2(o + at(b, i, h, d.q_len, d.q_heads, D) + 8 * n + 2 * t, acc(ln, 4 * n + 2 * hr) * inv,
@@ -512,20 +552,12 @@ KILN_TILE_FN void dq_block(const Ctx& ctx, unsigned char* smem, std::int64_t bx,
   auto kv = [&](int buf, int which) { return reinterpret_cast<DT*>(smem + (2 + 2 * buf + which) * z::tile); };
   float* ls = reinterpret_cast<float*>(smem + 6 * z::tile);
   float* dls = ls + br;
-  const std::int64_t b = bh / d.q_heads, h = bh % d.q_heads, g = h / (d.q_heads / d.kv_heads);
-  const std::int64_t i0 = bx * br, last = (i0 + br < d.q_len ? i0 + br : d.q_len) - 1;
-  const std::int64_t j_end = mask.end_key(d.q_offset + last, d.kv_len);
-  auto next_live = [&](std::int64_t j) {
-    while (j < j_end && !tile_live(mask, d, i0, j)) j += bc;
-    return j;
-  };
-  std::int64_t j = next_live(block_first_key(mask, d.q_offset + i0, d.q_offset + last) / bc * bc);
+  const query_block<D, DT, Mask> qb(bx, bh, d, mask);
+  const std::int64_t b = qb.b, h = qb.h, i0 = qb.i0;
+  const std::int64_t j_first = qb.first_live();
   load_async<D>(ctx, qs, q, b, i0, h, d.q_len, d.q_heads);
   load_async<D>(ctx, gs, dout, b, i0, h, d.q_len, d.q_heads);
-  if (j < j_end) {
-    load_async<D>(ctx, kv(0, 0), k, b, j, g, d.kv_len, d.kv_heads);
-    load_async<D>(ctx, kv(0, 1), v, b, j, g, d.kv_len, d.kv_heads);
-  }
+  if (j_first < qb.j_end) qb.fetch(ctx, kv(0, 0), kv(0, 1), k, v, j_first);
   commit();
   load_rows(ctx, ls, dls, lse, delta, bh, i0, d);
   wait_pending<0>();
@@ -535,30 +567,23 @@ KILN_TILE_FN void dq_block(const Ctx& ctx, unsigned char* smem, std::int64_t bx,
   const int w = ctx.warp;
   regs<float, D / 2> acc;
   fill(all, acc, 0.0f);
-  for (int buf = 0; j < j_end; buf ^= 1) {
-    const std::int64_t jn = next_live(j + bc);
-    if (jn < j_end) {
-      load_async<D>(ctx, kv(buf ^ 1, 0), k, b, jn, g, d.kv_len, d.kv_heads);
-      load_async<D>(ctx, kv(buf ^ 1, 1), v, b, jn, g, d.kv_len, d.kv_heads);
-    }
-    commit();
-    wait_pending<1>();
-    ctx.sync();
-
+  qb.sweep(ctx, j_first, kv, k, v, [&](std::int64_t j, const DT* ks, const DT* vs) {
     regs<float, 32> s, dp;
     {
       regs<std::uint32_t, D / 4> af;  // Q's rows, then dO's: reloaded per tile to spare registers
       load_a<D>(ctx, af, qs + 16 * w * z::ld);
-      abt<D, 8>(ctx, s, af, kv(buf, 0));
+      abt<D, 8>(ctx, s, af, ks);
       load_a<D>(ctx, af, gs + 16 * w * z::ld);
-      abt<D, 8>(ctx, dp, af, kv(buf, 1));
+      abt<D, 8>(ctx, dp, af, vs);
     }
     for (int ln : all) {
       const int gg = ln / 4, t = ln % 4;
+
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const int r = 16 * w + gg + 8 * hr;
         const std::int64_t i = i0 + r;
+
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -576,10 +601,8 @@ KILN_TILE_FN void dq_block(const Ctx& ctx, unsigned char* smem, std::int64_t bx,
     }
     regs<std::uint32_t, 16> df;
     to_a<DT, 8>(ctx, df, s);
-    accumulate_ab<D, 4>(ctx, acc, df, kv(buf, 0));  // dQ += dS·K
-    ctx.sync();
-    j = jn;
-  }
+    accumulate_ab<D, 4>(ctx, acc, df, ks);  // dQ += dS·K
+  });
   write_rows<D>(ctx, acc, d.scale, dq, b, i0, h, d.q_len, d.q_heads);
 }
 
@@ -632,6 +655,7 @@ KILN_TILE_FN void dkv_block(const Ctx& ctx, unsigned char* smem, std::int64_t bx
     const std::int64_t h = g * group + n / qtiles, i0 = (n % qtiles) * br;
     const DT *qs = qg(buf, 0), *gs = qg(buf, 1);
     const float *ls = rows(buf, 0), *dls = rows(buf, 1);
+
 #pragma unroll
     for (int half = 0; half < 8 / nt; ++half) {
       const int c0 = 8 * nt * half;  // the pass's first query, within the tile
@@ -645,9 +669,11 @@ KILN_TILE_FN void dkv_block(const Ctx& ctx, unsigned char* smem, std::int64_t bx
       }
       for (int ln : all) {
         const int gg = ln / 4, t = ln % 4;
+
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
           const std::int64_t jj = j0 + 16 * w + gg + 8 * hr;
+
 #pragma unroll
           for (int x_n = 0; x_n < nt; ++x_n)
 #pragma unroll
