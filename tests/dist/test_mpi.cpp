@@ -179,6 +179,10 @@ template <bool Overlap>
 struct ddp_per_parameter : strategy::ddp<comm::mpi> {
   ddp_per_parameter() : strategy::ddp<comm::mpi>({.bucket_cap_mb = 1e-9, .overlap_backward = Overlap}) {}
 };
+template <bool Overlap>
+struct zero1_per_parameter : strategy::zero<1, comm::mpi> {
+  zero1_per_parameter() : strategy::zero<1, comm::mpi>({.bucket_cap_mb = 1e-9, .overlap_backward = Overlap}) {}
+};
 struct overlap_outcome {
   outcome o;
   std::size_t buckets = 0, overlapped = 0;
@@ -200,6 +204,21 @@ overlap_outcome run_overlap(const std::filesystem::path& root, std::int64_t accu
   return r;
 }
 }  // namespace
+
+TEST_CASE("zero<1> posts its buckets during backward too, with the bits of posting after it") {
+  for (std::int64_t accumulate : {1, 3}) {
+    CAPTURE(accumulate);
+    const auto during = run_overlap<zero1_per_parameter<true>>(scratch("z1_overlap_on"), accumulate);
+    const auto after = run_overlap<zero1_per_parameter<false>>(scratch("z1_overlap_off"), accumulate);
+    REQUIRE(during.buckets == 4);
+    // Buckets follow the optimizer's parameters (AdamW: weights, then the no-decay biases),
+    // reversed: fc2.bias goes out early; fc1.bias, final only at the end, holds back fc2.weight.
+    CHECK(during.overlapped == 1);
+    CHECK(after.overlapped == 0);
+    CHECK(during.o.losses == after.o.losses);
+    CHECK(during.o.weights == after.o.weights);
+  }
+}
 
 TEST_CASE("ddp posts its buckets during backward, with the bits of posting after it") {
   for (std::int64_t accumulate : {1, 3}) {

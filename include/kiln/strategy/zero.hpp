@@ -9,7 +9,8 @@
 // ZeroRedundancyOptimizer shards whole tensors instead, and balances worse). The user's
 // optimizer is rebuilt (rebind) over this rank's *segments*: 1-D views of the parts of
 // each parameter inside the rank's range, with the parameter's group, rate and decay.
-//   stage 1: gradients are all-reduced (averaged) exactly as ddp does; each rank steps
+//   stage 1: gradients are all-reduced (averaged) exactly as ddp does, buckets posted
+//            during backward with one optimizer (zero_options); each rank steps
 //            its segments; an all-gather of the updated parameters makes the replicas
 //            whole again.
 //   stage 2: gradients are reduce-scattered: each rank receives only the average of its
@@ -500,6 +501,13 @@ class sharded_optimizer {
   std::vector<nn::named_parameter<T, SD>> segment_names_;
 };
 
+// Options of zero<1>'s gradient all-reduce (ddp's buckets; see ddp_options). zero<2>
+// reduce-scatters after backward.
+struct zero_options {
+  double bucket_cap_mb = 25.0;
+  bool overlap_backward = true;
+};
+
 template <int Stage, comm::communicator Comm, class Offload = offload::none, device Dev = cpu>
 class zero : public detail::distributed<Comm, Dev> {
   static_assert(Stage == 1 || Stage == 2,
@@ -518,6 +526,14 @@ class zero : public detail::distributed<Comm, Dev> {
   template <class O>
   using optimizer_t = sharded_optimizer<std::remove_cvref_t<O>, Comm, Offload>;
 
+  zero() = default;
+  explicit zero(zero_options o) : opt_(o), ddp_reducer_(o.bucket_cap_mb) {}
+  void set_options(zero_options o) {  // before fit, through trainer.strategy()
+    opt_ = o;
+    ddp_reducer_ = detail::gradient_reducer<Comm, Dev>(o.bucket_cap_mb);
+  }
+  const zero_options& options() const { return opt_; }
+
   // Called by the trainer on each optimizer after the precision policy adapted it.
   template <class O>
   optimizer_t<O> adapt(O&& o) {
@@ -528,6 +544,11 @@ class zero : public detail::distributed<Comm, Dev> {
     std::erase_if(reducers_, [](auto& r) { return r.alive.expired(); });
     auto L = s.shared_layout();
     reducers_.push_back({L, [this, w = std::weak_ptr(L)] { reduce_into(*w.lock()); },
+                         [this, w = std::weak_ptr(L)] {
+                           if (this->world_size() == 1) return;
+                           auto list = make_list(*w.lock());
+                           ddp_reducer_.listen(this->comm_, list);
+                         },
                          [this, w = std::weak_ptr(L)] { return shard_norm_sq(*w.lock()); },
                          [w = std::weak_ptr(L)](double f) { scale_shard(*w.lock(), f); },
                          [w = std::weak_ptr(L)] {
@@ -539,6 +560,24 @@ class zero : public detail::distributed<Comm, Dev> {
                          }});
     return s;
   }
+
+  // Stage 1 with one optimizer: its buckets are posted during the backward of the window's
+  // last micro-batch, as ddp's (the trainer calls this before its forward).
+  template <class M>
+  void listen_for_backward(M&) {
+    if constexpr (Stage == 1) {
+      if (!opt_.overlap_backward) return;
+      reducer* only = nullptr;
+      for (auto& r : reducers_)
+        if (!r.alive.expired()) {
+          if (only) return;  // two optimizers share the buckets: reduce after backward
+          only = &r;
+        }
+      if (only) only->listen();
+    }
+  }
+  std::size_t overlapped_buckets() const { return ddp_reducer_.overlapped_buckets(); }
+  std::size_t num_buckets() const { return ddp_reducer_.num_buckets(); }
 
   // Gradients of every sharded optimizer: all-reduced (stage 1) or reduce-scattered (2).
   template <class M>
@@ -634,6 +673,7 @@ class zero : public detail::distributed<Comm, Dev> {
   struct reducer {
     std::weak_ptr<void> alive;
     std::function<void()> reduce;
+    std::function<void()> listen;
     std::function<double()> norm_sq;
     std::function<void(double)> scale;
     std::function<train::communication_bytes()> bytes;
@@ -713,8 +753,9 @@ class zero : public detail::distributed<Comm, Dev> {
     }
   }
 
+  zero_options opt_{};
   std::vector<reducer> reducers_;
-  detail::gradient_reducer<Comm, Dev> ddp_reducer_{};
+  detail::gradient_reducer<Comm, Dev> ddp_reducer_{opt_.bucket_cap_mb};
 };
 
 }  // namespace kiln::strategy
