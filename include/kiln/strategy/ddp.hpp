@@ -199,6 +199,7 @@ class gradient_reducer {
   gradient_reducer& operator=(gradient_reducer&& o) noexcept {
     stop();
     o.stop();
+    for (auto& s : slots_) s.seal(nullptr);
     cap_mb_ = o.cap_mb_;
     slots_ = std::move(o.slots_);
     ids_ = std::move(o.ids_);
@@ -206,7 +207,10 @@ class gradient_reducer {
     buckets_ = std::move(o.buckets_);
     return *this;
   }
-  ~gradient_reducer() { stop(); }
+  ~gradient_reducer() {
+    stop();
+    for (auto& s : slots_) s.seal(nullptr);  // the seals point at the slots' names
+  }
 
   // Before the forward of a micro-batch that ends an accumulation window: listen on this
   // thread's tape, so that each bucket is packed and its all-reduce posted as soon as
@@ -278,6 +282,7 @@ class gradient_reducer {
       if (p.requires_grad()) ids_.push_back(p.id());
     });
     if (ids_ == bound_ && !buckets_.empty()) return;
+    for (auto& s : slots_) s.seal(nullptr);  // before the names they point at go
     slots_ = grad_slots(target);
     bound_ = ids_;
     buckets_.clear();
@@ -361,7 +366,9 @@ class gradient_reducer {
   std::vector<std::size_t> bucket_of_;
   std::unordered_map<const void*, std::size_t> slot_of_;
 
+  // A new reduction; parameters a failed one left sealed are unsealed.
   void start(Comm& c) {
+    for (auto& s : slots_) s.seal(nullptr);
     comm_ = &c;
     pending_.clear();
     pending_.reserve(buckets_.size());
