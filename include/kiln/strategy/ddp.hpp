@@ -96,6 +96,27 @@ std::vector<grad_slot> grad_slots(M& target) {
   return out;
 }
 
+// The trainable parameters as the memory plans see them: each one's element count, their
+// sum, and the bytes of an element the optimizer steps (4 for f32 masters) and of one
+// parameter element (the last parameter's type: the plans assume one type).
+struct trainable {
+  std::vector<std::int64_t> numels;
+  std::int64_t total = 0, stepped_bytes = 0, param_bytes = 0;
+};
+template <class M>
+trainable trainable_sizes(M& target, bool masters) {
+  trainable t;
+  nn::visit_parameters(target, [&](const std::string&, auto& p) {
+    if (!p.requires_grad()) return;
+    using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+    t.numels.push_back(p.numel());
+    t.total += p.numel();
+    t.param_bytes = std::int64_t(sizeof(T));
+    t.stepped_bytes = masters ? 4 : t.param_bytes;
+  });
+  return t;
+}
+
 // The base of every multi-rank strategy: rank queries, metric reduction, broadcasts, and
 // setup (rank 0's weights on every rank).
 template <comm::communicator Comm, device Dev>
@@ -188,28 +209,19 @@ class gradient_reducer {
 
  public:
   explicit gradient_reducer(double bucket_cap_mb = 25.0) : cap_mb_(bucket_cap_mb) {}
-  gradient_reducer(const gradient_reducer& o) : cap_mb_(o.cap_mb_) {}  // buffers and pending work are not copied
-  gradient_reducer& operator=(const gradient_reducer& o) {
-    if (this != &o) {
-      stop();
-      *this = gradient_reducer(o.cap_mb_);
-    }
-    return *this;
-  }
-  gradient_reducer& operator=(gradient_reducer&& o) noexcept {
+  // The tape holds `this` while listening, and parameters point at the slots' names while
+  // sealed: neither may move.
+  gradient_reducer(const gradient_reducer&) = delete;
+  gradient_reducer& operator=(const gradient_reducer&) = delete;
+  ~gradient_reducer() { reset(cap_mb_); }
+  // A new bucket cap; the buckets are rebuilt at the next reduction.
+  void reset(double bucket_cap_mb) {
     stop();
-    o.stop();
     for (auto& s : slots_) s.seal(nullptr);
-    cap_mb_ = o.cap_mb_;
-    slots_ = std::move(o.slots_);
-    ids_ = std::move(o.ids_);
-    bound_ = std::move(o.bound_);
-    buckets_ = std::move(o.buckets_);
-    return *this;
-  }
-  ~gradient_reducer() {
-    stop();
-    for (auto& s : slots_) s.seal(nullptr);  // the seals point at the slots' names
+    cap_mb_ = bucket_cap_mb;
+    slots_.clear();
+    bound_.clear();
+    buckets_.clear();
   }
 
   // Before the forward of a micro-batch that ends an accumulation window: listen on this
@@ -233,11 +245,8 @@ class gradient_reducer {
     if (c.world_size() == 1) return;
     if (listening_) {
       stop();
-      ids_.clear();
-      nn::visit_parameters(target, [&](const std::string&, auto& p) {
-        if (p.requires_grad()) ids_.push_back(p.id());
-      });
-      KILN_CHECK(ids_ == bound_, "ddp: the trainable parameters changed between the forward and the reduction");
+      KILN_CHECK(trainable_ids(target) == bound_,
+                 "ddp: the trainable parameters changed between the forward and the reduction");
     } else {
       bind(target);
       start(c);
@@ -276,15 +285,20 @@ class gradient_reducer {
   // Slots and buckets are built once per set of parameters (the same vars in the same
   // order): a step only checks their identities.
   template <class M>
-  void bind(M& target) {
-    ids_.clear();
+  static std::vector<const void*> trainable_ids(M& target) {
+    std::vector<const void*> ids;
     nn::visit_parameters(target, [&](const std::string&, auto& p) {
-      if (p.requires_grad()) ids_.push_back(p.id());
+      if (p.requires_grad()) ids.push_back(p.id());
     });
-    if (ids_ == bound_ && !buckets_.empty()) return;
+    return ids;
+  }
+  template <class M>
+  void bind(M& target) {
+    auto ids = trainable_ids(target);
+    if (ids == bound_ && !buckets_.empty()) return;
     for (auto& s : slots_) s.seal(nullptr);  // before the names they point at go
     slots_ = grad_slots(target);
-    bound_ = ids_;
+    bound_ = std::move(ids);
     buckets_.clear();
     std::vector<std::int64_t> numels;
     for (auto& s : slots_) numels.push_back(s.numel);
@@ -336,10 +350,7 @@ class gradient_reducer {
   train::communication_bytes planned(M& target, int world) const {
     train::communication_bytes c;
     if (world == 1) return c;
-    std::vector<std::int64_t> numels;
-    nn::visit_parameters(target, [&](const std::string&, auto& p) {
-      if (p.requires_grad()) numels.push_back(p.numel());
-    });
+    const auto numels = trainable_sizes(target, false).numels;
     for (auto& members : partition(numels)) {
       std::int64_t fill = 0;
       for (std::size_t i : members) fill += numels[i];
@@ -351,7 +362,7 @@ class gradient_reducer {
  private:
   double cap_mb_;
   std::vector<grad_slot> slots_;
-  std::vector<const void*> ids_, bound_;
+  std::vector<const void*> bound_;
   std::vector<bucket> buckets_;
   std::vector<std::int64_t> used_;
   // One reduction in flight: its communicator, its posted buckets (in order), the next
@@ -428,7 +439,7 @@ class ddp : public detail::distributed<Comm, Dev> {
   // Before fit, through trainer.strategy() (the communicator stays).
   void set_options(ddp_options o) {
     opt_ = o;
-    reducer_ = detail::gradient_reducer<Comm, Dev>(o.bucket_cap_mb);
+    reducer_.reset(o.bucket_cap_mb);
   }
 
   // The trainer, before the forward of a micro-batch whose backward ends the window, when

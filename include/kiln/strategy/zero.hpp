@@ -530,7 +530,7 @@ class zero : public detail::distributed<Comm, Dev> {
   explicit zero(zero_options o) : opt_(o), ddp_reducer_(o.bucket_cap_mb) {}
   void set_options(zero_options o) {  // before fit, through trainer.strategy()
     opt_ = o;
-    ddp_reducer_ = detail::gradient_reducer<Comm, Dev>(o.bucket_cap_mb);
+    ddp_reducer_.reset(o.bucket_cap_mb);
   }
   const zero_options& options() const { return opt_; }
 
@@ -612,14 +612,9 @@ class zero : public detail::distributed<Comm, Dev> {
   // and what the buffers hold once allocated.
   template <class M>
   train::communication_bytes communication_plan(M& model, bool masters) const {
-    std::int64_t n = 0, elem = 0, copy = 0;
-    nn::visit_parameters(model, [&](const std::string&, auto& p) {
-      if (!p.requires_grad()) return;
-      using T = typename std::remove_cvref_t<decltype(p)>::value_type;
-      n += p.numel();
-      elem = masters ? 4 : std::int64_t(sizeof(T));
-      copy = masters && !std::is_same_v<Offload, offload::cpu> ? std::int64_t(sizeof(T)) : 0;
-    });
+    const auto t = detail::trainable_sizes(model, masters);
+    const std::int64_t n = t.total, elem = t.stepped_bytes;
+    const std::int64_t copy = masters && !std::is_same_v<Offload, offload::cpu> ? t.param_bytes : 0;
     train::communication_bytes c;
     if (n == 0) return c;
     const std::int64_t w = this->world_size(), s = (n + w - 1) / w;
@@ -642,19 +637,12 @@ class zero : public detail::distributed<Comm, Dev> {
     if constexpr (!std::is_same_v<Offload, offload::cpu>) {
       return 0;
     } else {
-      std::vector<std::int64_t> numels;
-      std::int64_t n = 0, elem = 0;
-      nn::visit_parameters(model, [&](const std::string&, auto& p) {
-        if (!p.requires_grad()) return;
-        using T = typename std::remove_cvref_t<decltype(p)>::value_type;
-        numels.push_back(p.numel());
-        n += p.numel();
-        elem = masters ? 4 : std::int64_t(sizeof(T));
-      });
+      const auto t = detail::trainable_sizes(model, masters);
+      const std::int64_t n = t.total, elem = t.stepped_bytes;
       const std::int64_t w = this->world_size(), s = (n + w - 1) / w;
       const std::int64_t lo = std::min(n, this->rank() * s), hi = std::min(n, lo + s);
       std::int64_t bytes = 0, at = 0;
-      for (std::int64_t k : numels) {
+      for (std::int64_t k : t.numels) {
         const std::int64_t a = std::max(lo, at), b = std::min(hi, at + k);
         if (a < b) bytes += static_cast<std::int64_t>(kiln::detail::round_block_size(std::size_t((b - a) * elem)));
         at += k;
