@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "../helpers.hpp"
+#include "../skip.hpp"
 
 using namespace kiln;
 namespace fs = std::filesystem;
@@ -70,12 +71,11 @@ TEST_CASE("idx: corrupt input gives errors that name the file and the problem") 
                        kiln::error);
 }
 
-TEST_CASE("idx: the installed Fashion-MNIST files parse to their documented shapes") {
+TEST_CASE("idx: the installed Fashion-MNIST files parse to their documented shapes" *
+          doctest::test_suite("fashion_mnist")) {
   const std::string dir = "/usr/share/datasets/fashion-mnist/";
-  if (!fs::exists(dir + "t10k-images-idx3-ubyte.gz")) {
-    MESSAGE("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); skipping");
-    return;
-  }
+  if (!fs::exists(dir + "t10k-images-idx3-ubyte.gz"))
+    return kiln::test::skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)");
   auto images = data::read_idx(dir + "t10k-images-idx3-ubyte.gz");
   auto labels = data::read_idx(dir + "t10k-labels-idx1-ubyte.gz");
   CHECK(images.shape() == shape{10000, 28, 28});

@@ -3,6 +3,7 @@
 #include <set>
 
 #include "../helpers.hpp"
+#include "../skip.hpp"
 #include "kiln/data/data_loader.hpp"
 #include "kiln/data/fashion_mnist.hpp"
 #include "kiln/data/on_device.hpp"
@@ -152,12 +153,15 @@ TEST_CASE("data_loader: collate path and worker errors reach the consumer") {
   CHECK(seen == 6);
 }
 
-TEST_CASE("fashion_mnist: 60,000 + 10,000 images in [0, 1]; a missing directory names the file") {
+TEST_CASE("fashion_mnist: a missing directory names the file") {
+  CHECK_THROWS_WITH_AS(fashion_mnist("/nonexistent", "train"),
+                       doctest::Contains("/nonexistent/train-images-idx3-ubyte.gz"), error);
+}
+
+TEST_CASE("fashion_mnist: 60,000 + 10,000 images in [0, 1]" * doctest::test_suite("fashion_mnist")) {
   const std::string dir = fashion_mnist_default_dir;
-  if (!std::filesystem::exists(dir + "/train-images-idx3-ubyte.gz")) {
-    MESSAGE("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); skipping");
-    return;
-  }
+  if (!std::filesystem::exists(dir + "/train-images-idx3-ubyte.gz"))
+    return kiln::test::skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)");
   auto train = fashion_mnist(dir, "train");
   auto test = fashion_mnist(dir, "test");
   CHECK(train.size() == 60000);
@@ -166,8 +170,6 @@ TEST_CASE("fashion_mnist: 60,000 + 10,000 images in [0, 1]; a missing directory 
   const auto mm = std::minmax_element(train.x().data(), train.x().data() + train.x().numel());
   CHECK(*mm.first == 0.0f);
   CHECK(*mm.second == 1.0f);
-  CHECK_THROWS_WITH_AS(fashion_mnist("/nonexistent", "train"),
-                       doctest::Contains("/nonexistent/train-images-idx3-ubyte.gz"), error);
 }
 
 // data::on_device on the CPU: the same batches as the inner loader, in order, from any

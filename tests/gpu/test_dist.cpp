@@ -15,6 +15,7 @@
 #include <doctest/doctest.h>
 
 #include "../dist/dist_fixture.hpp"
+#include "../skip.hpp"
 #include "kiln/core/transfer.hpp"
 #include "kiln/data/on_device.hpp"
 #if defined(KILN_TEST_NCCL)
@@ -237,13 +238,12 @@ TEST_CASE("on the device: a zero<1> checkpoint resumes in single_device, ddp, ze
 }
 
 #if defined(KILN_TEST_NCCL)
-TEST_CASE("ddp and zero<1|2|3> over comm::nccl follow single_device, where every rank has a GPU of its own") {
+TEST_CASE("ddp and zero<1|2|3> over comm::nccl follow single_device, where every rank has a GPU of its own" *
+          doctest::test_suite("nccl")) {
   const int w = world().world_size();
-  if (cuda_runtime::device_count() < w) {
-    MESSAGE("comm::nccl cases skipped: ", w, " ranks, ", cuda_runtime::device_count(),
-            " GPU(s); NCCL needs one device per rank");
-    return;
-  }
+  if (cuda_runtime::device_count() < w)
+    return kiln::test::skip("comm::nccl: " + std::to_string(w) + " ranks, " +
+                            std::to_string(cuda_runtime::device_count()) + " GPU(s); NCCL needs one device per rank");
   follows_single_device<comm::nccl>("nccl");
 }
 #endif
