@@ -26,11 +26,15 @@ install_deps() {
   fi
 }
 
-build() {
-  install_deps
+configure() {
   if [ ! -f "$BUILD/build.ninja" ]; then
     meson setup "$BUILD" --buildtype=release >/dev/null
   fi
+}
+
+build() {
+  install_deps
+  configure
   meson compile -C "$BUILD"
 }
 
@@ -65,8 +69,14 @@ cmd=${1:-help}
 case "$cmd" in
   build) build ;;
   run)
-    build
-    "$BUILD/examples/01_fashion_mnist" --out "$ROOT/runs/01_fashion_mnist" "${@:2}"
+    # Builds only the example it runs (one translation unit, no tests, no CUDA kernels);
+    # KILN_RUN_DEVICE=cuda runs the same example on the GPU (and builds the kernels for it).
+    install_deps
+    configure
+    example=01_fashion_mnist
+    [ "${KILN_RUN_DEVICE:-cpu}" = cuda ] && example=01_fashion_mnist_cuda
+    meson compile -C "$BUILD" "examples/$example"
+    "$BUILD/examples/$example" --out "$ROOT/runs/01_fashion_mnist" "${@:2}"
     ;;
   test)
     build
