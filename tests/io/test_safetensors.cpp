@@ -221,3 +221,121 @@ TEST_CASE("crc32c: the instruction path and the portable tables agree") {
       CHECK(crc32c(buf.data() + off, n, 0x1234u) == crc32c_portable(buf.data() + off, n, 0x1234u));
     }
 }
+
+TEST_CASE("crc32c: three-stream blocks agree with the tables on any length, alignment and split") {
+  // Lengths around the block sizes (3 × 256 and 3 × 8192 bytes), not multiples of 8, and
+  // zero; offsets off 8-byte alignment; a sum continued across a split equals the whole.
+  constexpr std::uint64_t seed = 20261207;
+  MESSAGE("seed ", seed);
+  std::vector<unsigned char> buf(200'000);
+  const philox_stream st{seed, 0};
+  for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<unsigned char>(st.bits(i));
+  std::vector<std::size_t> lengths = {0,     1,     5,     767,   768,   769,   775,    1536,
+                                      24575, 24576, 24577, 24583, 49152, 50000, 199'000};
+  for (std::uint64_t k = 0; k < 200; ++k) lengths.push_back(st.bits(buf.size() + k) % 190'000);
+  std::uint64_t draw = 2 * buf.size();
+  for (std::size_t n : lengths) {
+    const std::size_t off = st.bits(draw++) % 9;
+    const std::uint32_t init = (n % 2) ? static_cast<std::uint32_t>(st.bits(draw++)) : 0u;
+    CAPTURE(n);
+    CAPTURE(off);
+    const unsigned char* p = buf.data() + off;
+    const std::uint32_t want = crc32c_portable(p, n, init);
+    CHECK(crc32c(p, n, init) == want);
+    const std::size_t cut = n ? st.bits(draw++) % n : 0;
+    CHECK(crc32c(p + cut, n - cut, crc32c(p, cut, init)) == want);
+  }
+}
+
+TEST_CASE("file_sink: gathered and direct writes, skipped ranges, errors naming the file") {
+  const auto dir = test::temp_dir("st", "sink");
+  const auto path = dir / "f.bin";
+  std::vector<unsigned char> big(3 * io::file_sink::writeback_bytes + 12345);
+  const philox_stream st{7, 0};
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<unsigned char>(st.bits(i));
+  std::string want = "head";
+  io::write_atomically(path, [&](io::file_sink& f) {
+    f.skip(4);  // filled last
+    for (int i = 0; i < 100; ++i) {
+      const std::string s = std::to_string(i) + ",";
+      f.write(s.data(), s.size());
+      want += s;
+    }
+    f.write(big.data(), big.size());  // straight from the caller's memory, in writeback-sized pieces
+    want.append(reinterpret_cast<const char*>(big.data()), big.size());
+    f.write("tail", 4);
+    want += "tail";
+    CHECK(f.position() == want.size());
+    f.write_at(0, "head", 4);
+    CHECK(error_of([&] { f.write_at(f.position() - 2, "xyz", 3); }).find("f.bin") != std::string::npos);
+  });
+  std::ifstream in(path, std::ios::binary);
+  CHECK(std::string(std::istreambuf_iterator<char>(in), {}) == want);
+  // A fill that throws leaves the old file and no temporary.
+  CHECK(error_of([&] {
+          io::write_atomically(path, [&](io::file_sink& f) {
+            f.write(big.data(), big.size());
+            detail::fail("stop");
+          });
+        }) == "kiln: stop");
+  CHECK(fs::file_size(path) == want.size());
+  int files = 0;
+  for ([[maybe_unused]] auto& x : fs::directory_iterator(dir)) ++files;
+  CHECK(files == 1);
+  // Errors name the file being replaced.
+  io::write_atomically(dir / "small.txt", std::string_view("hello\n"));
+  CHECK(fs::file_size(dir / "small.txt") == 6);
+  CHECK(error_of([&] { io::write_atomically(dir / "small.txt" / "x", std::string_view("a")); }).find("small.txt") !=
+        std::string::npos);
+}
+
+TEST_CASE("safetensors: write_watched puts the header last and reads back like write()") {
+  const auto dir = test::temp_dir("st", "watched");
+  auto a = test::rand_tensor<f32>({1000, 1100}, 1);  // several watch pieces
+  auto b = test::rand_tensor<f64>({5}, 2);
+  auto c = tensor<bf16>::full({2, 3}, bf16(1.5f));
+  auto empty = tensor<f32>::zeros({0, 4});
+  io::safetensors_writer w;
+  w.add("a", a);
+  w.add("b", b);
+  w.add("c", c);
+  w.add("empty", empty);
+  w.set_metadata("format", "pt");
+  w.write(dir / "plain.safetensors");
+  w.set_metadata("sums", "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");  // the widest form, filled by finish()
+  std::vector<std::uint32_t> sums(4, 0);
+  std::vector<std::size_t> seen(4, 0), pieces(4, 0);
+  w.write_watched(
+      dir / "watched.safetensors",
+      [&](std::size_t i, std::span<const std::byte> bytes) {
+        CHECK(bytes.size() <= io::safetensors_writer::watch_bytes);
+        sums[i] = crc32c(bytes.data(), bytes.size(), sums[i]);
+        seen[i] += bytes.size();
+        ++pieces[i];
+      },
+      [&] { w.set_metadata("sums", std::to_string(sums[0])); });
+  CHECK(seen == std::vector<std::size_t>{a.nbytes(), b.nbytes(), c.nbytes(), 0});
+  CHECK(pieces[0] >= 3);
+  CHECK(sums[0] == crc32c(a.data(), a.nbytes()));
+  const auto p = io::safetensors_file::open(dir / "plain.safetensors");
+  const auto f = io::safetensors_file::open(dir / "watched.safetensors");
+  CHECK(f.metadata("sums") == std::to_string(sums[0]));
+  CHECK(f.metadata("format") == "pt");
+  CHECK(f.data_offset() % 8 == 0);
+  CHECK(f.data_offset() >= p.data_offset());  // the room reserved for the widest metadata
+  for (auto& e : p.tensors()) {
+    CAPTURE(e.name);
+    REQUIRE(f.contains(e.name));
+    const auto& g = f.at(e.name);
+    CHECK(g.begin == e.begin);
+    CHECK(g.shape == e.shape);
+    CHECK(std::memcmp(f.bytes(g).data(), p.bytes(e).data(), e.nbytes()) == 0);
+  }
+  // Metadata that outgrows its room is an error, and the file is left as it was.
+  CHECK(error_of([&] {
+          w.write_watched(
+              dir / "watched.safetensors", [](std::size_t, std::span<const std::byte>) {},
+              [&] { w.set_metadata("sums", std::string(100, 'y')); });
+        }).find("watched.safetensors grew from") != std::string::npos);
+  CHECK(io::safetensors_file::open(dir / "watched.safetensors").metadata("sums") == std::to_string(sums[0]));
+}

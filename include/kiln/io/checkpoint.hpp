@@ -8,7 +8,9 @@
 //             (counters, RNG streams, loop position, schedules, callback and module state,
 //             hyperparameters), "kiln.crc32c": a JSON object tensor name → CRC-32C of its
 //             bytes, so a flipped bit anywhere in the data is caught on load.
-// checkpoint_writer::write(path) is atomic (kiln/io/atomic_file.hpp). checkpoint_reader::open
+// checkpoint_writer::write(path) is atomic (kiln/io/atomic_file.hpp); each checksum is taken
+// while the tensor's bytes are written, so it covers exactly the bytes in the file, and the
+// header that records them is written last. checkpoint_reader::open
 // validates the safetensors header, the format and version, and every checksum before
 // it returns; errors name the file and the tensor.
 // Module weights: add_module() puts a module's parameters under a prefix; check_module()
@@ -20,6 +22,8 @@
 // an HF architecture (a member `hf_config()` returning io::json).
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -49,9 +53,8 @@ class checkpoint_writer {
   json& state() { return state_; }
   template <element T, device Dev>
   void add(const std::string& name, const tensor<T, Dev>& t) {
-    tensor<T, cpu> c = to_host(t).contiguous();
-    crc_.set(name, json(static_cast<std::int64_t>(crc32c(c.data(), c.nbytes()))));
-    st_.add(name, c);
+    st_.add(name, t);
+    names_.push_back(name);
   }
   std::size_t num_tensors() const { return st_.size(); }
   // The tensors alone as safetensors bytes, for an in-memory snapshot.
@@ -61,14 +64,27 @@ class checkpoint_writer {
     st_.set_metadata("format", std::string(checkpoint_format));
     st_.set_metadata("kiln.version", std::to_string(checkpoint_version));
     st_.set_metadata("kiln.state", state_.dump());
-    st_.set_metadata("kiln.crc32c", crc_.dump());
-    st_.write(path);
+    // The sums are taken in the write loop, on each piece while it is in cache; the header
+    // goes out last, into room sized by the widest sums.
+    std::vector<std::uint32_t> sums(names_.size(), 0xFFFFFFFFu);
+    st_.set_metadata("kiln.crc32c", crc_json(sums));
+    std::fill(sums.begin(), sums.end(), 0u);
+    st_.write_watched(
+        path, [&](std::size_t i, std::span<const std::byte> b) { sums[i] = crc32c(b.data(), b.size(), sums[i]); },
+        [&] { st_.set_metadata("kiln.crc32c", crc_json(sums)); });
   }
 
  private:
+  std::string crc_json(const std::vector<std::uint32_t>& sums) const {
+    json::object_type o;
+    o.reserve(sums.size());
+    for (std::size_t i = 0; i < sums.size(); ++i) o.emplace_back(names_[i], json(static_cast<std::int64_t>(sums[i])));
+    return json(std::move(o)).dump();
+  }
+
   safetensors_writer st_;
+  std::vector<std::string> names_;  // in the order of add(), as the writer counts them
   json state_;
-  json crc_ = json::object();
 };
 
 // Files written beside a checkpoint, one set per rank: ZeRO's optimizer shards. Each is a
