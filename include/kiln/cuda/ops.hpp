@@ -12,7 +12,7 @@
 // deterministic run to run.
 // Like kiln/cuda/kernels.hpp this header needs no CUDA header, so the ops' templates can
 // name these functions in every build; a program that runs them defines KILN_WITH_CUDA and
-// links libkiln_kernels.a (see kiln/cuda/runtime.hpp).
+// links libkiln_kernels.a (see kiln/core/cuda_runtime.hpp).
 #pragma once
 
 #include <cstdint>

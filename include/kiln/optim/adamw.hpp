@@ -15,8 +15,8 @@
 #include <string_view>
 #include <vector>
 
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/cuda/kernels.hpp"
-#include "kiln/cuda/runtime.hpp"
 
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/philox.hpp"

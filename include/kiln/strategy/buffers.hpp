@@ -30,8 +30,8 @@
 #include <vector>
 
 #include "kiln/comm/communicator.hpp"
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/core/tensor.hpp"
-#include "kiln/cuda/runtime.hpp"
 #include "kiln/ops/grad_write.hpp"
 #include "kiln/train/memory_plan.hpp"
 
