@@ -13,7 +13,7 @@
 #include "kiln/cuda/blas.hpp"
 #include "kiln/cuda/kernels.hpp"
 #include "kiln/cuda/ops.hpp"
-#include "kiln/ops/attention_mask.hpp"
+#include "kiln/ops/kernel/attention_mask.hpp"
 
 #include <cub/device/device_radix_sort.cuh>
 

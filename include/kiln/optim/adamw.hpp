@@ -21,7 +21,7 @@
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/philox.hpp"
 #include "kiln/core/transfer.hpp"
-#include "kiln/ops/functors.hpp"
+#include "kiln/ops/kernel/functors.hpp"
 #include "kiln/optim/optimizer.hpp"
 
 namespace kiln::optim {

@@ -50,7 +50,7 @@
 #include "kiln/core/philox.hpp"
 #include "kiln/cuda/kernels.hpp"
 #include "kiln/nn/module.hpp"
-#include "kiln/ops/functors.hpp"
+#include "kiln/ops/kernel/functors.hpp"
 #include "kiln/optim/optimizer.hpp"
 #include "kiln/precision/policy.hpp"
 

@@ -32,7 +32,7 @@
 #include "kiln/comm/communicator.hpp"
 #include "kiln/core/cuda_runtime.hpp"
 #include "kiln/core/tensor.hpp"
-#include "kiln/ops/grad_write.hpp"
+#include "kiln/ops/kernel/grad_write.hpp"
 #include "kiln/train/memory_plan.hpp"
 
 namespace kiln::strategy::detail {
