@@ -1,7 +1,6 @@
 // kiln/kiln.hpp — the whole public API in one include.
 #pragma once
 
-#include "kiln/autograd/check_gradients.hpp"
 #include "kiln/autograd/grad_mode.hpp"
 #include "kiln/autograd/recompute.hpp"
 #include "kiln/autograd/tape.hpp"
@@ -39,6 +38,7 @@
 #include "kiln/nn/sequential.hpp"
 #include "kiln/nn/transformer.hpp"
 #include "kiln/ops.hpp"
+#include "kiln/ops/check_gradients.hpp"
 #include "kiln/optim/adamw.hpp"
 #include "kiln/optim/clip.hpp"
 #include "kiln/optim/schedule.hpp"
