@@ -26,7 +26,7 @@
 #include "kiln/cuda/flash_registers.hpp"
 #include "kiln/cuda/flash_tiles.hpp"
 #include "kiln/cuda/kernels.hpp"
-#include "kiln/ops/attention_mask.hpp"
+#include "kiln/ops/kernel/attention_mask.hpp"
 
 namespace kiln::cuda_kernels {
 namespace {

@@ -9,11 +9,11 @@
 #include <vector>
 
 #include "common.cuh"
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/cuda/blas.hpp"
 #include "kiln/cuda/kernels.hpp"
 #include "kiln/cuda/ops.hpp"
-#include "kiln/cuda/runtime.hpp"
-#include "kiln/ops/attention_mask.hpp"
+#include "kiln/ops/kernel/attention_mask.hpp"
 
 #include <cub/device/device_radix_sort.cuh>
 

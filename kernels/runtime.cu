@@ -1,4 +1,4 @@
-// kernels/runtime.cu — the cuda device's runtime (spec in kiln/cuda/runtime.hpp) and the
+// kernels/runtime.cu — the cuda device's runtime (spec in kiln/core/cuda_runtime.hpp) and the
 // system allocations behind caching_allocator<cuda>.
 //
 // This translation unit is compiled with KILN_WITH_CUDA, so kiln/core/allocator.hpp
@@ -17,7 +17,7 @@
 
 #include "common.cuh"
 #include "kiln/core/allocator.hpp"
-#include "kiln/cuda/runtime.hpp"
+#include "kiln/core/cuda_runtime.hpp"
 
 namespace kiln {
 namespace cuda_runtime {

@@ -18,7 +18,7 @@
 #include "common.cuh"
 #include "kiln/core/philox.hpp"
 #include "kiln/cuda/kernels.hpp"
-#include "kiln/ops/attention_mask.hpp"
+#include "kiln/ops/kernel/attention_mask.hpp"
 
 namespace ck = kiln::cuda_kernels;
 using kiln::bf16;

@@ -1,7 +1,6 @@
 // kiln/kiln.hpp — the whole public API in one include.
 #pragma once
 
-#include "kiln/autograd/check_gradients.hpp"
 #include "kiln/autograd/grad_mode.hpp"
 #include "kiln/autograd/recompute.hpp"
 #include "kiln/autograd/tape.hpp"
@@ -30,6 +29,7 @@
 #include "kiln/nn/embedding.hpp"
 #include "kiln/nn/generate.hpp"
 #include "kiln/nn/gpt2.hpp"
+#include "kiln/nn/hf_model.hpp"
 #include "kiln/nn/linear.hpp"
 #include "kiln/nn/llama.hpp"
 #include "kiln/nn/mlp.hpp"
@@ -38,7 +38,9 @@
 #include "kiln/nn/replicas.hpp"
 #include "kiln/nn/sequential.hpp"
 #include "kiln/nn/transformer.hpp"
+#include "kiln/nn/weights.hpp"
 #include "kiln/ops.hpp"
+#include "kiln/ops/check_gradients.hpp"
 #include "kiln/optim/adamw.hpp"
 #include "kiln/optim/clip.hpp"
 #include "kiln/optim/schedule.hpp"

@@ -12,11 +12,11 @@
 #include <string>
 #include <vector>
 
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/core/philox.hpp"
 #include "kiln/core/tensor.hpp"
 #include "kiln/cuda/blas.hpp"
 #include "kiln/cuda/kernels.hpp"
-#include "kiln/cuda/runtime.hpp"
 #include "kiln/nn/module.hpp"
 #include "kiln/ops/activation.hpp"
 #include "kiln/ops/arithmetic.hpp"

@@ -1,8 +1,8 @@
 // Compiled by nvcc in CI: every public header must be usable from a CUDA translation
 // unit, and the shared scalar functors must be callable from device code.
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/cuda/blas.hpp"
 #include "kiln/cuda/kernels.hpp"
-#include "kiln/cuda/runtime.hpp"
 #include "kiln/kiln.hpp"
 #include "kiln/train.hpp"
 

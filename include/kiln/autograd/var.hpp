@@ -18,7 +18,7 @@
 #include "kiln/core/tensor.hpp"
 #include "kiln/core/transfer.hpp"
 #include "kiln/cuda/ops.hpp"
-#include "kiln/ops/grad_write.hpp"
+#include "kiln/ops/kernel/grad_write.hpp"
 
 namespace kiln {
 

@@ -12,8 +12,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/core/tensor.hpp"
-#include "kiln/cuda/runtime.hpp"
 
 namespace kiln {
 

@@ -22,7 +22,7 @@
 #include <cstdint>
 
 #include "kiln/core/dtype.hpp"
-#include "kiln/ops/grad_write.hpp"
+#include "kiln/ops/kernel/grad_write.hpp"
 
 namespace kiln::cuda_kernels {
 

@@ -38,7 +38,7 @@
 
 #include "kiln/core/config.hpp"
 #include "kiln/cuda/kernels.hpp"
-#include "kiln/ops/attention_mask.hpp"
+#include "kiln/ops/kernel/attention_mask.hpp"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>

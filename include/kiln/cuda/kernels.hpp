@@ -5,7 +5,7 @@
 // a launch error throws kiln::error naming the kernel. Element types T are f32, bf16
 // and f16 (kiln's types; bit-compatible with float, __nv_bfloat16 and __half); the
 // arithmetic is f32, through the scalar functors the CPU backend uses
-// (kiln/ops/functors.hpp), so the two backends compute the same formula. Statistics,
+// (kiln/ops/kernel/functors.hpp), so the two backends compute the same formula. Statistics,
 // optimizer moments of f32 masters and gradients of norm weights are f32.
 // Every reduction runs in a fixed order (no atomics), so results are deterministic run
 // to run — the bit-exact resume the CPU backend has — except embedding_backward, which
@@ -19,7 +19,7 @@
 
 #include "kiln/core/dtype.hpp"
 #include "kiln/core/philox.hpp"
-#include "kiln/ops/functors.hpp"
+#include "kiln/ops/kernel/functors.hpp"
 
 namespace kiln::cuda_kernels {
 

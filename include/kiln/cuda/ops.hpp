@@ -5,14 +5,14 @@
 // with tensor<T, cuda>; same overwrite/accumulate rule for gradients) and is enqueued on
 // kiln's compute stream without synchronising, except where noted. Element types are
 // f32, bf16 and f16, computed in f32 through the same scalar functors
-// (kiln/ops/functors.hpp) and the same binary rule (ops::cpu::apply_binary), so the two
+// (kiln/ops/kernel/functors.hpp) and the same binary rule (ops::cpu::apply_binary), so the two
 // backends evaluate one formula. Tensors are contiguous (the ops make them so) and
 // broadcasting follows the CPU's rules (shapes aligned on the right, size-1 dimensions
 // repeated, at most 8 dimensions). Reductions run in a fixed order: results are
 // deterministic run to run.
 // Like kiln/cuda/kernels.hpp this header needs no CUDA header, so the ops' templates can
 // name these functions in every build; a program that runs them defines KILN_WITH_CUDA and
-// links libkiln_kernels.a (see kiln/cuda/runtime.hpp).
+// links libkiln_kernels.a (see kiln/core/cuda_runtime.hpp).
 #pragma once
 
 #include <cstdint>
@@ -23,7 +23,7 @@
 #include "kiln/ops/cpu/elementwise.hpp"
 #include "kiln/ops/cpu/reduce.hpp"
 #include "kiln/ops/cpu/softmax.hpp"
-#include "kiln/ops/grad_write.hpp"
+#include "kiln/ops/kernel/grad_write.hpp"
 
 namespace kiln::ops::gpu {
 

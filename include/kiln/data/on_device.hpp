@@ -28,9 +28,9 @@
 #include <type_traits>
 #include <utility>
 
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/core/tensor.hpp"
 #include "kiln/core/transfer.hpp"
-#include "kiln/cuda/runtime.hpp"
 #include "kiln/data/dataset.hpp"
 #include "kiln/data/text.hpp"
 

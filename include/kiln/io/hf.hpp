@@ -1,20 +1,13 @@
 // kiln/io/hf.hpp — Hugging Face model directories: config.json + model.safetensors, or
 // shards listed in model.safetensors.index.json.
 //
-// Spec (reading): hf_directory::open(dir) reads config.json and either model.safetensors
-// or the index's weight_map (tensor name → shard file; shard names must be plain file
-// names inside dir, and every listed tensor must be in its shard). load_hf<Model>(dir)
-// builds Model(Model::config_type::from_hf(config)) and fills every parameter:
-//   - names are the model's own (kiln models use HF names); Model::hf_transposed(name)
-//     marks weights stored transposed (GPT-2's Conv1D [in, out]);
-//   - F32, F16, BF16 and F64 tensors are converted to the model's element type;
-//   - a missing parameter, a shape that differs, or a tensor the model does not know
-//     (unless Model::hf_ignored(name): buffers, a tied head) is an error naming the
-//     file, the tensor, and both shapes. Nothing is half-loaded: all checks run first.
-// Spec (writing): save_hf(model, dir) writes config.json (model.hf_config()) and
-// model.safetensors in HF names and layouts (Conv1D weights transposed back, the tied
-// head omitted, "format": "pt" metadata), atomically, so transformers'
-// from_pretrained(dir) loads what kiln trained.
+// Spec: hf_directory::open(dir) reads config.json and either model.safetensors or the
+// index's weight_map (tensor name → shard file; shard names must be plain file names
+// inside dir, and every listed tensor must be in its shard). find(name) and file_of(name)
+// locate a tensor; load<T>(name) converts an F32, F16, BF16 or F64 tensor to T. Errors
+// name the file and the tensor.
+// A model built from such a folder, or written as one (load_hf, save_hf), is in
+// kiln/nn/hf_model.hpp: it walks the model's parameters.
 #pragma once
 
 #include <filesystem>
@@ -27,7 +20,6 @@
 #include "kiln/io/atomic_file.hpp"
 #include "kiln/io/json.hpp"
 #include "kiln/io/safetensors.hpp"
-#include "kiln/nn/module.hpp"
 
 namespace kiln::io {
 
@@ -137,80 +129,5 @@ class hf_directory {
   std::vector<safetensors_file> shards_;
   std::map<std::string, std::size_t> where_;
 };
-
-// Fills `model`'s parameters from an HF folder (see the spec above).
-template <class M>
-void load_hf_weights(M& model, const hf_directory& d) {
-  using T = typename M::value_type;
-  using Dev = typename M::device_type;
-  struct pending {
-    var<T, Dev>* param;
-    std::string name;
-    bool transposed;
-  };
-  std::vector<pending> todo;
-  std::vector<std::string> problems;
-  std::map<std::string, bool> used;
-  nn::visit_parameters(model, [&](const std::string& name, auto& p) {
-    const tensor_entry* e = d.find(name);
-    if (!e) {
-      problems.push_back("missing tensor '" + name + "' " + p.shape().str());
-      return;
-    }
-    used[name] = true;
-    const bool tr = M::hf_transposed(name);
-    shape want = p.shape();
-    if (tr && want.rank() == 2) std::swap(want[0], want[1]);
-    shape got;
-    for (auto x : e->shape) got.push_back(x);
-    if (!(got == want)) {
-      problems.push_back("tensor '" + name + "' in " + d.file_of(name).name() + " has shape " + got.str() +
-                         ", the model expects " + want.str() + (tr ? " (Conv1D layout [in, out])" : ""));
-      return;
-    }
-    todo.push_back({&p, name, tr});
-  });
-  for (auto& n : d.names())
-    if (!used.count(n) && !model.hf_ignored(n)) problems.push_back("unexpected tensor '" + n + "'");
-  if (!problems.empty()) {
-    std::string msg;
-    for (std::size_t i = 0; i < problems.size() && i < 12; ++i) msg += (i ? "; " : "") + problems[i];
-    if (problems.size() > 12) msg += "; and " + std::to_string(problems.size() - 12) + " more";
-    kiln::detail::fail(d.path().string(), ": the weights do not match the model: ", msg);
-  }
-  for (auto& t : todo) {
-    tensor<T> v = d.template load<T>(t.name);
-    if (t.transposed) v = v.transpose(0, 1).contiguous();
-    copy_from_host(t.param->value(), v);
-  }
-}
-
-// Builds a model from an HF folder: its config.json, then its weights.
-template <class M>
-M load_hf(const std::filesystem::path& dir) {
-  auto d = hf_directory::open(dir);
-  M model(M::config_type::from_hf(d.config(), d.config_file()));
-  load_hf_weights(model, d);
-  return model;
-}
-
-// Writes dir/config.json and dir/model.safetensors in HF names and layouts. Returns the paths.
-template <class M>
-std::vector<std::filesystem::path> save_hf(M& model, const std::filesystem::path& dir) {
-  std::filesystem::create_directories(dir);
-  safetensors_writer w;
-  nn::visit_parameters(model, [&](const std::string& name, auto& p) {
-    const auto& v = p.value();
-    if (M::hf_transposed(name))
-      w.add(name, v.transpose(0, 1).contiguous());
-    else
-      w.add(name, v);
-  });
-  w.set_metadata("format", "pt");
-  const auto weights = dir / "model.safetensors", config = dir / "config.json";
-  w.write(weights);
-  write_atomically(config, model.hf_config().dump() + "\n");
-  return {config, weights};
-}
 
 }  // namespace kiln::io

@@ -5,8 +5,8 @@
 // report) and every input.
 #pragma once
 
-#include "kiln/autograd/check_gradients.hpp"
 #include "kiln/nn/module.hpp"
+#include "kiln/ops/check_gradients.hpp"
 
 namespace kiln {
 

@@ -2,7 +2,7 @@
 //
 // attention<Mask>(q, k, v, options): q [B, T, Hq, D], k and v [B, S, Hkv, D] with Hq a
 // multiple of Hkv (grouped-query attention; Hkv = 1 is multi-query), result [B, T, Hq, D].
-// Mask is a policy type from kiln/ops/attention_mask.hpp (none, causal, local<W>,
+// Mask is a policy type from kiln/ops/kernel/attention_mask.hpp (none, causal, local<W>,
 // strided<L>). Queries sit at absolute positions q_offset.. (default S − T: the queries
 // are the newest positions, which is what a KV cache needs); keys at 0..S−1.
 // The forward keeps O and one log-sum-exp per query row — never a T×S matrix — and the
@@ -16,9 +16,9 @@
 
 #include "kiln/autograd/var.hpp"
 #include "kiln/cuda/ops.hpp"
-#include "kiln/ops/attention_mask.hpp"
 #include "kiln/ops/cast.hpp"
 #include "kiln/ops/cpu/attention.hpp"
+#include "kiln/ops/kernel/attention_mask.hpp"
 
 namespace kiln::ops {
 

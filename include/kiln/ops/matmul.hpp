@@ -4,9 +4,9 @@
 #include <optional>
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/cuda/blas.hpp"
 #include "kiln/cuda/ops.hpp"
-#include "kiln/cuda/runtime.hpp"
 #include "kiln/ops/cpu/matmul.hpp"
 
 namespace kiln::ops {

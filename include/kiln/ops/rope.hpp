@@ -13,7 +13,7 @@
 #include "kiln/autograd/var.hpp"
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/cuda/ops.hpp"
-#include "kiln/ops/functors.hpp"
+#include "kiln/ops/kernel/functors.hpp"
 
 namespace kiln::ops {
 

@@ -15,13 +15,13 @@
 #include <string_view>
 #include <vector>
 
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/cuda/kernels.hpp"
-#include "kiln/cuda/runtime.hpp"
 
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/philox.hpp"
 #include "kiln/core/transfer.hpp"
-#include "kiln/ops/functors.hpp"
+#include "kiln/ops/kernel/functors.hpp"
 #include "kiln/optim/optimizer.hpp"
 
 namespace kiln::optim {

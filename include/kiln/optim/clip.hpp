@@ -17,8 +17,8 @@
 #include <optional>
 
 #include "kiln/core/cpu_runtime.hpp"
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/cuda/ops.hpp"
-#include "kiln/cuda/runtime.hpp"
 #include "kiln/nn/module.hpp"
 
 namespace kiln::optim {

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "kiln/core/cpu_runtime.hpp"
-#include "kiln/ops/functors.hpp"
+#include "kiln/ops/kernel/functors.hpp"
 #include "kiln/optim/optimizer.hpp"
 
 namespace kiln::optim {

@@ -46,11 +46,11 @@
 #include <vector>
 
 #include "kiln/core/cpu_runtime.hpp"
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/core/philox.hpp"
 #include "kiln/cuda/kernels.hpp"
-#include "kiln/cuda/runtime.hpp"
 #include "kiln/nn/module.hpp"
-#include "kiln/ops/functors.hpp"
+#include "kiln/ops/kernel/functors.hpp"
 #include "kiln/optim/optimizer.hpp"
 #include "kiln/precision/policy.hpp"
 

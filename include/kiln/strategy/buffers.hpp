@@ -30,10 +30,11 @@
 #include <vector>
 
 #include "kiln/comm/communicator.hpp"
+#include "kiln/core/allocator.hpp"
+#include "kiln/core/cuda_runtime.hpp"
 #include "kiln/core/tensor.hpp"
-#include "kiln/cuda/runtime.hpp"
-#include "kiln/ops/grad_write.hpp"
-#include "kiln/train/memory_plan.hpp"
+#include "kiln/ops/kernel/grad_write.hpp"
+#include "kiln/strategy/memory.hpp"
 
 namespace kiln::strategy::detail {
 
@@ -154,7 +155,7 @@ class comm_buffer {
   std::int64_t device_bytes() const { return block(n_ * std::int64_t(sizeof(T))); }
   std::int64_t host_bytes() const { return mirrored ? n_ * std::int64_t(sizeof(T)) : 0; }
   // The same figures for a buffer of n elements (the memory plan's prediction).
-  static train::communication_bytes planned(std::int64_t n) {
+  static strategy::communication_bytes planned(std::int64_t n) {
     return {block(n * std::int64_t(sizeof(T))), mirrored ? n * std::int64_t(sizeof(T)) : 0};
   }
   T* data() { return values_.data(); }  // on Dev

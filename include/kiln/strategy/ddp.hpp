@@ -48,8 +48,8 @@
 #include "kiln/core/device.hpp"
 #include "kiln/nn/module.hpp"
 #include "kiln/strategy/buffers.hpp"
-#include "kiln/train/memory_plan.hpp"
-#include "kiln/train/metrics.hpp"
+#include "kiln/strategy/memory.hpp"
+#include "kiln/strategy/reduce.hpp"
 
 namespace kiln::strategy {
 
@@ -137,12 +137,12 @@ class distributed {
   bool is_global_zero() const { return comm_.rank() == 0; }
   Comm& communicator() { return comm_; }
 
-  double reduce(double v, train::reduce r) {
-    const comm::op o = r == train::reduce::max   ? comm::op::max
-                       : r == train::reduce::min ? comm::op::min
-                                                 : comm::op::sum;
+  double reduce(double v, strategy::reduce r) {
+    const comm::op o = r == strategy::reduce::max   ? comm::op::max
+                       : r == strategy::reduce::min ? comm::op::min
+                                                    : comm::op::sum;
     all_reduce_host(&v, 1, o, "log(sync_dist)");
-    if (r == train::reduce::mean) v /= world_size();
+    if (r == strategy::reduce::mean) v /= world_size();
     return v;
   }
   void barrier() { comm_.barrier("barrier"); }
@@ -341,14 +341,14 @@ class gradient_reducer {
  public:
   // The buckets' bytes: as allocated (buffer_bytes), or as they will be for `target`
   // (planned; nothing is allocated on one rank).
-  train::communication_bytes buffer_bytes() const {
-    train::communication_bytes c;
+  strategy::communication_bytes buffer_bytes() const {
+    strategy::communication_bytes c;
     for (auto& b : buckets_) c += {b.data.device_bytes(), b.data.host_bytes()};
     return c;
   }
   template <class M>
-  train::communication_bytes planned(M& target, int world) const {
-    train::communication_bytes c;
+  strategy::communication_bytes planned(M& target, int world) const {
+    strategy::communication_bytes c;
     if (world == 1) return c;
     const auto numels = trainable_sizes(target, false).numels;
     for (auto& members : partition(numels)) {
@@ -454,15 +454,15 @@ class ddp : public detail::distributed<Comm, Dev> {
   }
   // Buckets the last reduction posted while backward still had nodes to run.
   std::size_t overlapped_buckets() const { return reducer_.overlapped_buckets(); }
-  train::memory_sharding memory_sharding() const { return {this->world_size(), false, false, false, false}; }
+  strategy::memory_sharding memory_sharding() const { return {this->world_size(), false, false, false, false}; }
   const ddp_options& options() const { return opt_; }
   std::size_t num_buckets() const { return reducer_.num_buckets(); }
   // The memory plan's communication row, and what the buckets hold once allocated.
   template <class M>
-  train::communication_bytes communication_plan(M& model, bool /*masters*/) const {
+  strategy::communication_bytes communication_plan(M& model, bool /*masters*/) const {
     return reducer_.planned(model, this->world_size());
   }
-  train::communication_bytes buffer_bytes() const { return reducer_.buffer_bytes(); }
+  strategy::communication_bytes buffer_bytes() const { return reducer_.buffer_bytes(); }
 
  private:
   ddp_options opt_{};

@@ -10,7 +10,7 @@
 #pragma once
 
 #include "kiln/core/device.hpp"
-#include "kiln/train/metrics.hpp"
+#include "kiln/strategy/reduce.hpp"
 
 namespace kiln::strategy {
 
@@ -26,7 +26,7 @@ struct single_device {
   void setup(M&) {}
   template <class M>
   void reduce_gradients(M&) {}
-  double reduce(double v, train::reduce) const { return v; }
+  double reduce(double v, strategy::reduce) const { return v; }
   void barrier() {}
 };
 

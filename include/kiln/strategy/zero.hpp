@@ -553,7 +553,7 @@ class zero : public detail::distributed<Comm, Dev> {
                          [w = std::weak_ptr(L)](double f) { scale_shard(*w.lock(), f); },
                          [w = std::weak_ptr(L)] {
                            auto& l = *w.lock();
-                           train::communication_bytes c;
+                           strategy::communication_bytes c;
                            for (auto* b : {&l.flat, &l.mine}) c += {b->device_bytes(), b->host_bytes()};
                            for (auto* b : {&l.gather_buffer, &l.copy_buffer}) c += {b->device_bytes(), b->host_bytes()};
                            return c;
@@ -604,18 +604,18 @@ class zero : public detail::distributed<Comm, Dev> {
       return norm;
     }
   }
-  train::memory_sharding memory_sharding() const {
+  strategy::memory_sharding memory_sharding() const {
     return {this->world_size(), true, Stage >= 2, false, std::is_same_v<Offload, offload::cpu>};
   }
-  // The memory plan's communication row (train/memory_plan.hpp) for `model` with one
+  // The memory plan's communication row (kiln/train/memory_plan.hpp) for `model` with one
   // optimizer over its trainable parameters (masters: f32 masters under a mixed policy),
   // and what the buffers hold once allocated.
   template <class M>
-  train::communication_bytes communication_plan(M& model, bool masters) const {
+  strategy::communication_bytes communication_plan(M& model, bool masters) const {
     const auto t = detail::trainable_sizes(model, masters);
     const std::int64_t n = t.total, elem = t.stepped_bytes;
     const std::int64_t copy = masters && !std::is_same_v<Offload, offload::cpu> ? t.param_bytes : 0;
-    train::communication_bytes c;
+    strategy::communication_bytes c;
     if (n == 0) return c;
     const std::int64_t w = this->world_size(), s = (n + w - 1) / w;
     if constexpr (Stage == 1) {
@@ -650,8 +650,8 @@ class zero : public detail::distributed<Comm, Dev> {
       return bytes;
     }
   }
-  train::communication_bytes buffer_bytes() const {
-    train::communication_bytes c = ddp_reducer_.buffer_bytes();
+  strategy::communication_bytes buffer_bytes() const {
+    strategy::communication_bytes c = ddp_reducer_.buffer_bytes();
     for (auto& r : reducers_)
       if (!r.alive.expired()) c += r.bytes();
     return c;
@@ -664,7 +664,7 @@ class zero : public detail::distributed<Comm, Dev> {
     std::function<void()> listen;
     std::function<double()> norm_sq;
     std::function<void(double)> scale;
-    std::function<train::communication_bytes()> bytes;
+    std::function<strategy::communication_bytes()> bytes;
   };
 
   template <class L>

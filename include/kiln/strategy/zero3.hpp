@@ -172,12 +172,12 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
     uninstall();
   }
 
-  train::memory_sharding memory_sharding() const { return {this->world_size(), true, true, true, false}; }
+  strategy::memory_sharding memory_sharding() const { return {this->world_size(), true, true, true, false}; }
   // The memory plan's communication row: the unit buffers, grown to the largest unit (its
   // parameters for the gather; f32 gradients plus one flag per parameter for the
   // reduction), for the units setup() will find; and what they hold once allocated.
   template <class M>
-  train::communication_bytes communication_plan(M& model, bool /*masters: zero<3> has none*/) const {
+  strategy::communication_bytes communication_plan(M& model, bool /*masters: zero<3> has none*/) const {
     std::vector<unit_state> found;
     const std::map<const void*, std::size_t> holder = find_units(model, found);
     const std::size_t units = found.size();
@@ -196,11 +196,13 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
       gather = std::max(gather, bytes[u]);
       if (elements[u] > 0) reduce = std::max(reduce, elements[u] + params[u]);
     }
-    train::communication_bytes c = detail::comm_buffer<u8, Dev, Comm>::planned(gather);
+    strategy::communication_bytes c = detail::comm_buffer<u8, Dev, Comm>::planned(gather);
     c += detail::comm_buffer<float, Dev, Comm>::planned(reduce);
     return c;
   }
-  train::communication_bytes buffer_bytes() const { return ops_.bytes ? ops_.bytes() : train::communication_bytes{}; }
+  strategy::communication_bytes buffer_bytes() const {
+    return ops_.bytes ? ops_.bytes() : strategy::communication_bytes{};
+  }
 
   // Introspection (tests, docs): units in layout order, and whether each is gathered.
   std::size_t num_units() const { return units_.size(); }
@@ -238,7 +240,7 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
     std::weak_ptr<void> layout;
     std::function<void(std::size_t)> gather, release, reduce;
     std::function<void()> restore_all;
-    std::function<train::communication_bytes()> bytes;
+    std::function<strategy::communication_bytes()> bytes;
   };
 
   template <class S>
@@ -365,7 +367,7 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
       for (auto& np : Lp->params) np.param.value().restore_storage();
     };
     o.bytes = [buf, fbuf] {
-      train::communication_bytes c{buf->device_bytes(), buf->host_bytes()};
+      strategy::communication_bytes c{buf->device_bytes(), buf->host_bytes()};
       c += {fbuf->device_bytes(), fbuf->host_bytes()};
       return c;
     };

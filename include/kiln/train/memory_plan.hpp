@@ -50,28 +50,13 @@
 #include <vector>
 
 #include "kiln/core/allocator.hpp"
+#include "kiln/strategy/memory.hpp"
 
 namespace kiln::train {
 
-// How a strategy divides model states across its ranks (ZeRO stages).
-struct memory_sharding {
-  int world_size = 1;
-  bool optimizer_state = false;    // ZeRO ≥ 1 (master weights shard with it)
-  bool gradients = false;          // ZeRO ≥ 2
-  bool parameters = false;         // ZeRO 3
-  bool offload_optimizer = false;  // ZeRO-Offload: the optimizer state's shard lives on the host
-};
-
-// A strategy's communication buffers: bytes on the model's device and in host memory.
-struct communication_bytes {
-  std::int64_t device = 0, host = 0;
-  communication_bytes& operator+=(const communication_bytes& o) {
-    device += o.device;
-    host += o.host;
-    return *this;
-  }
-  friend bool operator==(const communication_bytes&, const communication_bytes&) = default;
-};
+// What a strategy reports (kiln/strategy/memory.hpp), under the names the plan uses.
+using memory_sharding = strategy::memory_sharding;
+using communication_bytes = strategy::communication_bytes;
 
 struct device_memory {
   std::string device = "cpu";

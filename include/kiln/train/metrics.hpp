@@ -27,10 +27,12 @@
 #include <vector>
 
 #include "kiln/core/error.hpp"
+#include "kiln/strategy/reduce.hpp"
 
 namespace kiln::train {
 
-enum class reduce { mean, sum, max, min };
+// How an epoch's values, and sync_dist values across ranks, combine (kiln/strategy/reduce.hpp).
+using reduce = strategy::reduce;
 
 struct log_options {
   std::optional<bool> on_step;   // default from where log() is called

@@ -41,6 +41,7 @@
 #include "kiln/autograd/grad_mode.hpp"
 #include "kiln/core/philox.hpp"
 #include "kiln/nn/module.hpp"
+#include "kiln/nn/weights.hpp"
 #include "kiln/optim/clip.hpp"
 #include "kiln/optim/schedule.hpp"
 #include "kiln/precision/precision.hpp"

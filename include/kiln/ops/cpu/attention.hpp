@@ -32,9 +32,9 @@
 
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/philox.hpp"
-#include "kiln/ops/attention_mask.hpp"
 #include "kiln/ops/cpu/tile_gemm.hpp"
-#include "kiln/ops/grad_write.hpp"
+#include "kiln/ops/kernel/attention_mask.hpp"
+#include "kiln/ops/kernel/grad_write.hpp"
 
 namespace kiln::ops::cpu {
 

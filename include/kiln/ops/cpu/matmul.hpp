@@ -29,7 +29,7 @@
 
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/tensor.hpp"
-#include "kiln/ops/grad_write.hpp"
+#include "kiln/ops/kernel/grad_write.hpp"
 
 namespace kiln::ops::cpu {
 

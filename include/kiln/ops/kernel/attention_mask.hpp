@@ -1,4 +1,4 @@
-// kiln/ops/attention_mask.hpp — which keys a query may attend to, as policy types.
+// kiln/ops/kernel/attention_mask.hpp — which keys a query may attend to, as policy types.
 //
 // Spec: an *attention mask* (concept ops::attention_mask) is a regular, stateless type
 // with

@@ -1,4 +1,4 @@
-// kiln/cuda/runtime.hpp — the cuda device's runtime: devices, kiln's compute stream,
+// kiln/core/cuda_runtime.hpp — the cuda device's runtime: devices, kiln's compute stream,
 // events, copies, pinned host memory, and the memory behind tensor<T, cuda>
 // (kernels/runtime.cu).
 //

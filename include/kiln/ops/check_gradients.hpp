@@ -1,4 +1,4 @@
-// kiln/autograd/check_gradients.hpp — the public finite-difference gradient checker.
+// kiln/ops/check_gradients.hpp — the public finite-difference gradient checker.
 //
 // Spec: check_gradients(f, inputs...) compares the gradients that backward computes
 // for f(inputs...) with central finite differences, in f64. A non-scalar output y is

@@ -1,4 +1,4 @@
-// kiln/ops/functors.hpp — scalar math, written once.
+// kiln/ops/kernel/functors.hpp — scalar math, written once.
 //
 // Every activation, its derivative, and every per-element optimizer update lives here
 // as a constexpr KILN_HOST_DEVICE functor on a compute type C (float or double). The CPU

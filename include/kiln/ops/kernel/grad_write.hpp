@@ -1,4 +1,4 @@
-// kiln/ops/grad_write.hpp — how a backward kernel writes a gradient.
+// kiln/ops/kernel/grad_write.hpp — how a backward kernel writes a gradient.
 //
 // Every backward kernel takes a grad_write: `overwrite` stores the gradient (the first
 // contribution, no need to zero the buffer), `accumulate` adds to what is there (a
