@@ -36,6 +36,7 @@
 #include "kiln/core/type_name.hpp"
 #include "kiln/io/checkpoint.hpp"
 #include "kiln/nn/weights.hpp"
+#include "kiln/optim/optimizer.hpp"
 #include "kiln/optim/schedule.hpp"
 #include "kiln/train/checkpoint_io.hpp"
 #include "kiln/train/hooks.hpp"

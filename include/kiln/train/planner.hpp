@@ -17,6 +17,7 @@
 #include "kiln/nn/module.hpp"
 #include "kiln/nn/unit.hpp"
 #include "kiln/train/concepts.hpp"
+#include "kiln/train/context.hpp"
 #include "kiln/train/memory_plan.hpp"
 #include "kiln/train/optimizers.hpp"
 
