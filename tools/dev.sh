@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # kiln developer entry point.
 #   tools/dev.sh run    install what is missing, build, train the main example
-#   tools/dev.sh test   install what is missing, build, run every test suite, then the
-#                       sanitizer build (cpu suite under ASan+UBSan) and the format check
+#   tools/dev.sh test   install what is missing, build (the cpu suite under ASan+UBSan),
+#                       run every test suite, then the format check
 #   tools/dev.sh build  install and build only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BUILD=${KILN_BUILD_DIR:-build}
+# What outlives a clone: the Python peers' venv (torch alone is several GB).
+PYVENV=${KILN_PYVENV:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln/pyvenv}
 
 DEB_PACKAGES=(meson ninja-build g++ pkg-config cmake libeigen3-dev libboost-dev zlib1g-dev doctest-dev libdnnl-dev
               libopenmpi-dev openmpi-bin clang-format clang libclang-rt-14-dev dataset-fashion-mnist fortunes)
@@ -28,7 +30,7 @@ install_deps() {
 
 configure() {
   if [ ! -f "$BUILD/build.ninja" ]; then
-    meson setup "$BUILD" --buildtype=release >/dev/null
+    meson setup "$BUILD" --buildtype=release "$@" >/dev/null
   fi
 }
 
@@ -79,35 +81,41 @@ case "$cmd" in
     "$BUILD/examples/$example" --out "$ROOT/runs/01_fashion_mnist" "${@:2}"
     ;;
   test)
-    build
-    status=0
-    # The interop checks read our TensorBoard and safetensors files with the Python
-    # packages (and write safetensors for us to read): give them a small venv (PyPI) unless
-    # a Python with the packages is already at hand.
-    PYPKGS_IMPORT="import tensorboard, safetensors.numpy, numpy, tokenizers"
-    if [ -z "${KILN_PYTHON:-}" ] && ! python3 -c "$PYPKGS_IMPORT" 2>/dev/null; then
-      if [ ! -x "$BUILD/pyvenv/bin/python" ] || ! "$BUILD/pyvenv/bin/python" -c "$PYPKGS_IMPORT" 2>/dev/null; then
-        python3 -m venv "$BUILD/pyvenv" && "$BUILD/pyvenv/bin/pip" install -q tensorboard safetensors numpy tokenizers ||
-          echo "kiln: could not install tensorboard/safetensors/tokenizers from PyPI; their interop tests will be skipped"
-      fi
-      KILN_PYTHON="$(cd "$BUILD" && pwd)/pyvenv/bin/python"  # absolute: meson runs tests elsewhere
+    install_deps
+    # The Python peers the interop tests run (TensorBoard, safetensors, tokenizers, and torch
+    # + transformers for the Hugging Face checks): one venv per machine, outside the clone,
+    # made while the build runs. Without the package registry their tests skip.
+    PYPKGS=(tensorboard safetensors numpy tokenizers torch transformers)
+    PYPKGS_IMPORT="import tensorboard, safetensors.numpy, numpy, tokenizers, torch, transformers"
+    venv_pid=""
+    if [ -z "${KILN_PYTHON:-}" ]; then
+      KILN_PYTHON="$PYVENV/bin/python"
       export KILN_PYTHON
-    fi
-    meson test -C "$BUILD" --print-errorlogs --num-processes 2 || status=1
-    cp "$BUILD/meson-logs/testlog.json" /tmp/kiln-testlog-main.json
-    if [ "${KILN_SKIP_SANITIZERS:-0}" != 1 ]; then
-      echo "kiln: sanitizer build (AddressSanitizer + UndefinedBehaviorSanitizer), cpu suite"
-      if [ ! -f build-asan/build.ninja ]; then
-        meson setup build-asan --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false \
-          -Dexamples=false -Dcuda=disabled >/dev/null
+      if ! "$KILN_PYTHON" -c "$PYPKGS_IMPORT" 2>/dev/null; then
+        echo "kiln: installing the Python peers into $PYVENV (once per machine), beside the build"
+        mkdir -p "$(dirname "$PYVENV")"
+        ( { [ -x "$KILN_PYTHON" ] || python3 -m venv "$PYVENV"; } && "$PYVENV/bin/pip" install -q "${PYPKGS[@]}" ) \
+          >"$(dirname "$PYVENV")/pyvenv-install.log" 2>&1 &
+        venv_pid=$!
       fi
-      meson compile -C build-asan
-      UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 \
-        meson test -C build-asan --suite cpu --print-errorlogs --num-processes 2 || status=1
-      cat build-asan/meson-logs/testlog.json >> /tmp/kiln-testlog-main.json
+    fi
+    # The single-process test programs are built with ASan + UBSan (-Dsanitize_tests), in
+    # the same build as the optimised examples: one compile and one run of the cpu suite.
+    sanitize=true
+    [ "${KILN_SKIP_SANITIZERS:-0}" = 1 ] && sanitize=false
+    configure -Dsanitize_tests=$sanitize
+    meson configure "$BUILD" -Dsanitize_tests=$sanitize
+    status=0
+    meson compile -C "$BUILD" || status=1
+    if [ -n "$venv_pid" ] && ! wait "$venv_pid"; then
+      echo "kiln: could not install the Python peers from PyPI (see $(dirname "$PYVENV")/pyvenv-install.log); their interop tests will be skipped"
+    fi
+    if [ $status -eq 0 ]; then
+      meson test -C "$BUILD" --print-errorlogs --num-processes 2 || status=1
+      cp "$BUILD/meson-logs/testlog.json" /tmp/kiln-testlog-main.json
+      summarise /tmp/kiln-testlog-main.json || status=1
     fi
     format_check || status=1
-    summarise /tmp/kiln-testlog-main.json || status=1
     exit $status
     ;;
   *)

@@ -3,8 +3,8 @@
 # transformers' from_pretrained loads what kiln trained and exported (GPT-2 with its
 # Conv1D layout, Llama with GQA, a tied Llama) and reproduces kiln's logits to 1e-4.
 # Skips (exit 77) when no Python with torch + transformers is found: $KILN_PYTHON,
-# SOURCE_ROOT/bench/.venv/bin/python, python3. CI's test venv has no torch, so this runs
-# where the bench venv exists (bench/setup_venv.sh).
+# SOURCE_ROOT/bench/.venv/bin/python, python3. tools/dev.sh test gives CI a venv with torch
+# and transformers (cached outside the clone), so this runs there.
 set -eu
 fixture="$1"; root="$2"
 . "$(dirname "$0")/../python_or_skip.sh"
