@@ -520,8 +520,13 @@ class zero : public detail::distributed<Comm, Dev> {
   using offload_type = Offload;
   static constexpr int stage = Stage;
   static constexpr const char* name = Stage == 1 ? "zero1" : "zero2";
-  // The trainer refuses loss scaling with sharded gradients (see the spec).
-  static constexpr bool shards_gradients = Stage >= 2;
+  // Capabilities (strategy/strategy.hpp). With sharded gradients the trainer refuses loss
+  // scaling (strategy/compatibility.hpp).
+  static constexpr bool overlaps_backward = Stage == 1;  // listen_for_backward: ddp's buckets
+  static constexpr bool shards_gradients = Stage >= 2;   // clip_grad_norm over the shards
+  static constexpr bool adapts_optimizers = true;        // optimizer_t, adapt: sharded_optimizer
+  static constexpr bool plans_memory = true;             // memory_sharding, communication_plan
+  static constexpr bool offloads_optimizer = std::is_same_v<Offload, offload::cpu>;  // offload_plan
 
   template <class O>
   using optimizer_t = sharded_optimizer<std::remove_cvref_t<O>, Comm, Offload>;
