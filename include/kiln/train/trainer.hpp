@@ -40,11 +40,14 @@
 
 #include "kiln/autograd/grad_mode.hpp"
 #include "kiln/core/philox.hpp"
+#include "kiln/core/type_name.hpp"
 #include "kiln/nn/module.hpp"
 #include "kiln/optim/clip.hpp"
 #include "kiln/optim/schedule.hpp"
 #include "kiln/precision/precision.hpp"
+#include "kiln/strategy/compatibility.hpp"
 #include "kiln/strategy/single_device.hpp"
+#include "kiln/strategy/strategy.hpp"
 #include "kiln/train/checkpointing.hpp"
 #include "kiln/train/context.hpp"
 #include "kiln/train/optimizers.hpp"
@@ -66,14 +69,6 @@ struct fit_result {
 };
 
 namespace detail {
-template <class C>
-constexpr bool is_monitoring() {
-  if constexpr (requires { C::monitors; })
-    return C::monitors;
-  else
-    return false;
-}
-
 // A batch range over a vector (overfit_batches replays a fixed set of batches).
 template <class B>
 struct fixed_batches {
@@ -83,11 +78,11 @@ struct fixed_batches {
   auto end() const { return v->end(); }
 };
 
-// The precision policy placed on the strategy's device: a policy that keeps state on a
-// device (the mixed policies' f32 masters) names the placed type as on_device<D>.
+// The precision policy placed on the strategy's device: a policy that keeps_device_state
+// (the mixed policies' f32 masters) names the placed type as on_device<D>.
 template <class P, class S>
 constexpr auto placed_policy_probe() {
-  if constexpr (requires { typename P::template on_device<typename S::device_type>; })
+  if constexpr (precision::traits<P>::keeps_device_state && strategy::policy<S>)
     return std::type_identity<typename P::template on_device<typename S::device_type>>{};
   else
     return std::type_identity<P>{};
@@ -101,34 +96,16 @@ using placed_policy_t = typename decltype(placed_policy_probe<P, S>())::type;
 template <class Module, class Strategy = strategy::single_device<cpu>, class PrecisionChoice = precision::fp32,
           class... Callbacks>
 class trainer {
+  // The slots, checked before anything is built from them (each check's messages name the
+  // requirement or the member that is missing).
+  static_assert(strategy::check<Strategy>());
+  static_assert(precision::check<PrecisionChoice>());
   // precision::bf16_mixed on strategy::single_device<cuda> keeps its masters on cuda.
   using Precision = train::detail::placed_policy_t<PrecisionChoice, Strategy>;
-  static_assert((callback<Callbacks> && ...),
-                "kiln::trainer<Module, Strategy, Precision, Callbacks...>: every type after the precision policy "
-                "must be a callback, i.e. declare `using hooks = kiln::hook_list<...>`");
+  static_assert((check_callback<Callbacks>() && ...));
   static_assert(std::is_class_v<Module>, "kiln::trainer: the first parameter must be the module type");
-  static_assert((Precision::template check_module<Module>(), true));
-  static_assert(
-      [] {
-        if constexpr (requires {
-                        Strategy::shards_gradients;
-                        Precision::scaled;
-                      })
-          return !(Strategy::shards_gradients && Precision::scaled);
-        return true;
-      }(),
-      "kiln::trainer: strategy::zero<2> shards gradients, and a loss-scaling precision (f16_mixed) would test "
-      "unreduced gradients for overflow; use zero<1> with f16_mixed, or bf16_mixed with zero<2>");
-  static_assert(
-      [] {
-        if constexpr (requires { Strategy::shards_parameters; })
-          return std::is_same_v<decltype(std::declval<Precision&>().master_parameters(std::declval<Module&>())),
-                                Module&>;
-        return true;
-      }(),
-      "kiln::trainer: strategy::zero<3> shards the parameters the optimizer steps, and this precision policy "
-      "steps separate f32 master weights; use zero<3> with fp32, bf16_true or f16_true, or zero<2> with the "
-      "mixed policies");
+  static_assert(precision::check<Precision>() && precision::check_for_module<Precision, Module>());
+  static_assert(strategy::check_compatible<Strategy, Precision>());
 
  public:
   using module_type = Module;
@@ -137,7 +114,7 @@ class trainer {
   using context_type = train::context<trainer>;
   using optimizers_type = typename train::detail::optimizers_of<Module, Precision, Strategy>::type;
   static constexpr std::size_t num_optimizers = std::tuple_size_v<optimizers_type>;
-  static constexpr bool automatic = train::automatic_optimization_of<Module>();
+  static constexpr bool automatic = train::module_traits<Module>::automatic_optimization;
 
   explicit trainer(train::trainer_options options = {}, Callbacks... callbacks)
       : options_(std::move(options)), callbacks_(std::move(callbacks)...), ctx_(*this) {
@@ -348,7 +325,7 @@ class trainer {
           [&](auto&... c) {
             (
                 [&](auto& cb) {
-                  if constexpr (train::detail::is_monitoring<std::remove_cvref_t<decltype(cb)>>() ==
+                  if constexpr (callback_traits<std::remove_cvref_t<decltype(cb)>>::monitors ==
                                 decltype(monitoring)::value)
                     one(cb);
                 }(c),
@@ -552,10 +529,9 @@ class trainer {
                   "kiln::trainer::fit: automatic optimisation steps exactly one optimizer; with several, set "
                   "`static constexpr bool automatic_optimization = false;` in the module and step them through ctx");
     using B = train::batch_of<TL>;
-    static_assert(
-        requires(Module & m, context_type & c, const B& b) { m.training_step(c, b); },
-        "kiln::trainer::fit: the module needs training_step(auto& ctx, const Batch& batch) for the "
-        "train loader's batch type");
+    static_assert(train::trainable<Module, context_type, B>,
+                  "kiln::trainer::fit: the module needs training_step(auto& ctx, const Batch& batch) for the "
+                  "train loader's batch type");
     // Resume: the checkpoint is opened and verified before anything runs or changes.
     std::optional<io::checkpoint_reader> resume;
     if (!ckpt_path.empty()) {
@@ -648,17 +624,17 @@ class trainer {
       defer_saves_ = false;
       flush_pending_saves(state_.epoch, 0);
       if (state_.stop_reason.empty()) state_.stop_reason = describe_end(max_epochs);
-      if constexpr (requires { strategy_.finish(model); }) strategy_.finish(model);  // zero<3>: whole again
+      if constexpr (strategy::traits<Strategy>::shards_parameters) strategy_.finish(model);  // whole again
       fire<hook::on_train_end>();
       fire<hook::on_fit_end>();
       fire<hook::teardown>(train::stage::fit);
     } catch (const std::exception& e) {
       defer_saves_ = false;
       pending_saves_.clear();
-      if constexpr (requires { strategy_.abandon(); }) strategy_.abandon();
+      if constexpr (strategy::traits<Strategy>::shards_parameters) strategy_.abandon();
       codec::undo(*this, undo);  // a failed resume leaves the model and callbacks as they were
       fire<hook::on_exception>(e);
-      if constexpr (requires { strategy_.abort_job(e); }) strategy_.abort_job(e);  // multi-rank: end the job
+      if constexpr (strategy::traits<Strategy>::coordinates_ranks) strategy_.abort_job(e);  // end the job
       throw;
     }
     result.epochs = state_.epoch;
@@ -855,31 +831,35 @@ class trainer {
     if (stepped) step_schedules(optim::interval::step);
   }
 
-  // ddp's overlap, where the gradients backward writes are the ones it reduces: the
-  // policy steps the module's own parameters and finishes nothing after backward.
+  // An overlapping strategy (ddp) listens when the gradients backward writes are the ones
+  // it reduces: the policy steps the module's own parameters (no keeps_masters).
   void listen_for_backward() {
-    if constexpr (
-        requires { strategy_.listen_for_backward(*model_); } && !requires { precision_.finish_gradients(*model_); } &&
-        std::is_same_v<std::remove_cvref_t<decltype(precision_.master_parameters(*model_))>, Module>)
+    if constexpr (strategy::traits<Strategy>::overlaps_backward && !precision::traits<Precision>::keeps_masters)
       strategy_.listen_for_backward(*model_);
   }
   // A parameter-sharding strategy (zero<3>) gathers what the forward needs first.
   void prepare_forward() {
-    if constexpr (requires { strategy_.before_forward(); }) strategy_.before_forward();
+    if constexpr (strategy::traits<Strategy>::shards_parameters) strategy_.before_forward();
+  }
+  // The parameters the sharding strategy's optimizer steps (zero<3>: this rank's segments).
+  decltype(auto) sharded_parameters() {
+    using adapted = std::remove_cvref_t<decltype(std::get<0>(*optimizers_).optimizer)>;
+    static_assert(strategy::check_stepped_parameters<Strategy, adapted>());
+    return strategy_.stepped_parameters(std::get<0>(*optimizers_).optimizer);
   }
   // What the precision policy unscales and checks (it finds the masters under mixed
-  // precision itself): the model, or under zero<3> this rank's segments of it.
+  // precision itself): the model, or what a parameter-sharding strategy steps.
   decltype(auto) precision_target() {
-    if constexpr (requires { Strategy::shards_parameters; })
-      return std::get<0>(*optimizers_).optimizer.segment_parameters();
+    if constexpr (strategy::traits<Strategy>::shards_parameters)
+      return sharded_parameters();
     else
       return *model_;
   }
   // What clipping acts on: the gradients the optimizer steps (the f32 masters under mixed
-  // precision; the segments under zero<3>).
+  // precision; what a parameter-sharding strategy steps).
   decltype(auto) stepped_parameters() {
-    if constexpr (requires { Strategy::shards_parameters; })
-      return std::get<0>(*optimizers_).optimizer.segment_parameters();
+    if constexpr (strategy::traits<Strategy>::shards_parameters)
+      return sharded_parameters();
     else
       return precision_.master_parameters(*model_);
   }
@@ -887,12 +867,9 @@ class trainer {
   // The window's gradients, complete and combined across ranks (identity on one rank);
   // ranks agree on whether any is non-finite, so an f16 overflow skips everywhere.
   void reduce_gradients() {
-    if constexpr (requires { precision_.finish_gradients(*model_); }) precision_.finish_gradients(*model_);
+    if constexpr (precision::traits<Precision>::keeps_masters) precision_.finish_gradients(*model_);
     strategy_.reduce_gradients(precision_.master_parameters(*model_));
-    if constexpr (requires {
-                    precision_.non_finite_gradients();
-                    precision_.mark_non_finite_gradients();
-                  }) {
+    if constexpr (precision::traits<Precision>::flags_non_finite) {
       if (strategy_.world_size() > 1 &&
           strategy_.reduce(precision_.non_finite_gradients() ? 1.0 : 0.0, train::reduce::max) > 0)
         precision_.mark_non_finite_gradients();
@@ -918,8 +895,8 @@ class trainer {
     if (options_.gradient_clip_val <= 0) return;
     auto&& target = stepped_parameters();
     if (options_.gradient_clip_algorithm == train::clip_algorithm::norm) {
-      if constexpr (requires { strategy_.clip_grad_norm(target, 1.0); })
-        strategy_.clip_grad_norm(target, options_.gradient_clip_val);  // sharded gradients: a global norm
+      if constexpr (strategy::traits<Strategy>::shards_gradients)
+        strategy_.clip_grad_norm(target, options_.gradient_clip_val);  // a global norm over the shards
       else
         optim::clip_grad_norm(target, options_.gradient_clip_val);
     } else
@@ -944,7 +921,7 @@ class trainer {
     if constexpr (!std::is_same_v<std::remove_cvref_t<decltype(so.schedule)>, train::no_schedule>) so.bind();
   }
 
-  // Steps every schedule whose interval is `when`; reduce_on_plateau is fed its monitor.
+  // Steps every schedule whose interval is `when`; a monitored schedule is fed its metric.
   void step_schedules(optim::interval when) {
     if constexpr (!automatic) {
       if (when == optim::interval::step) return;  // manual optimisation steps its own schedules
@@ -957,9 +934,9 @@ class trainer {
                 using S = std::remove_cvref_t<decltype(s.schedule)>;
                 if constexpr (!std::is_same_v<S, train::no_schedule>) {
                   if (s.options.every != when || count % s.options.frequency != 0) return;
-                  if constexpr (std::is_same_v<S, optim::reduce_on_plateau>) {
+                  if constexpr (optim::schedule_traits<S>::monitored) {
                     auto v = ctx_.metric(s.options.monitor);
-                    KILN_CHECK(v.has_value(), "reduce_on_plateau: monitored metric '", s.options.monitor,
+                    KILN_CHECK(v.has_value(), type_name<S>(), ": monitored metric '", s.options.monitor,
                                "' was not logged (logged metrics: ", metric_names(), ")");
                     s.schedule.update(*v);
                   }
