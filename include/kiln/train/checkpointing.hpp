@@ -35,6 +35,7 @@
 #include "kiln/core/philox.hpp"
 #include "kiln/core/type_name.hpp"
 #include "kiln/io/checkpoint.hpp"
+#include "kiln/optim/optimizer.hpp"
 #include "kiln/optim/schedule.hpp"
 #include "kiln/precision/policy.hpp"
 #include "kiln/strategy/strategy.hpp"
