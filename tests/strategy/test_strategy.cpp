@@ -26,7 +26,6 @@ namespace {
 
 // ---- archetypes: exactly the required members of each slot ----
 
-// [archetype-strategy]
 // One process, one device: the members every strategy has, and nothing else.
 struct archetype_strategy {
   using device_type = cpu;
@@ -40,9 +39,7 @@ struct archetype_strategy {
   double reduce(double v, train::reduce) { return v; }
   void barrier() {}
 };
-// [archetype-strategy]
 
-// [archetype-precision]
 // f32 throughout: the members every precision policy has, and nothing else.
 struct archetype_precision {
   static constexpr const char* name = "archetype";
@@ -79,14 +76,11 @@ struct archetype_precision {
   }
   bool overflowed() const { return false; }
 };
-// [archetype-precision]
 
-// [archetype-schedule]
 // The rate halves every 4 scheduler steps.
 struct archetype_schedule {
   double factor(std::int64_t t) const { return std::pow(0.5, double(t / 4)); }
 };
-// [archetype-schedule]
 
 // The concepts hold for the archetypes, and each required member is required.
 static_assert(strategy::policy<archetype_strategy> && strategy::check<archetype_strategy>());
@@ -304,7 +298,6 @@ double max_diff(const std::map<std::string, std::vector<float>>& a,
 
 // ---- archetype strategies that declare one capability each ----
 
-// [capability-overlap]
 // Declares overlaps_backward, so the trainer calls listen_for_backward before the forward
 // of every window's last micro-batch.
 struct listening_strategy : archetype_strategy {
@@ -315,7 +308,6 @@ struct listening_strategy : archetype_strategy {
     ++listens;
   }
 };
-// [capability-overlap]
 
 // The same member without the declaration: never called.
 struct undeclared_listener : archetype_strategy {
@@ -347,7 +339,6 @@ struct planning_strategy : archetype_strategy {
   }
 };
 
-// [capability-monitored]
 // A monitored schedule that checkpoints its state: fed val/loss before each of its steps,
 // it halves the rate whenever the metric did not improve.
 struct halve_on_stall {
@@ -375,7 +366,6 @@ struct halve_on_stall {
     fed = f;
   }
 };
-// [capability-monitored]
 static_assert(optim::check_schedule<halve_on_stall>());
 
 }  // namespace
