@@ -55,6 +55,7 @@ struct model_checkpoint_options {
 
 struct model_checkpoint {
   static constexpr bool monitors = true;
+  static constexpr bool tracks_checkpoints = true;  // resume_dir(), best_model_path
   static constexpr std::string_view state_key = "model_checkpoint";
   static constexpr std::string_view last_name = "last";
   using hooks = hook_list<hook::on_train_start, hook::on_train_batch_end, hook::on_validation_end,

@@ -49,6 +49,13 @@ concept hana_struct = boost::hana::Struct<std::remove_cvref_t<M>>::value;
 template <class M>
 concept module = !parameter<M> && (has_children<M> || hana_struct<M>);
 
+// A module without parameters: the policy slots' concepts (strategy::policy,
+// precision::policy) call the members that take a module with it.
+struct empty_module {
+  template <class F>
+  void for_each_child(F&&) {}
+};
+
 namespace detail {
 inline std::string join(std::string_view prefix, std::string_view name) {
   if (prefix.empty()) return std::string(name);

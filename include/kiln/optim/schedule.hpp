@@ -1,28 +1,47 @@
 // kiln/optim/schedule.hpp — learning-rate schedules with warmup, and their binding to an
 // optimizer.
 //
-// Spec: a *schedule* is a value type with `double factor(std::int64_t t) const`, the
-// multiplier of each group's base learning rate after t scheduler steps (t = 0 before the
-// first step). Provided: constant, linear, cosine, step_decay, exponential, and
-// warmup<Decay> (linear ramp from start_factor to 1 over `steps`, then Decay counted from
-// the end of the warmup — Hugging Face's get_*_schedule_with_warmup semantics).
-// reduce_on_plateau is stateful: it is fed a monitored metric and cuts the rate by
-// `factor` after `patience` checks without improvement (torch's ReduceLROnPlateau with
-// threshold_mode "rel").
+// Spec: a *schedule* (concept optim::schedule<S>) is a copyable value type with
+//   double factor(std::int64_t t) const   the multiplier of each group's base learning
+//                                         rate after t scheduler steps (t = 0 before the
+//                                         first step).
+// Optional capabilities: the schedule declares `static constexpr bool NAME = true;` and
+// has the members NAME requires; the trainer and the checkpoint code ask schedule_traits<S>.
+//   monitored          update(double metric): before each of its steps the trainer feeds
+//                      it the latest value of schedule_options::monitor (with_schedule
+//                      refuses an empty name; a metric not logged is an error naming it)
+//   checkpoints_state  save_state(io::json&) const, load_state(const io::json&): the state
+//                      a resume needs beside t and the base rates (load_state throws on a
+//                      malformed section before the trainer changes anything)
+// check_schedule<S>() is the compile-time check (a message naming the missing member).
+// Provided: constant, linear, cosine, step_decay, exponential, and warmup<Decay> (linear
+// ramp from start_factor to 1 over `steps`, then Decay counted from the end of the warmup
+// — Hugging Face's get_*_schedule_with_warmup semantics). reduce_on_plateau is monitored
+// and checkpoints its state: it cuts the rate by `factor` after `patience` checks without
+// improvement (torch's ReduceLROnPlateau with threshold_mode "rel").
 // scheduled<O, S> pairs an optimizer with a schedule and says when the trainer steps it:
 // every `frequency` optimizer steps (interval::step) or epochs (interval::epoch).
-// Ensures: the rate is a pure function of (base rates, t) for factor schedules, so a
-// resumed run that restores t continues on the same curve.
+// Ensures: the rate is a pure function of (base rates, t) for schedules without state, so
+// a resumed run that restores t continues on the same curve.
 #pragma once
 
 #include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <limits>
 #include <numbers>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "kiln/core/capability.hpp"
 #include "kiln/core/error.hpp"
+#include "kiln/core/type_name.hpp"
+
+namespace kiln::io {
+class json;
+}  // namespace kiln::io
 
 namespace kiln::optim {
 
@@ -75,14 +94,43 @@ struct warmup {
 };
 
 template <class S>
-concept factor_schedule = requires(const S& s, std::int64_t t) {
+concept schedule = std::copyable<S> && requires(const S& s, std::int64_t t) {
   { s.factor(t) } -> std::convertible_to<double>;
 };
+
+// The capabilities S declares (false for each it does not).
+template <class S>
+struct schedule_traits {
+  static constexpr bool monitored = KILN_DECLARED_CAPABILITY(S, monitored);
+  static constexpr bool checkpoints_state = KILN_DECLARED_CAPABILITY(S, checkpoints_state);
+};
+
+// The compile-time check of a schedule; true when it passes.
+template <class S>
+constexpr bool check_schedule() {
+  static_assert(schedule<S>,
+                "kiln::optim::with_schedule(optimizer, schedule): the schedule is not a schedule "
+                "(kiln/optim/schedule.hpp). A schedule is a copyable value type with "
+                "`double factor(std::int64_t t) const`, the multiplier of the base learning rates after t steps");
+  static_assert(
+      !schedule_traits<S>::monitored || requires(S & s) { s.update(1.0); },
+      "kiln::optim: this schedule declares monitored but has no update(double metric)");
+  static_assert(
+      !schedule_traits<S>::checkpoints_state || requires(const S& s, io::json& j) { s.save_state(j); },
+      "kiln::optim: this schedule declares checkpoints_state but has no save_state(kiln::io::json&) const");
+  static_assert(
+      !schedule_traits<S>::checkpoints_state || requires(S & s, const io::json& j) { s.load_state(j); },
+      "kiln::optim: this schedule declares checkpoints_state but has no load_state(const kiln::io::json&)");
+  return true;
+}
 
 enum class plateau_mode { min, max };
 
 // torch.optim.lr_scheduler.ReduceLROnPlateau (threshold_mode "rel").
 struct reduce_on_plateau {
+  static constexpr bool monitored = true;
+  static constexpr bool checkpoints_state = true;
+
   plateau_mode mode = plateau_mode::min;
   double factor_on_plateau = 0.1;
   std::int64_t patience = 10;
@@ -122,6 +170,26 @@ struct reduce_on_plateau {
     }
     return false;
   }
+
+  // The state fields, as a checkpoint's schedule section holds them (Json: io::json).
+  template <class Json>
+  void save_state(Json& j) const {
+    j.set("current", current);
+    j.set("best", best);
+    j.set("bad_checks", bad_checks);
+    j.set("cooldown_left", cooldown_left);
+  }
+  template <class Json>
+  void load_state(const Json& j) {
+    const double c = j.at("current").as_double();
+    const double b = j.at("best").as_double();
+    const std::int64_t bad = j.at("bad_checks").as_int();
+    const std::int64_t cool = j.at("cooldown_left").as_int();
+    current = c;
+    best = b;
+    bad_checks = bad;
+    cooldown_left = cool;
+  }
 };
 
 enum class interval { step, epoch };
@@ -129,7 +197,7 @@ enum class interval { step, epoch };
 struct schedule_options {
   interval every = interval::step;
   std::int64_t frequency = 1;
-  std::string monitor;  // reduce_on_plateau only: the metric fed to update()
+  std::string monitor;  // monitored schedules only: the metric fed to update()
 };
 
 // An optimizer and its schedule, as configure_optimizers() may return them.
@@ -159,10 +227,11 @@ struct scheduled {
 
 template <class O, class S>
 scheduled<O, S> with_schedule(O optimizer, S schedule, schedule_options options = {}) {
+  static_assert(check_schedule<S>());
   KILN_CHECK(options.frequency >= 1, "with_schedule: frequency = ", options.frequency, ", expected >= 1");
-  if constexpr (std::is_same_v<S, reduce_on_plateau>)
-    KILN_CHECK(!options.monitor.empty(),
-               "with_schedule: reduce_on_plateau needs schedule_options.monitor (the metric name to watch)");
+  if constexpr (schedule_traits<S>::monitored)
+    KILN_CHECK(!options.monitor.empty(), "with_schedule: ", type_name<S>(),
+               " needs schedule_options.monitor (the metric name to watch)");
   return {std::move(optimizer), std::move(schedule), std::move(options)};
 }
 

@@ -34,10 +34,6 @@ struct direct {
     return model;
   }
   bool overflowed() const { return false; }
-  template <class M>
-  std::int64_t plan_bytes(M&) const {
-    return 0;
-  }
 };
 }  // namespace detail
 

@@ -86,8 +86,12 @@ template <floating_element Half, class Scaler, class Derived, device Dev>
 class mixed {
  public:
   using param_type = Half;
+  // Capabilities (precision/policy.hpp).
   static constexpr bool scaled = !std::is_same_v<Scaler, no_loss_scaling>;
   static constexpr bool keeps_masters = true;
+  static constexpr bool flags_non_finite = true;
+  static constexpr bool keeps_device_state = true;  // Derived::on_device<D>
+  static constexpr bool checkpoints_state = true;
 
   bool check_finite = true;  // bf16: a non-finite loss or gradient is an error (f16: an overflow)
   Scaler scaler{};

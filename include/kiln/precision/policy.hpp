@@ -1,31 +1,46 @@
-// kiln/precision/policy.hpp — what a precision policy is, and what they share.
+// kiln/precision/policy.hpp — the Precision slot of kiln::trainer: what a precision
+// policy is, and what the policies share.
 //
-// Spec: a *precision policy* fills the Precision slot of kiln::trainer. It owns how the
-// loss becomes gradients and how those reach the optimizer:
-//   param_type            the element type the module's parameters (and so its
-//                         activations) have: f32, bf16 or f16. param_t<P> names it, so a
-//                         module written as a template over its element type is spelled
-//                         `classifier<kiln::precision::param_t<P>>`;
-//   optimizer_t<O>        the optimizer the trainer keeps for the O configure_optimizers()
-//                         returned (the mixed policies rebind it to f32 master copies);
-//   setup(model)          after configure_model (and a resume's weights), before
-//                         configure_optimizers: the mixed policies create their masters;
-//   adapt(O&&)            turns the user's optimizer into optimizer_t<O>;
-//   backward(loss, w, m)  runs backward with seed w·S (S the loss scale, 1 without one);
-//   unscale(m, factor)    once per optimizer step, before clipping and
-//                         on_before_optimizer_step: gradients times factor / S, in f32;
-//   master_parameters(m)  the module whose gradients the optimizer steps — the model
-//                         itself, or the f32 masters (same names) — for clipping, norms
-//                         and nan checks;
-//   step(opt, m)          steps, or skips on a loss-scale overflow and returns false;
-//   overflowed()          true between an overflow's unscale and its skipped step;
-//   plan_bytes(m)         master values and gradients it adds, for trainer.plan();
-//   check_module<M>()     compile-time rules on the module (static_asserts);
-//   on_device<D>          (policies with device state) the policy with that state on
-//                         device D: the trainer keeps Policy::on_device<its strategy's
-//                         device> (bf16_mixed on single_device<cuda>: masters on cuda).
-// Stateful policies add save_state/load_state (checkpoint sections) so a resume continues
-// the loss scale and the rounding stream exactly.
+// Spec: a *precision policy* (concept precision::policy<P>) owns how the loss becomes
+// gradients and how those reach the optimizer.
+//   Requires, of every policy:
+//     name                  a string literal naming it ("fp32"), for logs and checkpoints
+//     param_type            the element type the module's parameters (and so its
+//                           activations) have: f32, bf16 or f16. param_t<P> names it, so a
+//                           module written as a template over its element type is spelled
+//                           `classifier<kiln::precision::param_t<P>>`
+//     P{}                   default construction (the trainer holds one)
+//     check_module<M>()     compile-time rules on the module (static_asserts)
+//     setup(model)          after configure_model (and a resume's weights), before
+//                           configure_optimizers: the mixed policies create their masters
+//     backward(loss, w, m)  runs backward with seed w·S (S the loss scale, 1 without one)
+//     unscale(m, factor)    once per optimizer step, before clipping and
+//                           on_before_optimizer_step: gradients times factor / S, in f32
+//     master_parameters(m)  the module whose gradients the optimizer steps: the model
+//                           itself (m, by reference) unless the policy keeps_masters
+//     overflowed()          true between an overflow's unscale and its skipped step
+//     optimizer_t<O>        the optimizer the trainer keeps for the O configure_optimizers()
+//                           returned, adapt(O&&) -> optimizer_t<O> builds it, and
+//                           step(opt, m) -> bool steps it (false: skipped on an overflow);
+//                           checked with the user's optimizer (check_optimizer<P, O>())
+//   Optional capabilities: the policy declares `static constexpr bool NAME = true;` and has
+//   the members NAME requires; the trainer calls them only when it is declared.
+//     keeps_masters         finish_gradients(m): the optimizer steps separate f32 masters
+//                           (master_parameters(m) returns them, same names); the trainer
+//                           folds the window's last micro-batch in before reducing
+//     scaled                scale() -> double: the loss is multiplied by a loss scale, so
+//                           a non-finite gradient is an overflow to skip, not an error
+//     flags_non_finite      non_finite_gradients() -> bool, mark_non_finite_gradients():
+//                           ranks agree on a non-finite gradient so they skip together
+//     keeps_device_state    `template <device D> using on_device`: the policy with its
+//                           state on D; the trainer keeps P::on_device<its strategy's
+//                           device> (bf16_mixed on single_device<cuda>: masters on cuda)
+//     checkpoints_state     save_state(const train::checkpoint_out&), load_state(const
+//                           train::checkpoint_in&): a "precision" section in checkpoints, so
+//                           a resume continues the loss scale and the rounding stream exactly
+//   traits<P> reads the declarations (false where P declares nothing); check<P>() is the
+//   compile-time check the trainer runs (a message listing the requirements, or naming
+//   the member a declared capability lacks).
 // A non-finite loss or gradient under fp32 and bf16 is an error naming the first
 // offending parameter (check_finite, on by default); under f16_mixed it is the overflow
 // signal that the loss scaler handles.
@@ -36,18 +51,133 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kiln/autograd/var.hpp"
+#include "kiln/core/capability.hpp"
 #include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/error.hpp"
 #include "kiln/nn/module.hpp"
+
+namespace kiln::train {
+class checkpoint_out;
+class checkpoint_in;
+}  // namespace kiln::train
 
 namespace kiln::precision {
 
 template <class P>
 using param_t = typename P::param_type;
+
+template <class P>
+concept policy = std::default_initializable<P> && requires {
+  { P::name } -> std::convertible_to<std::string_view>;
+  typename P::param_type;
+  P::template check_module<nn::empty_module>();
+} && floating_element<typename P::param_type> && requires(P& p, const P& cp, nn::empty_module& m, var<f32> loss) {
+  p.setup(m);
+  p.backward(loss, 1.0, m);
+  p.unscale(m, 1.0);
+  p.master_parameters(m);
+  { cp.overflowed() } -> std::convertible_to<bool>;
+};
+
+// The capabilities P declares (false for each it does not).
+template <class P>
+struct traits {
+  static constexpr bool keeps_masters = KILN_DECLARED_CAPABILITY(P, keeps_masters);
+  static constexpr bool scaled = KILN_DECLARED_CAPABILITY(P, scaled);
+  static constexpr bool flags_non_finite = KILN_DECLARED_CAPABILITY(P, flags_non_finite);
+  static constexpr bool keeps_device_state = KILN_DECLARED_CAPABILITY(P, keeps_device_state);
+  static constexpr bool checkpoints_state = KILN_DECLARED_CAPABILITY(P, checkpoints_state);
+};
+
+// The compile-time check of a Precision policy; true when it passes.
+template <class P>
+constexpr bool check() {
+  static_assert(policy<P>,
+                "kiln::trainer<Module, Strategy, Precision, ...>: Precision is not a precision policy "
+                "(kiln/precision/policy.hpp). A precision policy needs: `static constexpr const char* name`, "
+                "`using param_type` (f32, bf16 or f16), default construction, `template <class M> static "
+                "constexpr void check_module()`, setup(model), backward(loss, weight, model), unscale(model, "
+                "factor), master_parameters(model), overflowed() -> bool, and for the optimizer "
+                "`template <class O> using optimizer_t`, adapt(O&&) and step(optimizer, model) -> bool; "
+                "kiln::precision::fp32 is the simplest");
+  if constexpr (policy<P>) {
+    using T = traits<P>;
+    static_assert(
+        !T::keeps_masters || requires(P & p, nn::empty_module & m) { p.finish_gradients(m); },
+        "kiln::precision: this policy declares keeps_masters but has no finish_gradients(model) (the "
+        "window's last micro-batch folded into the masters before the strategy reduces them)");
+    static_assert(
+        !T::scaled ||
+            requires(const P& p) {
+              { p.scale() } -> std::convertible_to<double>;
+            },
+        "kiln::precision: this policy declares scaled but has no scale() -> double (the loss scale)");
+    static_assert(
+        !T::flags_non_finite ||
+            requires(P & p, const P& cp) {
+              { cp.non_finite_gradients() } -> std::convertible_to<bool>;
+            },
+        "kiln::precision: this policy declares flags_non_finite but has no non_finite_gradients() -> bool");
+    static_assert(
+        !T::flags_non_finite || requires(P & p) { p.mark_non_finite_gradients(); },
+        "kiln::precision: this policy declares flags_non_finite but has no mark_non_finite_gradients()");
+    static_assert(
+        !T::keeps_device_state || requires { typename P::template on_device<cpu>; },
+        "kiln::precision: this policy declares keeps_device_state but has no "
+        "`template <kiln::device D> using on_device` (the policy with its state on D)");
+    static_assert(
+        !T::checkpoints_state || requires(P & p, const train::checkpoint_out& o) { p.save_state(o); },
+        "kiln::precision: this policy declares checkpoints_state but has no "
+        "save_state(const kiln::train::checkpoint_out&)");
+    static_assert(
+        !T::checkpoints_state || requires(P & p, const train::checkpoint_in& i) { p.load_state(i); },
+        "kiln::precision: this policy declares checkpoints_state but has no "
+        "load_state(const kiln::train::checkpoint_in&)");
+  }
+  return true;
+}
+
+// What the trainer asks of P for its module M: P's own rules on M (check_module), and
+// master_parameters(m) being m itself unless P declares keeps_masters.
+template <class P, class M>
+constexpr bool check_for_module() {
+  P::template check_module<M>();
+  static_assert(traits<P>::keeps_masters ||
+                    std::is_same_v<decltype(std::declval<P&>().master_parameters(std::declval<M&>())), M&>,
+                "kiln::precision: this policy does not declare keeps_masters, so master_parameters(model) must "
+                "return the model itself; a policy whose optimizer steps separate master weights declares "
+                "`static constexpr bool keeps_masters = true;`");
+  return true;
+}
+
+// What the trainer asks of P for the optimizer O configure_optimizers() returned (checked
+// where it builds the optimizers, with the user's type).
+template <class P, class O>
+constexpr bool check_optimizer() {
+  static_assert(
+      requires { typename P::template optimizer_t<O>; },
+      "kiln::precision: the precision policy has no `template <class O> using optimizer_t` (the optimizer "
+      "it keeps for the one configure_optimizers() returned)");
+  if constexpr (requires { typename P::template optimizer_t<O>; }) {
+    static_assert(
+        requires(P & p, O && o) {
+          { p.adapt(std::move(o)) } -> std::convertible_to<typename P::template optimizer_t<O>>;
+        },
+        "kiln::precision: the precision policy has no adapt(O&&) -> optimizer_t<O>");
+    static_assert(
+        requires(P & p, typename P::template optimizer_t<O> & o, nn::empty_module & m) {
+          { p.step(o, m) } -> std::convertible_to<bool>;
+        },
+        "kiln::precision: the precision policy has no step(optimizer, model) -> bool");
+  }
+  return true;
+}
 
 // A module's element type when its type says it: a member `element_type`, or a template
 // over one floating element type (`classifier<bf16>`), alone or with a device

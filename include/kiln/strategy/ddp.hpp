@@ -50,6 +50,7 @@
 #include "kiln/strategy/buffers.hpp"
 #include "kiln/strategy/memory.hpp"
 #include "kiln/strategy/reduce.hpp"
+#include "kiln/strategy/strategy.hpp"
 
 namespace kiln::strategy {
 
@@ -127,6 +128,9 @@ class distributed {
 
  public:
   using device_type = Dev;
+  // Capability (strategy/strategy.hpp): agree, broadcast_string, abort_job.
+  static constexpr bool coordinates_ranks = true;
+
   template <class M>
   void setup(M& model) {
     broadcast_parameters(model);
@@ -433,6 +437,9 @@ template <comm::communicator Comm, device Dev = cpu>
 class ddp : public detail::distributed<Comm, Dev> {
  public:
   static constexpr const char* name = "ddp";
+  // Capabilities (strategy/strategy.hpp).
+  static constexpr bool overlaps_backward = true;  // listen_for_backward
+  static constexpr bool plans_memory = true;       // memory_sharding, communication_plan
 
   ddp() = default;
   explicit ddp(ddp_options o) : opt_(o), reducer_(o.bucket_cap_mb) {}

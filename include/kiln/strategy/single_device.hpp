@@ -1,16 +1,13 @@
 // kiln/strategy/single_device.hpp — the strategy of one process on one device.
 //
-// Spec: a *strategy* owns where the model lives and how gradients and metrics are
-// combined across processes. The trainer calls, in order: setup(model) once before the
-// first step; reduce_gradients(model) after the last backward of an accumulation window
-// and before on_before_optimizer_step; reduce(value, op) for log(..., sync_dist);
-// barrier() where ranks must meet. rank()/world_size()/is_global_zero() decide who writes
-// logs and checkpoints. single_device is the identity for all of these; ddp and zero
-// (a later issue) fill them in without touching the loop.
+// Spec: single_device<Dev> satisfies strategy::policy (kiln/strategy/strategy.hpp has the
+// slot) with the identity for everything: rank 0 of 1, nothing to reduce, no barrier to
+// wait at. It declares no optional capability.
 #pragma once
 
 #include "kiln/core/device.hpp"
 #include "kiln/strategy/reduce.hpp"
+#include "kiln/strategy/strategy.hpp"
 
 namespace kiln::strategy {
 

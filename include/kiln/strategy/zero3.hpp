@@ -24,8 +24,8 @@
 // Between steps a rank therefore holds parameters, gradients and optimizer state of its
 // 1/world range only; within a step, the root unit plus the unit in use (with its
 // gradients during its backward). Unscaling, norm clipping (a global norm: one
-// all-reduce) and the finite check act on the segments (the trainer asks the optimizer
-// for them), so the trajectory is single_device's up to float order.
+// all-reduce) and the finite check act on the segments (stepped_parameters(optimizer)),
+// so the trajectory is single_device's up to float order.
 // Checkpoints gather the whole parameters for the capture and release them after; the
 // optimizer state is written as zero<1|2> writes it (each rank its range), so a zero<3>
 // checkpoint loads into any world size and any strategy. When fit ends the parameters
@@ -70,8 +70,12 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
   using offload_type = Offload;
   static constexpr int stage = 3;
   static constexpr const char* name = "zero3";
-  static constexpr bool shards_gradients = true;
-  static constexpr bool shards_parameters = true;
+  // Capabilities (strategy/strategy.hpp).
+  static constexpr bool shards_gradients = true;   // clip_grad_norm over the segments
+  static constexpr bool adapts_optimizers = true;  // optimizer_t, adapt: sharded_optimizer
+  static constexpr bool shards_parameters = true;  // before_forward, stepped_parameters, full_parameters,
+                                                   // finish, abandon
+  static constexpr bool plans_memory = true;       // memory_sharding, communication_plan
 
   template <class O>
   using optimizer_t = sharded_optimizer<std::remove_cvref_t<O>, Comm, Offload>;
@@ -107,6 +111,12 @@ class zero<3, Comm, Offload, Dev> : public detail::distributed<Comm, Dev> {
     return s;
   }
 
+  // What the optimizer it adapted steps: this rank's segments, as a module named
+  // "fc1.weight[lo:hi]" (what unscaling, clipping and the finite check act on).
+  template <class O>
+  auto stepped_parameters(O& optimizer) {
+    return optimizer.segment_parameters();
+  }
   // The root unit, gathered before a step's (or an evaluation's) forward.
   void before_forward() {
     if (active_) ensure(0);

@@ -3,8 +3,8 @@
 // Spec: checkpointing<Trainer>::capture() writes everything a run needs to continue
 // bit for bit (kiln/io/checkpoint.hpp has the file layout):
 //   model parameters; each optimizer's state tensors, counters and per-group learning
-//   rates; each schedule's step count, base rates and (reduce_on_plateau) its state; the
-//   precision and strategy policies' state when they have any (the loss scaler); the loop
+//   rates; each schedule's step count, base rates and (checkpoints_state) its state; the
+//   precision and strategy policies' state when they declare checkpoints_state; the loop
 //   position (epoch, next batch within it — the data loader's sampler order is a pure
 //   function of (seed, epoch), so the position is the loader's whole state), global_step,
 //   micro_batches, the accumulation factor and an open accumulation window with its
@@ -38,6 +38,8 @@
 #include "kiln/nn/weights.hpp"
 #include "kiln/optim/optimizer.hpp"
 #include "kiln/optim/schedule.hpp"
+#include "kiln/precision/policy.hpp"
+#include "kiln/strategy/strategy.hpp"
 #include "kiln/train/checkpoint_io.hpp"
 #include "kiln/train/hooks.hpp"
 #include "kiln/train/metrics.hpp"
@@ -115,12 +117,14 @@ inline std::optional<std::filesystem::path> find_checkpoint(std::string_view whi
 template <class Trainer>
 struct checkpointing {
   using module_type = typename Trainer::module_type;
+  using strategy_traits = strategy::traits<typename Trainer::strategy_type>;
+  using precision_traits = precision::traits<typename Trainer::precision_type>;
 
   // ---- keys ----
   template <class C>
   static std::string callback_key() {
-    if constexpr (requires { C::state_key; })
-      return std::string(C::state_key);
+    if constexpr (!callback_traits<C>::state_key.empty())
+      return std::string(callback_traits<C>::state_key);
     else
       return type_name<C>();
   }
@@ -133,10 +137,10 @@ struct checkpointing {
         [&](auto&... c) {
           (
               [&](auto& cb) {
-                if constexpr (requires { cb.resume_dir(); })
+                if constexpr (callback_traits<std::remove_cvref_t<decltype(cb)>>::tracks_checkpoints) {
                   if (!cb.resume_dir().empty()) dirs.push_back(cb.resume_dir());
-                if constexpr (requires { cb.best_model_path; })
                   if (best.empty()) best = cb.best_model_path;
+                }
               }(c),
               ...);
         },
@@ -213,11 +217,11 @@ struct checkpointing {
     doc.set("metrics", std::move(met));
 
     // Policies, callbacks, module.
-    if constexpr (requires(typename Trainer::precision_type & p, const checkpoint_out& o) { p.save_state(o); }) {
+    if constexpr (precision_traits::checkpoints_state) {
       io::json& sec = doc.set("precision", io::json::object());
       t.precision_.save_state(checkpoint_out(w, sec, "precision/"));
     }
-    if constexpr (requires(typename Trainer::strategy_type & p, const checkpoint_out& o) { p.save_state(o); }) {
+    if constexpr (strategy_traits::checkpoints_state) {
       io::json& sec = doc.set("strategy", io::json::object());
       t.strategy_.save_state(checkpoint_out(w, sec, "strategy/"));
     }
@@ -240,9 +244,9 @@ struct checkpointing {
     std::snprintf(
         tag, sizeof tag, "step%lld-%llx", static_cast<long long>(t.state_.global_step),
         static_cast<unsigned long long>(std::chrono::system_clock::now().time_since_epoch().count()) & 0xffffffffffULL);
-    // zero<3>: the whole parameters for the capture (a collective; released after).
+    // Sharded parameters: whole for the capture (a collective; released after).
     [[maybe_unused]] auto whole = [&] {
-      if constexpr (requires { t.strategy_.full_parameters(); })
+      if constexpr (strategy_traits::shards_parameters)
         return t.strategy_.full_parameters();
       else
         return 0;
@@ -381,12 +385,12 @@ struct checkpointing {
       (apply_optimizer(std::get<I>(*t.optimizers_), std::get<I>(staged)), ...);
     }
     (std::make_index_sequence<Trainer::num_optimizers>{});
-    if constexpr (requires(typename Trainer::precision_type & p, const checkpoint_in& i) { p.load_state(i); }) {
+    if constexpr (precision_traits::checkpoints_state) {
       const io::json empty = io::json::object();
       const io::json* sec = doc.find("precision");
       t.precision_.load_state(checkpoint_in(r.file(), sec ? *sec : empty, "precision/"));
     }
-    if constexpr (requires(typename Trainer::strategy_type & p, const checkpoint_in& i) { p.load_state(i); }) {
+    if constexpr (strategy_traits::checkpoints_state) {
       const io::json empty = io::json::object();
       const io::json* sec = doc.find("strategy");
       t.strategy_.load_state(checkpoint_in(r.file(), sec ? *sec : empty, "strategy/"));
@@ -561,12 +565,7 @@ struct checkpointing {
       io::json base = io::json::array();
       for (double b : so.base) base.push_back(b);
       s.set("base", std::move(base));
-      if constexpr (std::is_same_v<S, optim::reduce_on_plateau>) {
-        s.set("current", so.schedule.current);
-        s.set("best", so.schedule.best);
-        s.set("bad_checks", so.schedule.bad_checks);
-        s.set("cooldown_left", so.schedule.cooldown_left);
-      }
+      if constexpr (optim::schedule_traits<S>::checkpoints_state) so.schedule.save_state(s);
       j.set("schedule", std::move(s));
     }
     return j;
@@ -590,7 +589,7 @@ struct checkpointing {
     std::vector<double> lr;
     std::optional<std::int64_t> t;
     std::vector<double> base;
-    io::json plateau;
+    std::optional<std::remove_cvref_t<decltype(std::declval<SO&>().schedule)>> schedule;  // checkpoints_state
   };
   template <class SO>
   static staged_optimizer<SO> stage_optimizer(const io::checkpoint_reader& r, SO& so, const io::json& j,
@@ -644,12 +643,9 @@ struct checkpointing {
       for (auto& v : sj->at("base").as_array()) s.base.push_back(v.as_double(where + " schedule base"));
       KILN_CHECK(s.base.size() == o.num_groups(), where, ": schedule base rates for ", s.base.size(),
                  " groups, the optimizer has ", o.num_groups());
-      if constexpr (std::is_same_v<S, optim::reduce_on_plateau>) {
-        s.plateau = *sj;
-        (void)s.plateau.at("current").as_double();
-        (void)s.plateau.at("best").as_double();
-        (void)s.plateau.at("bad_checks").as_int();
-        (void)s.plateau.at("cooldown_left").as_int();
+      if constexpr (optim::schedule_traits<S>::checkpoints_state) {
+        s.schedule = so.schedule;  // the live schedule with the checkpoint's state (throws on a bad one)
+        s.schedule->load_state(*sj);
       }
     }
     return s;
@@ -662,12 +658,7 @@ struct checkpointing {
       if constexpr (!std::is_same_v<S, no_schedule>) {
         so.t = *s.t;
         so.base = s.base;
-        if constexpr (std::is_same_v<S, optim::reduce_on_plateau>) {
-          so.schedule.current = s.plateau.at("current").as_double();
-          so.schedule.best = s.plateau.at("best").as_double();
-          so.schedule.bad_checks = s.plateau.at("bad_checks").as_int();
-          so.schedule.cooldown_left = s.plateau.at("cooldown_left").as_int();
-        }
+        if constexpr (optim::schedule_traits<S>::checkpoints_state) so.schedule = std::move(*s.schedule);
       }
       for (std::size_t g = 0; g < s.lr.size(); ++g) so.optimizer.set_lr(g, s.lr[g]);
     }

@@ -1,15 +1,23 @@
 // kiln/train/concepts.hpp — what the trainer asks of a module, a loader and a datamodule.
 //
 // Spec:
-//   training module (concept train::trainable<M, Ctx, Batch>): has
-//       training_step(ctx, const Batch&) returning the batch's *mean* loss as a scalar
-//       var<float>, or a step_output {loss, items}; with automatic optimisation the
-//       trainer runs backward and the optimizer step. Optional, detected at compile time:
-//       validation_step, test_step, predict_step (same arguments), configure_optimizers()
-//       and every lifecycle hook in kiln::hook. A module opts into manual optimisation
-//       with `static constexpr bool automatic_optimization = false;` and then steps its own
-//       optimizers through ctx (ctx.optimizer<I>(), ctx.manual_backward(loss),
-//       ctx.optimizer_step<I>()).
+//   module (the Module slot; concept train::trainable<M, Ctx, Batch> for one batch type):
+//       a class whose parameters nn::visit_parameters finds (for_each_child, or a
+//       Boost.Hana struct), with
+//         training_step(ctx, const Batch&)  the batch's *mean* loss as a scalar var<float>,
+//                                           or a step_output {loss, items}; with automatic
+//                                           optimisation the trainer runs backward and the
+//                                           optimizer step
+//         configure_optimizers()            (for fit) an optimizer, optim::with_schedule(
+//                                           optimizer, schedule), or a std::tuple of them
+//       Optional members, detected at compile time: validation_step, test_step,
+//       predict_step (same arguments as training_step), hparams(), every lifecycle hook
+//       in kiln::hook (a member named like a hook with the wrong signature is an error),
+//       element_type / precision_requirement (precision/policy.hpp).
+//       Capability, read by module_traits<M>: automatic_optimization (true unless the
+//       module declares `static constexpr bool automatic_optimization = false;`, and then
+//       it steps its own optimizers through ctx: ctx.optimizer<I>(),
+//       ctx.manual_backward(loss), ctx.optimizer_step<I>()).
 //   loader (concept train::loader<L>): l.size() batches per epoch and l.epoch(e, first)
 //       an input range of batches — kiln::data::data_loader satisfies it.
 //   datamodule (concept train::datamodule<D>): at least train_loader(); optional
@@ -72,13 +80,24 @@ double batch_items(const B& b) {
     return 1.0;
 }
 
+// What a module declares (automatic_optimization: true unless it says false).
 template <class M>
-constexpr bool automatic_optimization_of() {
-  if constexpr (requires { M::automatic_optimization; })
-    return M::automatic_optimization;
-  else
-    return true;
-}
+struct module_traits {
+  static constexpr bool automatic_optimization = [] {
+    if constexpr (requires {
+                    { M::automatic_optimization } -> std::convertible_to<bool>;
+                  })
+      return static_cast<bool>(M::automatic_optimization);
+    else
+      return true;
+  }();
+};
+
+// A module that trains on batches of type Batch with the context Ctx.
+template <class M, class Ctx, class Batch>
+concept trainable = requires(M& m, Ctx& c, const Batch& b) {
+  m.training_step(c, b);
+};
 
 template <class M>
 concept has_configure_optimizers = requires(M& m) {

@@ -63,6 +63,12 @@ struct loop_state {
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
 };
 
+// The trainer's parts that context calls into (train/step.hpp, train/hook_dispatch.hpp).
+template <class Trainer>
+struct stepper;
+template <class Trainer>
+struct hook_dispatch;
+
 template <class Trainer>
 class context {
  public:
@@ -124,11 +130,13 @@ class context {
   const std::string& stop_reason() const { return st().stop_reason; }
 
   // --- logging ---
-  void log(const std::string& name, double value, const log_options& o = {}) { t_->log_value(name, value, o); }
+  void log(const std::string& name, double value, const log_options& o = {}) {
+    hook_dispatch<Trainer>::log_value(*t_, name, value, o);
+  }
   template <class T, class D>
   void log(const std::string& name, const var<T, D>& v, const log_options& o = {}) {
     KILN_CHECK(v.numel() == 1, "log('", name, "'): expected a scalar, got a tensor of shape ", v.shape().str());
-    t_->log_value(name, item(v.value()), o);
+    hook_dispatch<Trainer>::log_value(*t_, name, item(v.value()), o);
   }
   const std::map<std::string, double>& callback_metrics() const { return t_->board_.latest; }
   const std::vector<std::pair<std::string, double>>& progress_bar_metrics() const { return t_->board_.bar; }
@@ -172,17 +180,17 @@ class context {
   // Runs on_before_backward, backward, on_after_backward for `loss`.
   template <class T, class D>
   void manual_backward(const var<T, D>& loss) {
-    t_->backward_with_hooks(loss, 1.0);
+    stepper<Trainer>::manual_backward(*t_, loss, 1.0);
   }
   // Runs on_before_optimizer_step, steps optimizer I, and advances global_step.
   template <std::size_t I = 0>
   void optimizer_step() {
-    t_->template manual_optimizer_step<I>();
+    stepper<Trainer>::template manual_optimizer_step<I>(*t_);
   }
   // Advances optimizer I's schedule by one step.
   template <std::size_t I = 0>
   void scheduler_step() {
-    t_->template advance_schedule<I>();
+    stepper<Trainer>::template advance_schedule<I>(*t_);
   }
 
  private:

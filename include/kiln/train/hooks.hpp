@@ -6,22 +6,38 @@
 // batch-level hooks, and return void or kiln::train::control (control::stop ends the
 // fit gracefully: the current point finishes, end hooks still run).
 //
-//   callbacks: a callback lists the hooks it implements,
+//   callbacks: the Callbacks... slots of kiln::trainer (concept kiln::callback<C>): an
+//              object type that lists the hooks it implements,
 //                using hooks = kiln::hook_list<kiln::hook::on_train_epoch_end, ...>;
 //              a listed hook without a member callable with the expected signature is a
 //              compile error naming the hook and the signature; a member named like a
 //              hook but not listed is a compile error too (never a silent skip).
 //              A callback may instead implement `invoke(hook_tag<H>, ctx, args...)` to receive
 //              every listed hook through one generic entry point (lambda_callback does).
+//              Optional, declared by the callback and read by callback_traits<C>:
+//                monitors            (a capability) it fires after every other callback,
+//                                    and after the module at on_train_epoch_end and
+//                                    on_validation_end, so the metrics it watches are
+//                                    complete (early_stopping, model_checkpoint)
+//                tracks_checkpoints  (a capability) resume_dir() and best_model_path:
+//                                    where fit(..., "last") looks first, and what "best"
+//                                    resolves to (model_checkpoint)
+//                state_key           a string naming its checkpoint section (else its
+//                                    type name)
+//              check_callback<C>() is the compile-time check the trainer runs.
 //   modules:   lifecycle hooks are optional and detected with a requires-expression; a
 //              non-template member named like a hook that does not accept the hook's
 //              arguments is a compile error naming the expected signature.
 // Ensures: a hook that is not implemented costs nothing (no call, no virtual dispatch).
 #pragma once
 
+#include <concepts>
+#include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
+
+#include "kiln/core/capability.hpp"
 
 namespace kiln::train {
 
@@ -69,6 +85,36 @@ concept declares_hooks = requires {
 // A callback is any object-type that declares the hooks it implements.
 template <class C>
 concept callback = std::is_object_v<C> && declares_hooks<C>;
+
+// What a callback declares beyond its hooks (false / empty for what it does not).
+template <class C>
+struct callback_traits {
+  static constexpr bool monitors = KILN_DECLARED_CAPABILITY(C, monitors);
+  static constexpr bool tracks_checkpoints = KILN_DECLARED_CAPABILITY(C, tracks_checkpoints);
+  static constexpr std::string_view state_key = [] {
+    if constexpr (requires { std::string_view(C::state_key); })
+      return std::string_view(C::state_key);
+    else
+      return std::string_view{};
+  }();
+};
+
+// The compile-time check of a callback; true when it passes.
+template <class C>
+constexpr bool check_callback() {
+  static_assert(callback<C>,
+                "kiln::trainer<Module, Strategy, Precision, Callbacks...>: every type after the precision policy "
+                "must be a callback, i.e. declare `using hooks = kiln::hook_list<...>`");
+  static_assert(
+      !callback_traits<C>::tracks_checkpoints ||
+          requires(const C& c) {
+            { c.resume_dir() } -> std::convertible_to<std::string>;
+            { c.best_model_path } -> std::convertible_to<std::string>;
+          },
+      "kiln: this callback declares tracks_checkpoints but lacks resume_dir() -> std::string or a "
+      "std::string best_model_path");
+  return true;
+}
 
 namespace hook {
 

@@ -11,6 +11,8 @@
 #include <utility>
 
 #include "kiln/optim/schedule.hpp"
+#include "kiln/precision/policy.hpp"
+#include "kiln/strategy/strategy.hpp"
 #include "kiln/train/checkpointing.hpp"
 #include "kiln/train/concepts.hpp"
 
@@ -23,6 +25,12 @@ struct as_scheduled {
 };
 template <class O, class S>
 struct as_scheduled<optim::scheduled<O, S>> {
+  static_assert([] {
+    if constexpr (std::is_same_v<S, no_schedule>)
+      return true;
+    else
+      return optim::check_schedule<S>();
+  }());
   using type = optim::scheduled<O, S>;
   static type make(optim::scheduled<O, S>&& r) { return std::move(r); }
 };
@@ -41,7 +49,7 @@ struct optim_pack<std::tuple<R...>> {
 // A strategy that keeps optimizers as they are (the planner counts unsharded states).
 struct unsharded {};
 
-// The optimizer as the strategy S keeps it: S::optimizer_t<O> when S adapts optimizers
+// The optimizer as the strategy S keeps it: S::optimizer_t<O> when S adapts_optimizers
 // (ZeRO shards them), O itself otherwise.
 template <class S, class O>
 struct strategy_optimizer {
@@ -49,8 +57,8 @@ struct strategy_optimizer {
   static O&& make(S&, O&& o) { return std::move(o); }
 };
 template <class S, class O>
-requires requires { typename S::template optimizer_t<O>; }
-struct strategy_optimizer<S, O> {
+requires(strategy::traits<S>::adapts_optimizers) struct strategy_optimizer<S, O> {
+  static_assert(strategy::check_adapt<S, O>());
   using type = typename S::template optimizer_t<O>;
   static type make(S& s, O&& o) { return s.adapt(std::move(o)); }
 };
@@ -63,6 +71,7 @@ template <class Pack, class P, class S>
 struct adapted_pack;
 template <class... O, class... Sc, class P, class S>
 struct adapted_pack<std::tuple<optim::scheduled<O, Sc>...>, P, S> {
+  static_assert((precision::check_optimizer<P, O>() && ...));
   template <class X>
   using adapted = typename strategy_optimizer<S, typename P::template optimizer_t<X>>::type;
   using type = std::tuple<optim::scheduled<adapted<O>, Sc>...>;

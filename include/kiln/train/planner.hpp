@@ -16,6 +16,8 @@
 #include "kiln/data/dataset.hpp"
 #include "kiln/nn/module.hpp"
 #include "kiln/nn/unit.hpp"
+#include "kiln/precision/policy.hpp"
+#include "kiln/strategy/strategy.hpp"
 #include "kiln/train/concepts.hpp"
 #include "kiln/train/context.hpp"
 #include "kiln/train/memory_plan.hpp"
@@ -47,6 +49,8 @@ template <class Trainer>
 struct planner {
   using module_type = typename Trainer::module_type;
   using precision_type = typename Trainer::precision_type;
+  using strategy_traits = strategy::traits<typename Trainer::strategy_type>;
+  static constexpr bool masters = precision::traits<precision_type>::keeps_masters;
 
   // Parameters, gradients, master weights and optimizer state of `model` with the
   // precision policy `prec` (set up) and the optimizers `opts` (a pack as the trainer keeps it).
@@ -60,7 +64,7 @@ struct planner {
       d.parameters += b;
       if (p.requires_grad()) d.gradients += b;
     });
-    if constexpr (requires { precision_type::keeps_masters; }) {
+    if constexpr (masters) {
       nn::visit_parameters(prec.master_parameters(model), [&](const std::string&, auto& m) {
         d.master_weights += 2 * detail::block_bytes(m.numel() * 4);
       });
@@ -79,7 +83,7 @@ struct planner {
         opts);
     shard(t, d);
     d.communication = communication(t, model).device;
-    if constexpr (requires { Trainer::strategy_type::shards_parameters; }) {
+    if constexpr (strategy_traits::shards_parameters) {
       // zero<3> holds 1/world between uses; within a step the root unit and the unit in
       // use are whole on top (and their gradients, during the unit's backward).
       d.parameters += gathered_bytes(model, false);
@@ -217,7 +221,7 @@ struct planner {
       host.device = std::string(cpu::name);
       host.rank = d.rank;
       host.batches = host_batches >= 0 ? host_batches : std::exchange(p.devices.back().batches, 0);
-      if constexpr (requires { t.strategy_.memory_sharding(); })
+      if constexpr (strategy_traits::plans_memory)
         if (t.strategy_.memory_sharding().offload_optimizer)  // zero<S, Comm, offload::cpu, cuda>
           host.optimizer_state = std::exchange(p.devices.back().optimizer_state, 0);
       host.master_weights = host.gradients = offloaded(t, model);
@@ -231,8 +235,7 @@ struct planner {
   // The strategy's buffers (train/memory_plan.hpp); on one device, its host part counts there.
   static communication_bytes communication(const Trainer& t, module_type& model) {
     communication_bytes c;
-    if constexpr (requires { t.strategy_.communication_plan(model, true); }) {
-      constexpr bool masters = requires { precision_type::keeps_masters; };
+    if constexpr (strategy_traits::plans_memory) {
       c = t.strategy_.communication_plan(model, masters);
       if constexpr (Trainer::strategy_type::device_type::is_host) c = {c.device + c.host, 0};
     }
@@ -241,15 +244,14 @@ struct planner {
   // ZeRO-Offload's host copies of the rank's range: the bytes of the values, and as many
   // again for the gradients copied down to them (0 without offload).
   static std::int64_t offloaded(const Trainer& t, module_type& model) {
-    if constexpr (requires { t.strategy_.offload_plan(model, true); }) {
-      constexpr bool masters = requires { precision_type::keeps_masters; };
+    if constexpr (strategy_traits::offloads_optimizer) {
       return t.strategy_.offload_plan(model, masters);
     } else {
       return 0;
     }
   }
   static void shard(const Trainer& t, device_memory& d) {
-    if constexpr (requires { t.strategy_.memory_sharding(); }) {
+    if constexpr (strategy_traits::plans_memory) {
       const memory_sharding s = t.strategy_.memory_sharding();
       d.rank = t.strategy_.rank();
       const std::int64_t w = s.world_size;

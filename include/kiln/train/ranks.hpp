@@ -18,6 +18,8 @@
 #include <optional>
 #include <string>
 
+#include "kiln/strategy/strategy.hpp"
+
 namespace kiln::train {
 
 template <class Trainer>
@@ -28,8 +30,10 @@ struct ranks {
     if constexpr (requires { l.distribute(0, 1); }) l.distribute(t.strategy_.rank(), t.strategy_.world_size());
   }
 
+  static constexpr bool coordinates = strategy::traits<typename Trainer::strategy_type>::coordinates_ranks;
+
   static std::string from_rank_zero(Trainer& t, std::string s) {
-    if constexpr (requires { t.strategy_.broadcast_string(s); })
+    if constexpr (coordinates)
       if (t.strategy_.world_size() > 1) t.strategy_.broadcast_string(s);
     return s;
   }
@@ -45,10 +49,10 @@ struct ranks {
     const bool local_time = o.max_time && t.ctx_.elapsed_seconds() >= o.max_time->count();
     std::int64_t v[3] = {st.should_stop, local_time,
                          t.strategy_.is_global_zero() && !t.pending_saves_.empty() ? std::int64_t(1) : 0};
-    if constexpr (requires { t.strategy_.agree(v, 3); }) t.strategy_.agree(v, 3);
+    if constexpr (coordinates) t.strategy_.agree(v, 3);
     t.agreed_time_up_ = v[1] > 0;
     if (v[0] > 0 && !st.should_stop) t.ctx_.stop("another rank requested a stop");
-    if constexpr (requires(std::string & s) { t.strategy_.broadcast_string(s); }) {
+    if constexpr (coordinates) {
       std::string list;
       if (v[2] > 0) {
         for (auto& [p, w] : t.pending_saves_) list += (w ? "1" : "0") + p.string() + '\n';
