@@ -7,7 +7,7 @@
 # Builds with nvcc alone (no Meson: the device image has no Eigen or MPI packages) the
 # kernels into build-gpu/libkiln_kernels.a, the gpu suite's test program and the GPU
 # benchmarks, for sm_$KILN_GPU_ARCH (default 90); then runs
-#   1. tests/gpu/test_kernels.cu: every kernel against the CPU backend, the runtime, the
+#   1. tests/gpu/test_kernels*.cu: every kernel against the CPU backend, the runtime, the
 #      cuBLASLt GEMM (log: test_kernels.log);
 #   2. the same under compute-sanitizer memcheck (memcheck.log), and the attention cases
 #      under racecheck (racecheck.log);
@@ -79,7 +79,7 @@ build() {  # build NAME COMMAND...: in the background, log in $b/NAME.build.log
   names+=("$name")
   pids+=($!)
 }
-build test_kernels nvcc "${flags[@]}" -DKILN_WITH_CUDA -Xcompiler -fopenmp tests/gpu/test_kernels.cu \
+build test_kernels nvcc "${flags[@]}" -DKILN_WITH_CUDA -Xcompiler -fopenmp tests/gpu/test_kernels*.cu \
   "$b/libkiln_kernels.a" -lgomp -lcublasLt -o "$b/test_kernels"
 build test_training g++ "${host[@]}" tests/gpu/test_training.cpp tests/test_main.cpp "${hostlibs[@]}" \
   -o "$b/test_training"

@@ -11,6 +11,7 @@
 #include <string_view>
 
 #include "kiln/text/bpe.hpp"
+#include "kiln/text/bpe_trainer.hpp"
 
 namespace {
 const kiln::text::bpe_tokenizer& fixed() {
@@ -19,7 +20,7 @@ const kiln::text::bpe_tokenizer& fixed() {
     o.vocab_size = 330;
     o.min_frequency = 1;
     o.special_tokens = {"<|endoftext|>"};
-    return kiln::text::bpe_tokenizer::train(
+    return kiln::text::train_bpe(
         "the cat sat on the mat; it's 2024 and naïve cafés say 'hello' — 数字\n\n  indented<|endoftext|>", o);
   }();
   return t;

@@ -13,6 +13,7 @@
 
 #include "kiln/core/philox.hpp"
 #include "kiln/text/bpe.hpp"
+#include "kiln/text/bpe_trainer.hpp"
 #include "kiln/text/byte_tokenizer.hpp"
 
 using namespace kiln;
@@ -199,7 +200,7 @@ TEST_CASE("bpe train: known merges on a small corpus, deterministic tie-break") 
   bpe_train_options o;
   o.vocab_size = 1000;
   o.min_frequency = 2;
-  const auto t = bpe_tokenizer::train("hug hug hug pug pug bun", o);
+  const auto t = train_bpe("hug hug hug pug pug bun", o);
   REQUIRE(t.num_merges() == 5);
   std::vector<std::string> got;
   for (std::size_t k = 0; k < t.num_merges(); ++k) {
@@ -217,16 +218,38 @@ TEST_CASE("bpe train: known merges on a small corpus, deterministic tie-break") 
   o.min_frequency = 1;
   o.vocab_size = 256 + 7 + 1;
   o.special_tokens = {"<|endoftext|>"};
-  const auto u = bpe_tokenizer::train("hug hug hug pug pug bun", o);
+  const auto u = train_bpe("hug hug hug pug pug bun", o);
   CHECK(u.num_merges() == 7);
   CHECK(u.vocab_size() == 264);
   CHECK(u.token_to_id("<|endoftext|>") == 263);
   CHECK(u.is_special(263));
   // The same input gives the same tokenizer.
-  CHECK(bpe_tokenizer::train("hug hug hug pug pug bun", o).to_json().dump() == u.to_json().dump());
+  CHECK(train_bpe("hug hug hug pug pug bun", o).to_json().dump() == u.to_json().dump());
 
-  CHECK_THROWS_WITH_AS(bpe_tokenizer::train("x", bpe_train_options{200, 2, {}, false}),
+  CHECK_THROWS_WITH_AS(train_bpe("x", bpe_train_options{200, 2, {}, false}),
                        doctest::Contains("vocab_size 200 is smaller than the 256 byte tokens"), kiln::error);
+}
+
+TEST_CASE("bpe: add_merge extends a tokenizer by hand, as train_bpe does") {
+  bpe_tokenizer t;
+  const std::int32_t h = t.token_to_id("h"), u = t.token_to_id("u"), g = t.token_to_id("g");
+  CHECK(t.encode("hug") == std::vector<std::int32_t>{h, u, g});
+  const std::int32_t ug = t.add_merge(u, g);
+  CHECK(ug == 256);
+  CHECK(t.token_bytes(ug) == "ug");
+  CHECK(t.encode("hug") == std::vector<std::int32_t>{h, ug});  // the cached word was forgotten
+  const std::int32_t hug = t.add_merge(h, ug);
+  CHECK(t.encode("hug") == std::vector<std::int32_t>{hug});
+  // A second way to spell "hug" keeps its one token.
+  const std::int32_t hu = t.add_merge(h, u);
+  CHECK(hu == 258);
+  CHECK(t.add_merge(hu, g) == hug);
+  CHECK(t.num_merges() == 4);
+  CHECK(t.vocab_size() == 259);
+  CHECK_THROWS_WITH_AS(t.add_merge(-1, g), doctest::Contains("id -1 is not a token of the model's vocabulary"),
+                       kiln::error);
+  t.set_add_prefix_space(true);
+  CHECK(t.encode("hug") == t.encode(" hug"));
 }
 
 TEST_CASE("bpe: round trips on ASCII, UTF-8, invalid UTF-8 and random bytes; special tokens never split") {
@@ -236,7 +259,7 @@ TEST_CASE("bpe: round trips on ASCII, UTF-8, invalid UTF-8 and random bytes; spe
   std::string corpus;
   for (int k = 0; k < 20; ++k) corpus += small_corpus;
   corpus += "<|endoftext|>";
-  const auto t = bpe_tokenizer::train(corpus, o);
+  const auto t = train_bpe(corpus, o);
   // Each word of the corpus ends up one token before 400 is reached: training stops early.
   CHECK(t.vocab_size() < 400);
   CHECK(t.num_merges() == static_cast<std::size_t>(t.vocab_size() - 256 - 2));
@@ -282,7 +305,7 @@ TEST_CASE("bpe: tokenizer.json save -> load keeps the tokenizer, in both merge s
   bpe_train_options o;
   o.vocab_size = 360;
   o.special_tokens = {"<|endoftext|>"};
-  const auto t = bpe_tokenizer::train(small_corpus, o);
+  const auto t = train_bpe(small_corpus, o);
   const auto dir = temp_dir("bpe_json");
   for (auto sp : {merges_spelling::strings, merges_spelling::pairs}) {
     t.save(dir / "tokenizer.json", sp);
@@ -297,7 +320,7 @@ TEST_CASE("bpe: tokenizer.json save -> load keeps the tokenizer, in both merge s
   }
   // A prefix-space tokenizer keeps its setting.
   o.add_prefix_space = true;
-  const auto p = bpe_tokenizer::train(small_corpus, o);
+  const auto p = train_bpe(small_corpus, o);
   p.save(dir / "prefix.json");
   const auto q = bpe_tokenizer::load(dir / "prefix.json");
   CHECK(q.add_prefix_space());

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "kiln/text/bpe.hpp"
+#include "kiln/text/bpe_trainer.hpp"
 
 using namespace kiln;
 
@@ -19,7 +20,7 @@ int main(int argc, char** argv) try {
     text::bpe_train_options o;
     o.vocab_size = std::stoi(argv[3]);
     o.special_tokens = {"<|endoftext|>"};
-    const auto t = text::bpe_tokenizer::train(corpus, o);
+    const auto t = text::train_bpe(corpus, o);
     t.save(argv[4]);
     t.save(std::string(argv[4]) + ".pairs.json", text::merges_spelling::pairs);
     return 0;

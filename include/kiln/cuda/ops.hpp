@@ -1,5 +1,5 @@
 // kiln/cuda/ops.hpp — the device side of kiln's ops: what an op in kiln/ops/ calls when
-// its tensors live on the cuda device (kernels/ops.cu).
+// its tensors live on the cuda device (kernels/ops_*.cu: element-wise, reductions, layers).
 //
 // Spec: each function mirrors the ops::cpu function of the same name (same arguments,
 // with tensor<T, cuda>; same overwrite/accumulate rule for gradients) and is enqueued on

@@ -9,7 +9,7 @@
 namespace kiln::ops {
 
 // Applies the scalar functor F (ops::fn::relu, gelu_exact, gelu_tanh, silu) element-wise,
-// on the CPU or, for cuda tensors, with the same functor in kernels/ops.cu.
+// on the CPU or, for cuda tensors, with the same functor in kernels/ops_elementwise.cu.
 template <class F, floating_element T, device Dev>
 var<T, Dev> unary(const var<T, Dev>& x, F f = {}) {
   auto xv = x.value().contiguous();

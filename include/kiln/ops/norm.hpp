@@ -24,7 +24,7 @@ var<T, Dev> norm_impl(const var<T, Dev>& x, const std::optional<var<T, Dev>>& w,
   auto xv = x.value().contiguous();
   const std::int64_t rows = xv.shape().rows();
   // mean and rstd per row, kept for backward: compute_t<T> on the host, f32 on the device
-  // (kernels/norm.cu through kernels/ops.cu).
+  // (kernels/norm.cu through kernels/ops_layers.cu).
   using stats_t = std::conditional_t<Dev::is_host, std::vector<compute_t<T>>, tensor<float, Dev>>;
   auto stats = [&] {
     if constexpr (Dev::is_host)

@@ -53,7 +53,7 @@ var<T, Dev> cross_entropy(const var<T, Dev>& logits, const tensor<I, Dev>& targe
   KILN_CHECK(opt.label_smoothing >= 0.0f && opt.label_smoothing <= 1.0f, "cross_entropy: label_smoothing ",
              opt.label_smoothing, " is outside [0, 1]");
   if constexpr (!Dev::is_host) {
-    // The device path (kernels/ops.cu): i64 targets, the loss reduced on the device.
+    // The device path (kernels/ops_layers.cu): i64 targets, the loss reduced on the device.
     static_assert(std::is_same_v<I, i64>, "kiln::cross_entropy on cuda: targets must be i64");
     auto xv = logits.value().contiguous();
     auto tv = target.contiguous();

@@ -1,5 +1,5 @@
-// kiln/text/bpe.hpp — GPT-2-style byte-level BPE: train, encode, decode, and Hugging Face
-// tokenizer.json in and out.
+// kiln/text/bpe.hpp — GPT-2-style byte-level BPE: encode, decode, and Hugging Face
+// tokenizer.json in and out (learning the merges from a corpus: kiln/text/bpe_trainer.hpp).
 //
 // Spec:
 //   Encoding. Text is first cut at special tokens, then at the other added tokens (both
@@ -17,17 +17,6 @@
 //   byte and its offset (the `tokenizers` package would silently drop it).
 //   decode(ids) concatenates the tokens' bytes; added tokens give their content (or nothing
 //   with skip_special, for special ones). Unknown ids are errors naming the id and position.
-//
-//   Training. train(texts, options) counts the pre-tokenized words of the texts (special
-//   tokens cut out first, so they never join a merge), then repeatedly merges the most
-//   frequent adjacent pair, counting a pair once per occurrence times its word's count.
-//   Ties go to the pair with the smaller left id, then the smaller right id. Ids: 0..255
-//   are the 256 bytes ordered by their alphabet code point (GPT-2's order: '!' is 0), then
-//   one id per merge in the order learned, then the special tokens in the order given (as
-//   GPT-2's <|endoftext|> = 50256). Training stops at options.vocab_size tokens (bytes +
-//   merges + specials) or when the best pair is seen fewer than min_frequency times. Pair
-//   counts are kept in a hash map and updated for the words a merge touches only, with a
-//   lazily revalidated max-heap (2.6 MB of text to 4096 tokens: 0.2 s on one core).
 //
 //   tokenizer.json (load/save). Supported — and nothing else, refused with kiln::error
 //   naming the file, the field, what was found and what was expected:
@@ -70,12 +59,12 @@
 
 namespace kiln::text {
 
-struct bpe_train_options {
-  std::int32_t vocab_size = 4096;           // bytes + merges + special tokens
-  std::int64_t min_frequency = 2;           // pairs seen fewer times are never merged
-  std::vector<std::string> special_tokens;  // ids after the merges, in this order
-  bool add_prefix_space = false;            // GPT-2: false
-};
+namespace detail {
+// A merge's pair of token ids as one hash key; ordered by the left id, then the right.
+inline std::uint64_t bpe_pair_key(std::int32_t a, std::int32_t b) {
+  return (static_cast<std::uint64_t>(static_cast<std::uint32_t>(a)) << 32) | static_cast<std::uint32_t>(b);
+}
+}  // namespace detail
 
 enum class merges_spelling { strings, pairs };
 
@@ -85,13 +74,6 @@ class bpe_tokenizer {
   bpe_tokenizer() {
     for (int k = 0; k < 256; ++k) add_model_token(std::string(1, static_cast<char>(byte_of_rank()[k])));
     index_bytes();
-  }
-
-  // ---- training ----
-  static bpe_tokenizer train(std::span<const std::string_view> texts, const bpe_train_options& o);
-  static bpe_tokenizer train(std::string_view text, const bpe_train_options& o) {
-    const std::string_view one[] = {text};
-    return train(std::span<const std::string_view>(one), o);
   }
 
   // ---- encoding ----
@@ -158,6 +140,31 @@ class bpe_tokenizer {
     special_.add(content, id);
     return id;
   }
+  // Appends the merge of model tokens a and b, applied after every existing merge. The
+  // merged token is the model token with a's bytes then b's, given the next id when there
+  // is none yet; returns its id. (kiln/text/bpe_trainer.hpp builds tokenizers this way.)
+  std::int32_t add_merge(std::int32_t a, std::int32_t b) {
+    for (const std::int32_t id : {a, b})
+      KILN_CHECK(id >= 0 && id < vocab_size() && tok_[static_cast<std::size_t>(id)].in_model,
+                 "bpe_tokenizer.add_merge: id ", id, " is not a token of the model's vocabulary");
+    std::string bytes = tok_[static_cast<std::size_t>(a)].bytes + tok_[static_cast<std::size_t>(b)].bytes;
+    auto existing = model_id_of_bytes_.find(bytes);
+    std::int32_t z = -1;
+    if (existing != model_id_of_bytes_.end()) {
+      z = existing->second;
+    } else {
+      KILN_CHECK(spelling_to_id_.count(spell(bytes)) == 0, "bpe_tokenizer.add_merge: the merged token \"", bytes,
+                 "\" is already spelled by an added token");
+      z = add_model_token(std::move(bytes));
+    }
+    record_merge(a, b, z);
+    std::lock_guard lk(cache_.p->mu);  // words encoded before may now merge further
+    cache_.p->map.clear();
+    return z;
+  }
+  // Sets add_prefix_space(): whether encode() puts a ' ' before a piece of text that does
+  // not start with one.
+  void set_add_prefix_space(bool on) { add_prefix_space_ = on; }
 
   // ---- tokenizer.json ----
   static bpe_tokenizer load(const std::filesystem::path& path) {
@@ -224,9 +231,6 @@ class bpe_tokenizer {
   static constexpr std::size_t cache_capacity = 1 << 16;
   static constexpr std::size_t cache_max_word = 64;
 
-  static std::uint64_t key(std::int32_t a, std::int32_t b) {
-    return (static_cast<std::uint64_t>(static_cast<std::uint32_t>(a)) << 32) | static_cast<std::uint32_t>(b);
-  }
   // Byte values in order of their alphabet code points: rank k -> byte.
   static const std::array<std::uint8_t, 256>& byte_of_rank() {
     static const std::array<std::uint8_t, 256> r = [] {
@@ -256,10 +260,11 @@ class bpe_tokenizer {
         byte_id_[static_cast<std::size_t>(b)] = it->second;
     }
   }
-  void add_merge(std::int32_t a, std::int32_t b, std::int32_t result) {
+  void record_merge(std::int32_t a, std::int32_t b, std::int32_t result) {
     const auto rank = static_cast<std::int32_t>(merges_.size());
     merges_.emplace_back(a, b);
-    merge_of_[key(a, b)] = {rank, result};  // a repeated pair keeps its last rank, as `tokenizers` does
+    // A repeated pair keeps its last rank, as `tokenizers` does.
+    merge_of_[detail::bpe_pair_key(a, b)] = {rank, result};
   }
 
   void encode_added(std::string_view piece, std::string_view whole, std::vector<std::int32_t>& out) const {
@@ -336,7 +341,8 @@ class bpe_tokenizer {
     const auto consider = [&](std::int32_t pos) {
       const std::int32_t nx = next[static_cast<std::size_t>(pos)];
       if (pos < 0 || nx < 0) return;
-      auto it = merge_of_.find(key(id[static_cast<std::size_t>(pos)], id[static_cast<std::size_t>(nx)]));
+      auto it =
+          merge_of_.find(detail::bpe_pair_key(id[static_cast<std::size_t>(pos)], id[static_cast<std::size_t>(nx)]));
       if (it != merge_of_.end()) heap.emplace(it->second.rank, pos);
     };
     for (std::size_t i = 0; i + 1 < n; ++i) consider(static_cast<std::int32_t>(i));
@@ -346,7 +352,7 @@ class bpe_tokenizer {
       const auto p = static_cast<std::size_t>(pos);
       if (!alive[p] || next[p] < 0) continue;
       const auto nx = static_cast<std::size_t>(next[p]);
-      auto it = merge_of_.find(key(id[p], id[nx]));
+      auto it = merge_of_.find(detail::bpe_pair_key(id[p], id[nx]));
       if (it == merge_of_.end() || it->second.rank != rank) continue;  // stale: the pair changed
       id[p] = it->second.result;
       alive[nx] = 0;
@@ -373,130 +379,6 @@ class bpe_tokenizer {
   std::int32_t unk_id_ = -1;
   mutable cache_slot cache_;
 };
-
-// ---------------------------------------------------------------------------------------
-// Training
-
-inline bpe_tokenizer bpe_tokenizer::train(std::span<const std::string_view> texts, const bpe_train_options& o) {
-  const auto n_special = static_cast<std::int32_t>(o.special_tokens.size());
-  KILN_CHECK(o.vocab_size >= 256 + n_special, "bpe_tokenizer::train: vocab_size ", o.vocab_size,
-             " is smaller than the 256 byte tokens plus ", n_special, " special tokens");
-  KILN_CHECK(o.min_frequency >= 1, "bpe_tokenizer::train: min_frequency ", o.min_frequency, ", expected >= 1");
-  bpe_tokenizer t;
-  t.add_prefix_space_ = o.add_prefix_space;
-
-  // 1. Word counts (special tokens cut out first).
-  added_token_matcher specials;
-  for (std::size_t k = 0; k < o.special_tokens.size(); ++k)
-    specials.add(o.special_tokens[k], static_cast<std::int32_t>(k));
-  std::unordered_map<std::string, std::int64_t> counts;
-  const auto count_piece = [&](std::string_view piece) {
-    std::string prefixed;
-    if (o.add_prefix_space && piece[0] != ' ') {
-      prefixed = " " + std::string(piece);
-      piece = prefixed;
-    }
-    gpt2_pretokenize(piece, [&](std::size_t b, std::size_t e) { ++counts[std::string(piece.substr(b, e - b))]; });
-  };
-  for (auto text : texts) specials.split(text, count_piece, [](std::int32_t) {});
-
-  std::vector<std::pair<std::string, std::int64_t>> sorted(counts.begin(), counts.end());
-  counts.clear();
-  std::sort(sorted.begin(), sorted.end());
-  std::vector<std::vector<std::int32_t>> words(sorted.size());
-  std::vector<std::int64_t> wcount(sorted.size());
-  for (std::size_t w = 0; w < sorted.size(); ++w) {
-    for (unsigned char c : sorted[w].first) words[w].push_back(t.byte_id_[c]);
-    wcount[w] = sorted[w].second;
-  }
-  sorted.clear();
-
-  // 2. Pair counts, where each pair occurs, and a max-heap revalidated when popped.
-  std::unordered_map<std::uint64_t, std::int64_t> pc;
-  std::unordered_map<std::uint64_t, std::vector<std::int32_t>> where;
-  for (std::size_t w = 0; w < words.size(); ++w)
-    for (std::size_t i = 0; i + 1 < words[w].size(); ++i) {
-      const auto p = key(words[w][i], words[w][i + 1]);
-      pc[p] += wcount[w];
-      auto& v = where[p];
-      if (v.empty() || v.back() != static_cast<std::int32_t>(w)) v.push_back(static_cast<std::int32_t>(w));
-    }
-  struct entry {
-    std::int64_t count;
-    std::uint64_t pair;
-  };
-  // Higher count first; ties: smaller left id, then smaller right id (the smaller key).
-  const auto lower = [](const entry& x, const entry& y) {
-    return x.count != y.count ? x.count < y.count : x.pair > y.pair;
-  };
-  std::priority_queue<entry, std::vector<entry>, decltype(lower)> heap(lower);
-  for (auto& [p, c] : pc) heap.push({c, p});
-
-  const std::int32_t target = o.vocab_size - n_special;
-  std::vector<std::int32_t> stamp(words.size(), -1);
-  std::vector<std::int32_t> merged;
-  std::vector<std::uint64_t> touched;
-  std::int32_t merge_no = 0;
-  while (t.vocab_size() < target && !heap.empty()) {
-    const entry top = heap.top();
-    heap.pop();
-    auto cit = pc.find(top.pair);
-    const std::int64_t cur = cit == pc.end() ? 0 : cit->second;
-    if (cur != top.count) {
-      if (cur > 0) heap.push({cur, top.pair});
-      continue;
-    }
-    if (cur < o.min_frequency) break;
-    const auto a = static_cast<std::int32_t>(top.pair >> 32), b = static_cast<std::int32_t>(top.pair & 0xFFFFFFFFu);
-    std::string bytes = t.tok_[static_cast<std::size_t>(a)].bytes + t.tok_[static_cast<std::size_t>(b)].bytes;
-    auto existing = t.model_id_of_bytes_.find(bytes);
-    const std::int32_t z =
-        existing != t.model_id_of_bytes_.end() ? existing->second : t.add_model_token(std::move(bytes));
-    t.add_merge(a, b, z);
-
-    touched.clear();
-    auto wit = where.find(top.pair);
-    std::vector<std::int32_t> ws = wit == where.end() ? std::vector<std::int32_t>{} : std::move(wit->second);
-    if (wit != where.end()) where.erase(wit);
-    for (const std::int32_t w : ws) {
-      if (stamp[static_cast<std::size_t>(w)] == merge_no) continue;
-      stamp[static_cast<std::size_t>(w)] = merge_no;
-      auto& s = words[static_cast<std::size_t>(w)];
-      bool has = false;
-      for (std::size_t i = 0; i + 1 < s.size() && !has; ++i) has = s[i] == a && s[i + 1] == b;
-      if (!has) continue;
-      const std::int64_t c = wcount[static_cast<std::size_t>(w)];
-      for (std::size_t i = 0; i + 1 < s.size(); ++i) pc[key(s[i], s[i + 1])] -= c;
-      merged.clear();
-      for (std::size_t i = 0; i < s.size();) {
-        if (i + 1 < s.size() && s[i] == a && s[i + 1] == b) {
-          merged.push_back(z);
-          i += 2;
-        } else {
-          merged.push_back(s[i++]);
-        }
-      }
-      s.assign(merged.begin(), merged.end());
-      for (std::size_t i = 0; i + 1 < s.size(); ++i) {
-        const auto p = key(s[i], s[i + 1]);
-        pc[p] += c;
-        if (s[i] == z || s[i + 1] == z) {
-          auto& v = where[p];
-          if (v.empty() || v.back() != w) v.push_back(w);
-          touched.push_back(p);
-        }
-      }
-    }
-    pc.erase(top.pair);
-    std::sort(touched.begin(), touched.end());
-    touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
-    for (const auto p : touched)
-      if (const auto c = pc[p]; c > 0) heap.push({c, p});
-    ++merge_no;
-  }
-  for (auto& s : o.special_tokens) t.add_special_token(s);
-  return t;
-}
 
 // ---------------------------------------------------------------------------------------
 // tokenizer.json
@@ -740,7 +622,7 @@ inline bpe_tokenizer bpe_tokenizer::from_json(std::string_view text, std::string
     }
     const std::int32_t ia = id_of(a, field, e), ib = id_of(b, field, e);
     const std::int32_t z = id_of(a + b, field + " (the merged token)", e);
-    t.add_merge(ia, ib, z);
+    t.record_merge(ia, ib, z);
   }
   t.index_bytes();
   return t;
