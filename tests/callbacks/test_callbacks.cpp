@@ -10,6 +10,7 @@
 #include "kiln/callbacks/gradient_accumulation_scheduler.hpp"
 #include "kiln/callbacks/lambda_callback.hpp"
 #include "kiln/callbacks/learning_rate_monitor.hpp"
+#include "kiln/callbacks/model_summary.hpp"
 #include "kiln/callbacks/nan_detector.hpp"
 #include "kiln/callbacks/timer.hpp"
 #include "kiln/loggers/csv.hpp"
@@ -236,4 +237,15 @@ TEST_CASE("fast_dev_run writes no log files") {
       {.max_epochs = 3, .fast_dev_run = 1, .default_root_dir = root.string(), .enable_progress_bar = false});
   tr.fit(m, tl);
   CHECK_FALSE(fs::exists(root));
+}
+
+TEST_CASE("model_summary: parameter counts in groups of three digits, the sign apart") {
+  using callbacks::detail::with_commas;
+  CHECK(with_commas(0) == "0");
+  CHECK(with_commas(123) == "123");
+  CHECK(with_commas(1234) == "1,234");
+  CHECK(with_commas(269322) == "269,322");
+  CHECK(with_commas(1234567) == "1,234,567");
+  CHECK(with_commas(-123) == "-123");
+  CHECK(with_commas(-1234) == "-1,234");
 }
