@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../helpers.hpp"
+#include "../io/resume_fixture.hpp"
 #include "kiln/callbacks/early_stopping.hpp"
 #include "kiln/callbacks/model_checkpoint.hpp"
 #include "kiln/callbacks/progress_bar.hpp"
@@ -189,21 +190,7 @@ static_assert(strategy::compatibility<archetype_strategy, archetype_precision>::
 
 using batch = data::labelled_batch;
 
-data::tensor_dataset make_data(std::int64_t n, std::uint64_t seed) {
-  tensor<float> x({n, 8});
-  tensor<i64> y({n});
-  const philox_stream st{seed, 0};
-  for (std::int64_t i = 0; i < n; ++i) {
-    float s = 0;
-    for (int j = 0; j < 8; ++j) {
-      const float v = st.uniform(static_cast<std::uint64_t>(i * 8 + j)) * 2 - 1;
-      x(i, j) = v;
-      s += v * float(j % 3 - 1);
-    }
-    y(i) = s > 0.3f ? 2 : s < -0.3f ? 0 : 1;
-  }
-  return {x, y};
-}
+using kiln::test::resume::make_data;  // the resume fixture's 8-feature, 3-class data
 
 template <class Sched>
 Sched default_schedule() {
