@@ -1,5 +1,7 @@
 #include "../helpers.hpp"
 
+namespace test_tape {
+
 using namespace kiln;
 
 TEST_CASE("tape: backward replays and clears; the arena is reused") {
@@ -154,3 +156,5 @@ TEST_CASE("tape: a sealed parameter's gradient cannot be written, and the error 
   sum(mul(w, x)).backward();
   CHECK(w.grad().to_vector() == std::vector<f32>{3, 4});
 }
+
+}  // namespace test_tape

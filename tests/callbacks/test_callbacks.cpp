@@ -16,6 +16,8 @@
 #include "kiln/loggers/csv.hpp"
 #include "kiln/loggers/jsonl.hpp"
 
+namespace test_callbacks {
+
 using namespace kiln;
 using namespace kiln::test;
 namespace fs = std::filesystem;
@@ -255,3 +257,5 @@ TEST_CASE("model_summary: parameter counts in groups of three digits, the sign a
   CHECK(with_commas(-123) == "-123");
   CHECK(with_commas(-1234) == "-1,234");
 }
+
+}  // namespace test_callbacks

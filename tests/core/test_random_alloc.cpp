@@ -1,5 +1,7 @@
 #include "../helpers.hpp"
 
+namespace test_random_alloc {
+
 using namespace kiln;
 
 TEST_CASE("philox4x32-10 matches the Random123 known-answer vectors") {
@@ -85,3 +87,5 @@ TEST_CASE("cuda tensors without a CUDA build fail with a clear error") {
     CHECK_THROWS_WITH_AS((tensor<f32, cuda>({4})), doctest::Contains("built without CUDA"), kiln::error);
   }
 }
+
+}  // namespace test_random_alloc

@@ -1,5 +1,7 @@
 #include "../helpers.hpp"
 
+namespace test_tensor {
+
 using namespace kiln;
 
 TEST_CASE("tensor: construction, element access, fill") {
@@ -95,3 +97,5 @@ TEST_CASE("ops run in bf16 and f16 (computing in float)") {
   var<f16> h(tensor<f32>::from({3}, {-1, 0.5f, 2}).to<f16>());
   CHECK(static_cast<float>(softmax(h).value()(2)) == doctest::Approx(0.7856).epsilon(2e-3));
 }
+
+}  // namespace test_tensor

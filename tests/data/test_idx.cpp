@@ -7,6 +7,8 @@
 #include "../helpers.hpp"
 #include "../skip.hpp"
 
+namespace test_idx {
+
 using namespace kiln;
 namespace fs = std::filesystem;
 
@@ -90,3 +92,5 @@ TEST_CASE("idx: a zero extent cannot hide an overflowing shape (found by fuzz_id
   CHECK_THROWS_WITH_AS(data::detail::parse_idx(bytes.data(), bytes.size(), "crafted"),
                        doctest::Contains("crafted: IDX extents multiply to more than 16 GiB"), kiln::error);
 }
+
+}  // namespace test_idx

@@ -18,6 +18,8 @@
 #include "kiln/data/token_bin.hpp"
 #include "kiln/text/byte_tokenizer.hpp"
 
+namespace test_lm_data {
+
 using namespace kiln;
 using namespace kiln::data;
 namespace fs = std::filesystem;
@@ -270,3 +272,5 @@ TEST_CASE("read_text: the fortunes corpus (skipped where it is not installed)") 
   CHECK(c.text.find('\0') == std::string::npos);
   CHECK(c.text.size() > 1000000);
 }
+
+}  // namespace test_lm_data

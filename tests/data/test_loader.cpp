@@ -8,6 +8,8 @@
 #include "kiln/data/fashion_mnist.hpp"
 #include "kiln/data/on_device.hpp"
 
+namespace test_loader {
+
 using namespace kiln;
 using namespace kiln::data;
 
@@ -246,3 +248,5 @@ TEST_CASE("on_device: lm batches by the default move, a move of your own, and a 
   CHECK_THROWS_WITH_AS(on_device<cpu>(src, move_fields{}, {.ahead = 2}),
                        doctest::Contains("data::on_device: ahead = 2, expected 0 or 1"), kiln::error);
 }
+
+}  // namespace test_loader

@@ -15,6 +15,8 @@
 
 extern char** environ;
 
+namespace test_checkpoint {
+
 using namespace kiln;
 namespace fs = std::filesystem;
 namespace R = kiln::test::resume;
@@ -588,3 +590,5 @@ TEST_CASE("modules and callbacks keep their own state in checkpoints") {
   CHECK(m2.seen == 30);  // 15 restored + 15 trained
   CHECK(t2.callback<counter>().batches == 30);
 }
+
+}  // namespace test_checkpoint

@@ -7,6 +7,8 @@
 #include "kiln/core/crc32c.hpp"
 #include "kiln/io/safetensors.hpp"
 
+namespace test_safetensors {
+
 using namespace kiln;
 using io::json;
 namespace fs = std::filesystem;
@@ -339,3 +341,5 @@ TEST_CASE("safetensors: write_watched puts the header last and reads back like w
         }).find("watched.safetensors grew from") != std::string::npos);
   CHECK(io::safetensors_file::open(dir / "watched.safetensors").metadata("sums") == std::to_string(sums[0]));
 }
+
+}  // namespace test_safetensors

@@ -7,6 +7,8 @@
 #include "kiln/callbacks/throughput_monitor.hpp"
 #include "kiln/loggers/tensorboard.hpp"
 
+namespace test_tensorboard {
+
 using namespace kiln;
 using namespace kiln::test;
 namespace fs = std::filesystem;
@@ -206,3 +208,5 @@ TEST_CASE("throughput_monitor logs samples per second") {
   CHECK(r.metrics.at("throughput/samples_per_sec") > 0);
   CHECK(r.metrics.at("throughput/epoch_samples_per_sec") > 0);
 }
+
+}  // namespace test_tensorboard

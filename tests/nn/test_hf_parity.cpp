@@ -8,6 +8,8 @@
 
 #include "../helpers.hpp"
 
+namespace test_hf_parity {
+
 using namespace kiln;
 
 namespace {
@@ -143,3 +145,5 @@ TEST_CASE("HF folders: errors name the file, the tensor and what was expected") 
                        error);
   std::filesystem::remove_all(dir);
 }
+
+}  // namespace test_hf_parity

@@ -3,6 +3,8 @@
 
 #include "../helpers.hpp"
 
+namespace test_modules {
+
 using namespace kiln;
 
 namespace {
@@ -130,3 +132,5 @@ TEST_CASE("module gradients pass check_gradients through the module API") {
   CHECK(rm.ok);
   CHECK(rm.elements_checked == 3 * 4 + 4 + 4 * 2 + 2 + 15);  // the module's parameters and x
 }
+
+}  // namespace test_modules

@@ -8,6 +8,8 @@
 #include "kiln/nn/replicas.hpp"
 #include "kiln/optim/adamw.hpp"
 
+namespace test_replicas {
+
 using namespace kiln;
 using kiln::test::random_ids;
 
@@ -229,3 +231,5 @@ TEST_CASE("thread_replicas: errors") {
   }
   CHECK(recorded == std::vector<int>{0, 0});
 }
+
+}  // namespace test_replicas

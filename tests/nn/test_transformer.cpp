@@ -6,6 +6,8 @@
 #include "kiln/nn/gpt2.hpp"
 #include "kiln/nn/llama.hpp"
 
+namespace test_transformer {
+
 using namespace kiln;
 using kiln::test::random_ids;
 
@@ -310,3 +312,5 @@ TEST_CASE("sparse masks plug into the model templates") {
   CHECK(std::isfinite(l2.value().flat(0)));
   check_cache_matches_full(local, 5);  // windowed attention through the cache too
 }
+
+}  // namespace test_transformer

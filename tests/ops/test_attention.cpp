@@ -5,6 +5,8 @@
 
 #include "../helpers.hpp"
 
+namespace test_attention {
+
 using namespace kiln;
 using kiln::test::rand_tensor;
 using kiln::test::rand_var;
@@ -381,3 +383,5 @@ TEST_CASE("attention masks: the cuda kernels' value forms (local_n, strided_n) e
   CHECK(device_form<local<7>>::make().window == 7);
   CHECK(device_form<strided<8>>::make().stride == 8);
 }
+
+}  // namespace test_attention

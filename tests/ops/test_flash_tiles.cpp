@@ -17,6 +17,8 @@
 #include "kiln/cuda/flash_registers.hpp"
 #include "kiln/cuda/flash_tiles.hpp"
 
+namespace test_flash_tiles {
+
 using namespace kiln;
 namespace fl = kiln::cuda_kernels::flash;
 
@@ -220,3 +222,5 @@ TEST_CASE("flash tiles: shared memory fits the sm_80 block limit (163 KB); D 64 
   CHECK(std::max({fl::sizes<64>::forward, fl::sizes<64>::dq, fl::sizes<64>::dkv}) <= 101376);
   CHECK(fl::sizes<128>::forward > 101376);
 }
+
+}  // namespace test_flash_tiles

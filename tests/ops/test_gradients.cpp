@@ -1,6 +1,8 @@
 // Every differentiable op passes kiln::check_gradients (central differences in f64).
 #include "../helpers.hpp"
 
+namespace test_gradients {
+
 using namespace kiln;
 using kiln::test::rand_var;
 
@@ -126,3 +128,5 @@ TEST_CASE("check_gradients catches a wrong gradient") {
   CHECK_FALSE(r.ok);
   CHECK(r.report.find("mismatch at input 0") != std::string::npos);
 }
+
+}  // namespace test_gradients

@@ -1,5 +1,7 @@
 #include "../helpers.hpp"
 
+namespace test_law {
+
 using namespace kiln;
 
 // Law test: every op gives the same forward values and gradients in f32, bf16 and f16
@@ -81,3 +83,5 @@ void all_ops_against_f64() {
 TEST_CASE("law: f32 agrees with f64 on every op") { all_ops_against_f64<f32>(); }
 TEST_CASE("law: bf16 agrees with f64 on every op") { all_ops_against_f64<bf16>(); }
 TEST_CASE("law: f16 agrees with f64 on every op") { all_ops_against_f64<f16>(); }
+
+}  // namespace test_law

@@ -4,6 +4,8 @@
 
 #include "../helpers.hpp"
 
+namespace test_values {
+
 using namespace kiln;
 
 TEST_CASE("activations at known points (shared functors)") {
@@ -182,3 +184,5 @@ TEST_CASE("accuracy: arg-max, ties take the first class, top-k, bad targets") {
   auto bad = tensor<i64>::from({3}, {1, 3, 0});
   CHECK_THROWS_WITH_AS(accuracy(logits, bad), doctest::Contains("target[1] = 3 is outside [0, 3)"), error);
 }
+
+}  // namespace test_values

@@ -4,6 +4,8 @@
 
 #include "../helpers.hpp"
 
+namespace test_optim {
+
 using namespace kiln;
 
 namespace {
@@ -202,3 +204,5 @@ TEST_CASE("an optimizer spelled for another device than the module's parameters 
   opt.for_each_parameter([&](const auto& np) { names.push_back(np.name); });
   CHECK(names == std::vector<std::string>{"bias"});
 }
+
+}  // namespace test_optim

@@ -2,6 +2,8 @@
 #include "../helpers.hpp"
 #include "kiln/precision/loss_scaler.hpp"
 
+namespace test_loss_scaler {
+
 using namespace kiln;
 using precision::dynamic_loss_scaler;
 
@@ -98,3 +100,5 @@ TEST_CASE("loss scaler: options are checked, and overflow detection sees inf and
   u(2) = std::nanf("");
   CHECK(precision::has_non_finite(u));
 }
+
+}  // namespace test_loss_scaler

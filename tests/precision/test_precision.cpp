@@ -7,6 +7,8 @@
 #include "kiln/precision/precision.hpp"
 #include "precision_fixture.hpp"
 
+namespace test_precision {
+
 using namespace kiln;
 using namespace kiln::test::prec;
 
@@ -520,3 +522,5 @@ TEST_CASE("bf16_mixed under manual optimisation steps exactly as under automatic
   CHECK(a.losses == m.losses);
   CHECK(weight_bits(a) == weight_bits(m));
 }
+
+}  // namespace test_precision

@@ -21,6 +21,8 @@
 #include "kiln/strategy/zero.hpp"
 #include "kiln/train/trainer.hpp"
 
+namespace test_strategy {
+
 using namespace kiln;
 
 namespace {
@@ -470,3 +472,5 @@ TEST_CASE("capabilities: a monitored schedule is fed its metric, and its state i
   CHECK_THROWS_WITH_AS(t2.fit(m2, dm2), doctest::Contains("halve_on_stall: monitored metric 'val/nope' was not logged"),
                        error);
 }
+
+}  // namespace test_strategy

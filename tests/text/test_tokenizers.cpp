@@ -16,6 +16,8 @@
 #include "kiln/text/bpe_trainer.hpp"
 #include "kiln/text/byte_tokenizer.hpp"
 
+namespace test_tokenizers {
+
 using namespace kiln;
 using namespace kiln::text;
 namespace fs = std::filesystem;
@@ -430,3 +432,5 @@ TEST_CASE("bpe: unsupported or broken tokenizer.json files are refused, naming f
   CHECK(make("\"<unk>\"", "false").encode("abcc") == ids{2, 3, 3});
   CHECK(make("\"<unk>\"", "true").encode("abcc") == ids{2, 3});
 }
+
+}  // namespace test_tokenizers

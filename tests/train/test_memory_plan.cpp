@@ -11,6 +11,8 @@
 #include "kiln/nn/gpt2.hpp"
 #include "kiln/train/trainer.hpp"
 
+namespace test_memory_plan {
+
 using namespace kiln;
 
 namespace {
@@ -220,3 +222,5 @@ TEST_CASE("memory plan vs the allocator's measured peak during fit: within 10%")
         "gpt bf16_mixed", m, lm);
   }
 }
+
+}  // namespace test_memory_plan

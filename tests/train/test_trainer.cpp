@@ -7,6 +7,8 @@
 
 #include "regression_fixture.hpp"
 
+namespace test_trainer {
+
 using namespace kiln;
 using namespace kiln::test;
 
@@ -464,3 +466,5 @@ static_assert(!train::has_val_loader<archetype_datamodule>);
 static_assert(callback<archetype_callback>);
 static_assert(!callback<int>);
 static_assert(train::loader<data::data_loader<data::tensor_dataset>>);
+
+}  // namespace test_trainer

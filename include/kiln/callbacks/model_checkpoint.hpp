@@ -230,8 +230,8 @@ struct model_checkpoint {
         if (!m) {
           std::string have;
           for (auto& [k, x] : ctx.callback_metrics()) have += (have.empty() ? "" : ", ") + k;
-          detail::fail("model_checkpoint: filename '", t, "' names metric '", name,
-                       "', which was not logged (logged: ", have.empty() ? "none" : have, ")");
+          kiln::detail::fail("model_checkpoint: filename '", t, "' names metric '", name,
+                             "', which was not logged (logged: ", have.empty() ? "none" : have, ")");
         }
         v = *m;
       }
@@ -257,7 +257,7 @@ struct model_checkpoint {
  private:
   static void check_template(const std::string& t) {
     for (std::size_t i = 0; i < t.size(); ++i) {
-      if (t[i] == '}') detail::fail("model_checkpoint: filename '", t, "' has an unmatched '}'");
+      if (t[i] == '}') kiln::detail::fail("model_checkpoint: filename '", t, "' has an unmatched '}'");
       if (t[i] != '{') continue;
       const std::size_t close = t.find('}', i);
       KILN_CHECK(close != std::string::npos, "model_checkpoint: filename '", t, "' has an unmatched '{'");

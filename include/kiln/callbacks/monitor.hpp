@@ -27,7 +27,8 @@ std::optional<double> monitored_value(const Ctx& ctx, const std::string& monitor
   if (v || !strict) return v;
   std::string have;
   for (auto& [k, x] : ctx.callback_metrics()) have += (have.empty() ? "" : ", ") + k;
-  detail::fail(who, ": monitored metric '", monitor, "' was not logged (logged: ", have.empty() ? "none" : have, ")");
+  kiln::detail::fail(who, ": monitored metric '", monitor, "' was not logged (logged: ", have.empty() ? "none" : have,
+                     ")");
 }
 
 }  // namespace kiln::callbacks
