@@ -83,10 +83,10 @@ case "$cmd" in
   test)
     install_deps
     # The Python peers the interop tests run (TensorBoard, safetensors, tokenizers, and torch
-    # + transformers for the Hugging Face checks): one venv per machine, outside the clone,
+    # + transformers + peft for the Hugging Face checks): one venv per machine, outside the clone,
     # made while the build runs. Without the package registry their tests skip.
-    PYPKGS=(tensorboard safetensors numpy tokenizers torch transformers)
-    PYPKGS_IMPORT="import tensorboard, safetensors.numpy, numpy, tokenizers, torch, transformers"
+    PYPKGS=(tensorboard safetensors numpy tokenizers torch transformers peft)
+    PYPKGS_IMPORT="import tensorboard, safetensors.numpy, numpy, tokenizers, torch, transformers, peft"
     venv_pid=""
     if [ -z "${KILN_PYTHON:-}" ]; then
       KILN_PYTHON="$PYVENV/bin/python"

@@ -71,30 +71,8 @@ class hf_directory {
   // The tensor converted to T (F32, F16, BF16, F64 accepted).
   template <floating_element T>
   tensor<T> load(const std::string& name) const {
-    const tensor_entry* e = find(name);
-    KILN_CHECK(e != nullptr, dir_.string(), ": no tensor named '", name, "'");
-    const auto& f = file_of(name);
-    shape s;
-    for (auto d : e->shape) s.push_back(d);
-    tensor<T> out(s);
-    auto b = f.bytes(*e);
-    auto convert = [&]<class S>(S) {
-      std::vector<S> tmp(static_cast<std::size_t>(e->numel()));
-      if (!b.empty()) std::memcpy(tmp.data(), b.data(), b.size());
-      for (std::size_t i = 0; i < tmp.size(); ++i) out.data()[i] = static_cast<T>(static_cast<compute_t<S>>(tmp[i]));
-    };
-    if (e->dtype == "F32")
-      convert(f32{});
-    else if (e->dtype == "F16")
-      convert(f16{});
-    else if (e->dtype == "BF16")
-      convert(bf16{});
-    else if (e->dtype == "F64")
-      convert(f64{});
-    else
-      kiln::detail::fail(f.name(), ": tensor '", name, "' has dtype ", e->dtype,
-                         "; a model weight must be F32, F16, BF16 or F64");
-    return out;
+    KILN_CHECK(find(name) != nullptr, dir_.string(), ": no tensor named '", name, "'");
+    return file_of(name).template load_as<T>(name);
   }
 
  private:

@@ -149,6 +149,31 @@ class safetensors_view {
     if (!b.empty()) std::memcpy(t.data(), b.data(), b.size());
     return t;
   }
+  // A copy converted to T from any floating dtype (F32, F16, BF16, F64): how model weights
+  // stored in another precision are read.
+  template <floating_element T>
+  tensor<T> load_as(std::string_view tensor_name) const {
+    const tensor_entry& e = at(tensor_name);
+    tensor<T> out(shape_of(e));
+    auto b = bytes(e);
+    auto convert = [&]<class S>(S) {
+      std::vector<S> tmp(static_cast<std::size_t>(e.numel()));
+      if (!b.empty()) std::memcpy(tmp.data(), b.data(), b.size());
+      for (std::size_t i = 0; i < tmp.size(); ++i) out.data()[i] = static_cast<T>(static_cast<compute_t<S>>(tmp[i]));
+    };
+    if (e.dtype == "F32")
+      convert(f32{});
+    else if (e.dtype == "F16")
+      convert(f16{});
+    else if (e.dtype == "BF16")
+      convert(bf16{});
+    else if (e.dtype == "F64")
+      convert(f64{});
+    else
+      kiln::detail::fail(name_, ": tensor '", tensor_name, "' has dtype ", e.dtype,
+                         "; a model weight must be F32, F16, BF16 or F64");
+    return out;
+  }
   static kiln::shape shape_of(const tensor_entry& e) { return kiln::shape(std::span<const std::int64_t>(e.shape)); }
   template <element T>
   void check_dtype(const tensor_entry& e) const {

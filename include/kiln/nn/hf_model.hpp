@@ -12,7 +12,9 @@
 // Spec (writing): save_hf(model, dir) writes config.json (model.hf_config()) and
 // model.safetensors in HF names and layouts (Conv1D weights transposed back, the tied
 // head omitted, "format": "pt" metadata), atomically, so transformers'
-// from_pretrained(dir) loads what kiln trained.
+// from_pretrained(dir) loads what kiln trained. A model with LoRA adapters is saved once
+// they are merged (nn::merge_lora), as its merged base weights; unmerged, it is refused
+// (save the adapter with io::save_peft_adapter, kiln/nn/peft.hpp).
 // These walk the model (nn::visit_parameters), so they sit in nn/, above the file
 // formats; their names stay in kiln::io, beside hf_directory.
 #pragma once
@@ -27,6 +29,7 @@
 #include "kiln/io/atomic_file.hpp"
 #include "kiln/io/hf.hpp"
 #include "kiln/io/safetensors.hpp"
+#include "kiln/nn/lora.hpp"
 #include "kiln/nn/module.hpp"
 
 namespace kiln::io {
@@ -90,9 +93,14 @@ M load_hf(const std::filesystem::path& dir) {
 // Writes dir/config.json and dir/model.safetensors in HF names and layouts. Returns the paths.
 template <class M>
 std::vector<std::filesystem::path> save_hf(M& model, const std::filesystem::path& dir) {
+  const auto lora = nn::count_lora(model);
+  KILN_CHECK(lora.merged == lora.adapted, "save_hf: ", lora.adapted - lora.merged, " of ", lora.adapted,
+             " LoRA adapters are not merged: merge them into the base weights first (nn::merge_lora), or save the "
+             "adapter alone (io::save_peft_adapter)");
   std::filesystem::create_directories(dir);
   safetensors_writer w;
   nn::visit_parameters(model, [&](const std::string& name, auto& p) {
+    if (name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")) return;  // folded into the weights
     const auto& v = p.value();
     if (M::hf_transposed(name))
       w.add(name, v.transpose(0, 1).contiguous());

@@ -1,6 +1,6 @@
 // kiln/nn/llama.hpp — Llama (Touvron et al. 2023) with Hugging Face's parameter names.
 //
-// Spec: llama<Mask, Recompute, T> is a decoder-only transformer: token embedding,
+// Spec: llama<Mask, Recompute, T, Dev, Adapter> is a decoder-only transformer: token embedding,
 // num_hidden_layers pre-norm blocks (RMSNorm → attention with separate q/k/v/o
 // projections, RoPE on q and k in the rotate-half layout, grouped-query attention with
 // num_key_value_heads → residual; RMSNorm → SwiGLU MLP: down(silu(gate(x)) · up(x)) →
@@ -9,6 +9,8 @@
 // ("model.layers.0.self_attn.q_proj.weight"); every weight is [out, in] as in HF, so
 // loading needs no transposes. RoPE: θ = rope_theta, inv_freq_c = θ^(−2c/head_dim)
 // (rope_scaling other than none/"default" is refused with a clear error).
+// Adapter (kiln/nn/lora.hpp): adapter::lora makes the seven projections of every block
+// lora_linear layers, which attach_lora fits with low-rank adapters; the LM head stays plain.
 #pragma once
 
 #include <string>
@@ -17,6 +19,7 @@
 #include "kiln/nn/embedding.hpp"
 #include "kiln/nn/hf_config.hpp"
 #include "kiln/nn/linear.hpp"
+#include "kiln/nn/lora.hpp"
 #include "kiln/nn/norm.hpp"
 #include "kiln/nn/transformer.hpp"
 #include "kiln/ops.hpp"
@@ -109,9 +112,9 @@ struct llama_config {
   }
 };
 
-template <ops::attention_mask Mask, floating_element T, device Dev = cpu>
+template <ops::attention_mask Mask, floating_element T, device Dev = cpu, adapter_policy Adapter = adapter::none>
 struct llama_attention {
-  linear<T, Dev> q_proj, k_proj, v_proj, o_proj;
+  adapted_linear<Adapter, T, Dev> q_proj, k_proj, v_proj, o_proj;
   dropout attn_dropout;
   std::int64_t n_head = 0, n_kv = 0, head_dim = 0;
   double rope_theta = 10000.0;
@@ -148,9 +151,9 @@ struct llama_attention {
   }
 };
 
-template <floating_element T, device Dev = cpu>
+template <floating_element T, device Dev = cpu, adapter_policy Adapter = adapter::none>
 struct llama_mlp {
-  linear<T, Dev> gate_proj, up_proj, down_proj;
+  adapted_linear<Adapter, T, Dev> gate_proj, up_proj, down_proj;
   llama_mlp() = default;
   explicit llama_mlp(const llama_config& c)
       : gate_proj(c.hidden_size, c.intermediate_size, c.mlp_bias),
@@ -165,11 +168,12 @@ struct llama_mlp {
   }
 };
 
-template <ops::attention_mask Mask, recompute_policy Recompute, floating_element T, device Dev = cpu>
+template <ops::attention_mask Mask, recompute_policy Recompute, floating_element T, device Dev = cpu,
+          adapter_policy Adapter = adapter::none>
 struct llama_block {
   rms_norm<T, Dev> input_layernorm, post_attention_layernorm;
-  llama_attention<Mask, T, Dev> self_attn;
-  llama_mlp<T, Dev> mlp;
+  llama_attention<Mask, T, Dev, Adapter> self_attn;
+  llama_mlp<T, Dev, Adapter> mlp;
 
   llama_block() = default;
   explicit llama_block(const llama_config& c)
@@ -191,12 +195,13 @@ struct llama_block {
 };
 
 template <ops::attention_mask Mask = ops::mask::causal, recompute_policy Recompute = recompute::none,
-          floating_element T = f32, device Dev = cpu>
+          floating_element T = f32, device Dev = cpu, adapter_policy Adapter = adapter::none>
 struct llama {
   using config_type = llama_config;
   using value_type = T;
   using device_type = Dev;
-  using block_type = llama_block<Mask, Recompute, T, Dev>;
+  using block_type = llama_block<Mask, Recompute, T, Dev, Adapter>;
+  using adapter_type = Adapter;
 
   struct body {
     embedding<T, Dev> embed_tokens;

@@ -1,0 +1,79 @@
+// The C++ side of the PEFT interop check (tests/nn/peft_python_check.sh).
+//   peft_fixture write DIR: a tiny Llama (seeded) saved as an HF folder DIR/base, a LoRA
+//     adapter on it trained for a few AdamW steps and saved with io::save_peft_adapter in
+//     DIR/kiln_adapter, and DIR/kiln_logits.safetensors: input_ids and kiln's logits for
+//     them with the adapter applied.
+//   peft_fixture read DIR: DIR/base plus the adapter PEFT trained and saved in
+//     DIR/peft_adapter, read with io::load_peft_adapter; writes kiln's logits for
+//     DIR/peft_logits.safetensors' input_ids to DIR/kiln_logits_of_peft.safetensors.
+#include <iostream>
+#include <string>
+
+#include "kiln/nn/hf_model.hpp"
+#include "kiln/nn/llama.hpp"
+#include "kiln/nn/peft.hpp"
+#include "kiln/optim/adamw.hpp"
+
+using namespace kiln;
+using model_t = nn::llama<ops::mask::causal, nn::recompute::none, f32, cpu, nn::adapter::lora>;
+
+namespace {
+
+void write_logits(model_t& m, const tensor<i64>& ids, const std::filesystem::path& out) {
+  nn::eval(m);
+  io::safetensors_writer w;
+  w.add("input_ids", ids);
+  w.add("logits", m(ids).value().contiguous());
+  w.write(out);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  if (argc != 3) throw error("usage: peft_fixture write|read DIR");
+  const std::string mode = argv[1];
+  const std::filesystem::path dir = argv[2];
+  if (mode == "write") {
+    manual_seed(7);
+    nn::llama_config c;
+    c.vocab_size = 53;
+    c.hidden_size = 32;
+    c.intermediate_size = 48;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.max_position_embeddings = 64;
+    model_t m(c);
+    io::save_hf(m, dir / "base");
+    nn::lora_config lc;
+    lc.r = 4;
+    lc.alpha = 16;
+    lc.use_rslora = true;
+    lc.target_modules = {"q_proj", "v_proj", "o_proj", "up_proj", "down_proj"};
+    nn::attach_lora(m, lc);
+    tensor<i64> ids(shape{2, 12});
+    for (std::int64_t i = 0; i < ids.numel(); ++i) ids.data()[i] = (i * 17 + 3) % c.vocab_size;
+    optim::adamw<f32> opt(m, {.lr = 2e-2});
+    for (int s = 0; s < 4; ++s) {
+      auto x = ids.slice(1, 0, 11).contiguous(), y = ids.slice(1, 1, 12).contiguous();
+      auto loss = cross_entropy(reshape(m(x), shape{2 * 11, c.vocab_size}), y.reshape(shape{2 * 11}));
+      loss.backward();
+      opt.step();
+      opt.zero_grad();
+    }
+    io::save_peft_adapter(m, lc, dir / "kiln_adapter");
+    write_logits(m, ids, dir / "kiln_logits.safetensors");
+  } else if (mode == "read") {
+    auto m = io::load_hf<model_t>(dir / "base");
+    const auto lc = io::load_peft_adapter(m, dir / "peft_adapter");
+    std::cout << "kiln read PEFT's adapter: r = " << lc.r << ", " << nn::count_lora(m).adapted << " layers\n";
+    auto f = io::safetensors_file::open(dir / "peft_logits.safetensors");
+    write_logits(m, f.load<i64>("input_ids"), dir / "kiln_logits_of_peft.safetensors");
+  } else {
+    throw error("peft_fixture: unknown mode '" + mode + "' (write or read)");
+  }
+  return 0;
+} catch (const std::exception& e) {
+  std::cerr << e.what() << "\n";
+  return 1;
+}
