@@ -7,6 +7,7 @@
 #include "kiln/ops/attention.hpp"
 #include "kiln/ops/cast.hpp"
 #include "kiln/ops/embedding.hpp"
+#include "kiln/ops/lora.hpp"
 #include "kiln/ops/matmul.hpp"
 #include "kiln/ops/norm.hpp"
 #include "kiln/ops/reduce.hpp"

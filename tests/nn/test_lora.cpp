@@ -100,6 +100,37 @@ TEST_CASE("lora: a fresh adapter changes nothing, and only the adapters train") 
         std::vector<float>(now.at("model.layers.1.mlp.down_proj.lora_B.weight").size(), 0.0f));
 }
 
+TEST_CASE("lora: the fused node gives the composition's values and passes the gradient check") {
+  using test::rand_var;
+  const double s = 0.7;
+  for (const bool distinct_input : {false, true})
+    for (const bool with_bias : {false, true}) {
+      CAPTURE(distinct_input);
+      CAPTURE(with_bias);
+      auto x = rand_var({2, 3, 5}, 1), w = rand_var({4, 5}, 2), a = rand_var({3, 5}, 3), b = rand_var({4, 3}, 4);
+      auto bias = rand_var({4}, 5), xd = rand_var({2, 3, 5}, 6);
+      const std::optional<var<f64>> ob = with_bias ? std::optional{bias} : std::nullopt;
+      const auto& xa = distinct_input ? xd : x;
+      const auto fused = ops::lora_linear(x, w, ob, xa, a, b, s).value();
+      const auto composed = (ops::linear(x, w, ob) + ops::scale(ops::linear(ops::linear(xa, a), b), s)).value();
+      CHECK(max_rel_diff(fused, composed) < 1e-14);
+      // Every input trainable: the base's gradients too.
+      if (distinct_input)
+        KILN_CHECK_GRADIENTS([&](auto& x_, auto& w_, auto& xa_, auto& a_,
+                                 auto& b_) { return ops::lora_linear(x_, w_, ob, xa_, a_, b_, s); },
+                             x, w, xd, a, b);
+      else
+        KILN_CHECK_GRADIENTS(
+            [&](auto& x_, auto& w_, auto& a_, auto& b_) { return ops::lora_linear(x_, w_, ob, x_, a_, b_, s); }, x, w,
+            a, b);
+      // The LoRA case: W frozen, only x, A and B need gradients.
+      w.set_requires_grad(false);
+      bias.set_requires_grad(false);
+      KILN_CHECK_GRADIENTS([&](auto& x_, auto& a_, auto& b_) { return ops::lora_linear(x_, w, ob, x_, a_, b_, s); }, x,
+                           a, b);
+    }
+}
+
 TEST_CASE("lora: gradients of an adapted model pass the f64 check, dropout and rsLoRA included") {
   manual_seed(2);
   auto c = tiny(8);

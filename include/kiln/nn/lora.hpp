@@ -118,11 +118,11 @@ struct lora_linear {
     lora = std::move(a);
   }
 
+  // One node (ops::lora_linear): the base GEMM and the low-rank path, s·(x·Aᵀ) kept for
+  // the backward, which never forms W's gradient while W is frozen.
   var<T, Dev> operator()(const var<T, Dev>& x) {
-    auto y = ops::linear(x, weight, bias);
-    if (!lora || merged) return y;
-    auto h = ops::linear(lora->drop(x), lora->A);
-    return y + ops::scale(ops::linear(h, lora->B), lora->scaling);
+    if (!lora || merged) return ops::linear(x, weight, bias);
+    return ops::lora_linear(x, weight, bias, lora->drop(x), lora->A, lora->B, lora->scaling);
   }
 
   // W += sign · s · B·A, accumulated in f64 on the host, rounded once to T.
