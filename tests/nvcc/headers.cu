@@ -4,6 +4,8 @@
 #include "kiln/cuda/blas.hpp"
 #include "kiln/cuda/kernels.hpp"
 #include "kiln/kiln.hpp"
+#include "kiln/nn/llama.hpp"
+#include "kiln/nn/peft.hpp"
 #include "kiln/train.hpp"
 
 __global__ void apply_gelu(float* x, int n) {
@@ -27,6 +29,16 @@ int host_side() {
   auto l = kiln::sum(kiln::matmul(a, a));
   l.backward();
   return static_cast<int>(a.grad().data()[0]);
+}
+
+// A LoRA-adapted layer (the fused node) and the PEFT file code in a CUDA translation unit.
+int lora_host_side() {
+  kiln::nn::lora_linear<float> l(4, 3);
+  l.attach(2, 1.0, 0.0f);
+  auto y = l(kiln::var<float>(kiln::tensor<float>::ones({2, 4}), true));
+  kiln::sum(y).backward();
+  kiln::nn::llama<kiln::ops::mask::causal, kiln::nn::recompute::none, float, kiln::cpu, kiln::nn::adapter::lora> m;
+  return static_cast<int>(kiln::nn::count_lora(m).adapted + l.rank());
 }
 
 // The trainer, with a callback and a logger, instantiated in a CUDA translation unit.

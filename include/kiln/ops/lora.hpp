@@ -52,10 +52,7 @@ var<T, Dev> lora_linear(const var<T, Dev>& x, const var<T, Dev>& w, const std::o
     else
       gpu::scale(in_t, static_cast<float>(f), out_t, grad_write::overwrite);
   };
-  if constexpr (Dev::is_host)
-    cpu::linear_forward(xv, w.value(), bias ? &bias->value() : nullptr, y);
-  else
-    gpu::linear_forward(xv, w.value(), bias ? &bias->value() : nullptr, y);
+  detail::linear_forward_on(xv, w.value(), bias ? &bias->value() : nullptr, y);
   detail::gemm_on<T, Dev>(false, true, n, r, in, xav.data(), in, a.value().data(), in, h.data(), r,
                           grad_write::overwrite);
   scale(h, s, h);
@@ -71,12 +68,8 @@ var<T, Dev> lora_linear(const var<T, Dev>& x, const var<T, Dev>& w, const std::o
     if (bx || bw || bb) {
       const grad_write mw = bw ? w.begin_grad_write() : grad_write::overwrite;
       const grad_write mb = bb ? bias->begin_grad_write() : grad_write::overwrite;
-      if constexpr (Dev::is_host)
-        cpu::linear_backward(xv, w.value(), gy, bx ? &x.grad() : nullptr, mx, bw ? &w.grad() : nullptr, mw,
-                             bb ? &bias->grad() : nullptr, mb);
-      else
-        gpu::linear_backward(xv, w.value(), gy, bx ? &x.grad() : nullptr, mx, bw ? &w.grad() : nullptr, mw,
-                             bb ? &bias->grad() : nullptr, mb);
+      detail::linear_backward_on(xv, w.value(), gy, bx ? &x.grad() : nullptr, mx, bw ? &w.grad() : nullptr, mw,
+                                 bb ? &bias->grad() : nullptr, mb);
     }
     if (b.requires_grad())
       detail::gemm_on<T, Dev>(true, false, out, r, n, gy.data(), out, h.data(), r, b.grad().data(), r,

@@ -37,6 +37,24 @@ void batched_gemm_on(std::int64_t batch, bool ta, bool tb, std::int64_t m, std::
     cuda_kernels::gemm<T>(s, a, b, c, mode, cuda_runtime::compute_stream());
   }
 }
+// linear's forward (y = x·wᵀ + bias) and its gradients (null outputs skipped) on either
+// device; ops::linear and ops::lora_linear both run their base layer through these.
+template <class T, device Dev>
+void linear_forward_on(const tensor<T, Dev>& x, const tensor<T, Dev>& w, const tensor<T, Dev>* bias,
+                       tensor<T, Dev>& y) {
+  if constexpr (Dev::is_host)
+    cpu::linear_forward(x, w, bias, y);
+  else
+    gpu::linear_forward(x, w, bias, y);
+}
+template <class T, device Dev>
+void linear_backward_on(const tensor<T, Dev>& x, const tensor<T, Dev>& w, const tensor<T, Dev>& gy, tensor<T, Dev>* gx,
+                        grad_write mx, tensor<T, Dev>* gw, grad_write mw, tensor<T, Dev>* gb, grad_write mb) {
+  if constexpr (Dev::is_host)
+    cpu::linear_backward(x, w, gy, gx, mx, gw, mw, gb, mb);
+  else
+    gpu::linear_backward(x, w, gy, gx, mx, gw, mw, gb, mb);
+}
 }  // namespace detail
 
 // [M, K] · [K, N] → [M, N]
@@ -111,21 +129,14 @@ var<T, Dev> linear(const var<T, Dev>& x, const var<T, Dev>& w, const std::option
   shape ys = xv.shape();
   ys[ys.rank() - 1] = w.size(0);
   tensor<T, Dev> y(ys);
-  if constexpr (Dev::is_host)
-    cpu::linear_forward(xv, wv, bias ? &bias->value() : nullptr, y);
-  else
-    gpu::linear_forward(xv, wv, bias ? &bias->value() : nullptr, y);
+  detail::linear_forward_on(xv, wv, bias ? &bias->value() : nullptr, y);
   auto backward = [x, w, bias, xv](const tensor<T, Dev>& gy) mutable {
     const bool bx = x.requires_grad(), bw = w.requires_grad(), bb = bias && bias->requires_grad();
     const grad_write mx = bx ? x.begin_grad_write() : grad_write::overwrite;
     const grad_write mw = bw ? w.begin_grad_write() : grad_write::overwrite;
     const grad_write mb = bb ? bias->begin_grad_write() : grad_write::overwrite;
-    if constexpr (Dev::is_host)
-      cpu::linear_backward(xv, w.value(), gy, bx ? &x.grad() : nullptr, mx, bw ? &w.grad() : nullptr, mw,
-                           bb ? &bias->grad() : nullptr, mb);
-    else
-      gpu::linear_backward(xv, w.value(), gy, bx ? &x.grad() : nullptr, mx, bw ? &w.grad() : nullptr, mw,
-                           bb ? &bias->grad() : nullptr, mb);
+    detail::linear_backward_on(xv, w.value(), gy, bx ? &x.grad() : nullptr, mx, bw ? &w.grad() : nullptr, mw,
+                               bb ? &bias->grad() : nullptr, mb);
   };
   if (bias) return autograd::record(std::move(y), std::move(backward), x, w, *bias);
   return autograd::record(std::move(y), std::move(backward), x, w);
