@@ -4,7 +4,8 @@ usage: peft_check.py DIR FIXTURE
 DIR holds what `FIXTURE write DIR` made: base/ (an HF Llama), kiln_adapter/ and
 kiln_logits.safetensors. Checks, each to 1e-4 relative to the largest logit:
   1. PeftModel.from_pretrained(base, kiln_adapter) reproduces kiln's logits;
-  2. an adapter PEFT initialises and trains (get_peft_model, a few AdamW steps) and saves
+  2. the same for a GPT-2 (Conv1D layers: fan_in_fan_out) from DIR/gpt2_*;
+  3. an adapter PEFT initialises and trains (get_peft_model, a few AdamW steps) and saves
      to DIR/peft_adapter, read by kiln (`FIXTURE read DIR`), reproduces PEFT's logits.
 """
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 TOL = 1e-4
 
@@ -39,6 +40,15 @@ def main():
     print(f"PEFT applies kiln's adapter: max rel diff {diff:.2e} (the adapter moves the logits by {moved:.2e})")
     assert moved > 1e-3, "the kiln adapter should change the base model's logits"
     assert diff < TOL, f"PEFT's logits differ from kiln's by {diff}"
+
+    gpt2 = GPT2LMHeadModel.from_pretrained(f"{d}/gpt2_base", torch_dtype=torch.float32).eval()
+    gpt2 = PeftModel.from_pretrained(gpt2, f"{d}/gpt2_adapter").eval()
+    kiln_gpt2 = load_file(f"{d}/gpt2_logits.safetensors")
+    with torch.no_grad():
+        logits = gpt2(kiln_gpt2["input_ids"]).logits
+    diff = rel_diff(logits, kiln_gpt2["logits"])
+    print(f"PEFT applies kiln's GPT-2 adapter: max rel diff {diff:.2e}")
+    assert diff < TOL, f"PEFT's GPT-2 logits differ from kiln's by {diff}"
 
     base = LlamaForCausalLM.from_pretrained(f"{d}/base", torch_dtype=torch.float32)
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "gate_proj"],

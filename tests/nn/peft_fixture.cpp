@@ -3,12 +3,15 @@
 //     adapter on it trained for a few AdamW steps and saved with io::save_peft_adapter in
 //     DIR/kiln_adapter, and DIR/kiln_logits.safetensors: input_ids and kiln's logits for
 //     them with the adapter applied.
+//     The same for a GPT-2 (Conv1D layers in HF files): DIR/gpt2_base, DIR/gpt2_adapter,
+//     DIR/gpt2_logits.safetensors.
 //   peft_fixture read DIR: DIR/base plus the adapter PEFT trained and saved in
 //     DIR/peft_adapter, read with io::load_peft_adapter; writes kiln's logits for
 //     DIR/peft_logits.safetensors' input_ids to DIR/kiln_logits_of_peft.safetensors.
 #include <iostream>
 #include <string>
 
+#include "kiln/nn/gpt2.hpp"
 #include "kiln/nn/hf_model.hpp"
 #include "kiln/nn/llama.hpp"
 #include "kiln/nn/peft.hpp"
@@ -19,12 +22,47 @@ using model_t = nn::llama<ops::mask::causal, nn::recompute::none, f32, cpu, nn::
 
 namespace {
 
-void write_logits(model_t& m, const tensor<i64>& ids, const std::filesystem::path& out) {
+template <class M>
+void write_logits(M& m, const tensor<i64>& ids, const std::filesystem::path& out) {
   nn::eval(m);
   io::safetensors_writer w;
   w.add("input_ids", ids);
   w.add("logits", m(ids).value().contiguous());
   w.write(out);
+}
+
+// A few AdamW steps of next-token prediction on ids.
+template <class M>
+void train(M& m, const tensor<i64>& ids, std::int64_t vocab) {
+  const std::int64_t B = ids.size(0), T = ids.size(1) - 1;
+  optim::adamw<f32> opt(m, {.lr = 2e-2});
+  for (int s = 0; s < 4; ++s) {
+    auto x = ids.slice(1, 0, T).contiguous(), y = ids.slice(1, 1, T + 1).contiguous();
+    auto loss = cross_entropy(reshape(m(x), shape{B * T, vocab}), y.reshape(shape{B * T}));
+    loss.backward();
+    opt.step();
+    opt.zero_grad();
+  }
+}
+
+void write_gpt2(const std::filesystem::path& dir, const tensor<i64>& ids) {
+  nn::gpt2_config c;
+  c.vocab_size = 53;
+  c.n_positions = 64;
+  c.n_embd = 32;
+  c.n_layer = 2;
+  c.n_head = 4;
+  c.embd_pdrop = c.attn_pdrop = c.resid_pdrop = 0.0f;
+  nn::gpt2<ops::mask::causal, nn::recompute::none, f32, cpu, nn::adapter::lora> m(c);
+  io::save_hf(m, dir / "gpt2_base");
+  nn::lora_config lc;
+  lc.r = 4;
+  lc.alpha = 8;
+  lc.target_modules = {"c_attn", "c_proj", "c_fc"};
+  nn::attach_lora(m, lc);
+  train(m, ids, c.vocab_size);
+  io::save_peft_adapter(m, lc, dir / "gpt2_adapter");
+  write_logits(m, ids, dir / "gpt2_logits.safetensors");
 }
 
 }  // namespace
@@ -53,16 +91,10 @@ int main(int argc, char** argv) try {
     nn::attach_lora(m, lc);
     tensor<i64> ids(shape{2, 12});
     for (std::int64_t i = 0; i < ids.numel(); ++i) ids.data()[i] = (i * 17 + 3) % c.vocab_size;
-    optim::adamw<f32> opt(m, {.lr = 2e-2});
-    for (int s = 0; s < 4; ++s) {
-      auto x = ids.slice(1, 0, 11).contiguous(), y = ids.slice(1, 1, 12).contiguous();
-      auto loss = cross_entropy(reshape(m(x), shape{2 * 11, c.vocab_size}), y.reshape(shape{2 * 11}));
-      loss.backward();
-      opt.step();
-      opt.zero_grad();
-    }
+    train(m, ids, c.vocab_size);
     io::save_peft_adapter(m, lc, dir / "kiln_adapter");
     write_logits(m, ids, dir / "kiln_logits.safetensors");
+    write_gpt2(dir, ids);
   } else if (mode == "read") {
     auto m = io::load_hf<model_t>(dir / "base");
     const auto lc = io::load_peft_adapter(m, dir / "peft_adapter");

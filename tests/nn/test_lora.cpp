@@ -3,6 +3,7 @@
 #include <fstream>
 
 #include "../helpers.hpp"
+#include "kiln/nn/gpt2.hpp"
 #include "kiln/nn/hf_model.hpp"
 #include "kiln/nn/llama.hpp"
 #include "kiln/nn/peft.hpp"
@@ -221,6 +222,44 @@ TEST_CASE("lora: PEFT files round trip, and a merged model saves as a plain HF f
   nn::merge_lora(m);
   io::save_hf(m, dir / "merged");
   auto merged = io::load_hf<nn::llama<>>(dir / "merged");
+  CHECK(max_rel_diff(merged(ids).value().contiguous(), adapted) < 1e-5);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("lora: GPT-2 (Conv1D layers in HF files) adapts, saves with fan_in_fan_out and merges into [in, out]") {
+  manual_seed(6);
+  nn::gpt2_config c;
+  c.vocab_size = 37;
+  c.n_positions = 24;
+  c.n_embd = 16;
+  c.n_layer = 2;
+  c.n_head = 4;
+  c.embd_pdrop = c.attn_pdrop = c.resid_pdrop = 0.0f;
+  using gpt_t = nn::gpt2<ops::mask::causal, nn::recompute::none, f32, cpu, nn::adapter::lora>;
+  gpt_t m(c);
+  const auto dir = test::temp_dir("lora", "gpt2");
+  const auto ids = random_ids(2, 9, 37, 8);
+  io::save_hf(m, dir / "base");
+  auto lc = config(4);
+  lc.target_modules = {"c_attn", "c_fc"};
+  CHECK(nn::attach_lora(m, lc) == std::vector<std::string>{"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc",
+                                                           "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc"});
+  train_steps(m, ids, 3);
+  const auto adapted = m(ids).value().contiguous();
+  io::save_peft_adapter(m, lc, dir / "adapter");
+  auto cfg = io::json::parse(io::read_text_file(dir / "adapter" / "adapter_config.json"));
+  CHECK(cfg.at("fan_in_fan_out").as_bool());
+  auto st = io::safetensors_file::open(dir / "adapter" / "adapter_model.safetensors");
+  CHECK(io::safetensors_view::shape_of(st.at("base_model.model.transformer.h.0.attn.c_attn.lora_B.weight")) ==
+        shape{3 * 16, 4});
+
+  auto back = io::load_hf<gpt_t>(dir / "base");
+  io::load_peft_adapter(back, dir / "adapter");
+  const auto loaded = back(ids).value().contiguous();
+  CHECK(std::memcmp(loaded.data(), adapted.data(), adapted.numel() * sizeof(float)) == 0);
+  nn::merge_lora(back);
+  io::save_hf(back, dir / "merged");  // Conv1D weights written back as [in, out]
+  auto merged = io::load_hf<nn::gpt2<>>(dir / "merged");
   CHECK(max_rel_diff(merged(ids).value().contiguous(), adapted) < 1e-5);
   std::filesystem::remove_all(dir);
 }

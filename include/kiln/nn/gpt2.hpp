@@ -1,6 +1,6 @@
 // kiln/nn/gpt2.hpp — GPT-2 (Radford et al. 2019) with Hugging Face's parameter names.
 //
-// Spec: gpt2<Mask, Recompute, T> is a decoder-only transformer: token + learned position
+// Spec: gpt2<Mask, Recompute, T, Dev, Adapter> is a decoder-only transformer: token + learned position
 // embeddings, n_layer pre-norm blocks (LayerNorm → fused-QKV attention → residual;
 // LayerNorm → Linear(C, 4C) → GELU-tanh → Linear(4C, C) → residual), a final LayerNorm
 // and an LM head tied to the token embedding (or its own `lm_head.weight`).
@@ -10,6 +10,8 @@
 // (hf_transposed(name) lists them; kiln's own checkpoints keep kiln's layout).
 // Mask is any ops::attention_mask (causal for GPT-2 itself; local/strided for sparse
 // variants); Recompute an nn::recompute policy. The config reads and writes config.json.
+// Adapter (kiln/nn/lora.hpp): adapter::lora makes c_attn, c_proj (attention), c_fc and
+// c_proj (MLP) lora_linear layers; their adapters are PEFT's for GPT-2 (fan_in_fan_out).
 #pragma once
 
 #include <string>
@@ -18,6 +20,7 @@
 #include "kiln/nn/embedding.hpp"
 #include "kiln/nn/hf_config.hpp"
 #include "kiln/nn/linear.hpp"
+#include "kiln/nn/lora.hpp"
 #include "kiln/nn/norm.hpp"
 #include "kiln/nn/transformer.hpp"
 #include "kiln/ops.hpp"
@@ -95,9 +98,9 @@ struct gpt2_config {
   }
 };
 
-template <ops::attention_mask Mask, floating_element T, device Dev = cpu>
+template <ops::attention_mask Mask, floating_element T, device Dev = cpu, adapter_policy Adapter = adapter::none>
 struct gpt2_attention {
-  linear<T, Dev> c_attn, c_proj;
+  adapted_linear<Adapter, T, Dev> c_attn, c_proj;
   dropout attn_dropout, resid_dropout;
   std::int64_t n_head = 0;
 
@@ -133,9 +136,9 @@ struct gpt2_attention {
   }
 };
 
-template <floating_element T, device Dev = cpu>
+template <floating_element T, device Dev = cpu, adapter_policy Adapter = adapter::none>
 struct gpt2_mlp {
-  linear<T, Dev> c_fc, c_proj;
+  adapted_linear<Adapter, T, Dev> c_fc, c_proj;
   dropout drop;
   bool exact_gelu = false;
 
@@ -157,11 +160,12 @@ struct gpt2_mlp {
   }
 };
 
-template <ops::attention_mask Mask, recompute_policy Recompute, floating_element T, device Dev = cpu>
+template <ops::attention_mask Mask, recompute_policy Recompute, floating_element T, device Dev = cpu,
+          adapter_policy Adapter = adapter::none>
 struct gpt2_block {
   layer_norm<T, Dev> ln_1, ln_2;
-  gpt2_attention<Mask, T, Dev> attn;
-  gpt2_mlp<T, Dev> mlp;
+  gpt2_attention<Mask, T, Dev, Adapter> attn;
+  gpt2_mlp<T, Dev, Adapter> mlp;
 
   gpt2_block() = default;
   explicit gpt2_block(const gpt2_config& c)
@@ -180,12 +184,13 @@ struct gpt2_block {
 };
 
 template <ops::attention_mask Mask = ops::mask::causal, recompute_policy Recompute = recompute::none,
-          floating_element T = f32, device Dev = cpu>
+          floating_element T = f32, device Dev = cpu, adapter_policy Adapter = adapter::none>
 struct gpt2 {
   using config_type = gpt2_config;
   using value_type = T;
   using device_type = Dev;
-  using block_type = gpt2_block<Mask, Recompute, T, Dev>;
+  using block_type = gpt2_block<Mask, Recompute, T, Dev, Adapter>;
+  using adapter_type = Adapter;
 
   struct body {
     embedding<T, Dev> wte, wpe;

@@ -17,6 +17,8 @@
 // each [r, in] or [out, r] for that layer — then attaches the adapters (attach_lora) and
 // copies the values (F32, F16, BF16 or F64, converted to the model's type). Errors name
 // the file, the field or tensor, and what was expected. Returns the config.
+// Models: any whose blocks use the adapter policy nn::adapter::lora (llama, gpt2);
+// fan_in_fan_out is written true for GPT-2's Conv1D layers, as PEFT expects.
 #pragma once
 
 #include <filesystem>
@@ -34,7 +36,9 @@ namespace kiln::io {
 
 inline constexpr std::string_view peft_prefix = "base_model.model.";
 
-inline json peft_config_json(const nn::lora_config& c) {
+// fan_in_fan_out: whether the adapted layers are stored [in, out] in the model's HF files
+// (GPT-2's Conv1D); PEFT uses it when it merges. The adapters' own shapes do not change.
+inline json peft_config_json(const nn::lora_config& c, bool fan_in_fan_out = false) {
   auto strings = [](const std::vector<std::string>& v) {
     json a = json::array();
     for (const auto& s : v) a.push_back(json(s));
@@ -51,7 +55,7 @@ inline json peft_config_json(const nn::lora_config& c) {
   j.set("target_modules", c.all_linear() ? json("all-linear") : strings(c.target_modules));
   j.set("modules_to_save", c.modules_to_save.empty() ? json() : strings(c.modules_to_save));
   j.set("bias", "none");
-  j.set("fan_in_fan_out", false);
+  j.set("fan_in_fan_out", fan_in_fan_out);
   j.set("init_lora_weights", true);
   j.set("inference_mode", true);
   j.set("use_dora", false);
@@ -75,8 +79,7 @@ inline nn::lora_config peft_config_from_json(const json& j, const std::string& f
   f.require(!f.boolean("use_dora", false), "use_dora", "DoRA adapters are not supported; expected false");
   f.require(f.string("bias", "none") == "none", "bias",
             "adapters that train biases are not supported; expected \"none\"");
-  f.require(!f.boolean("fan_in_fan_out", false), "fan_in_fan_out",
-            "expected false (kiln's llama stores every weight [out, in])");
+  f.boolean("fan_in_fan_out", false);  // checked as a boolean; the adapters' shapes are the same either way
   for (const char* key : {"rank_pattern", "alpha_pattern"})
     if (const json* p = f.get(key, false))
       f.require(p->is_object() && p->size() == 0, key, "per-layer ranks and alphas are not supported; expected {}");
@@ -130,10 +133,15 @@ std::vector<std::filesystem::path> save_peft_adapter(M& model, const nn::lora_co
           w.add(std::string(peft_prefix) + nn::detail::join(name, p), v.value());
         });
   });
+  bool fan_in_fan_out = false;
+  if constexpr (requires { M::hf_transposed(std::string_view{}); })
+    nn::visit_lora_layers(model, [&](const std::string& name, auto& layer) {
+      if (layer.lora) fan_in_fan_out = fan_in_fan_out || M::hf_transposed(name + ".weight");
+    });
   w.set_metadata("format", "pt");
   const auto weights = dir / "adapter_model.safetensors", config = dir / "adapter_config.json";
   w.write(weights);
-  write_atomically(config, peft_config_json(c).dump() + "\n");
+  write_atomically(config, peft_config_json(c, fan_in_fan_out).dump() + "\n");
   return {config, weights};
 }
 
