@@ -83,8 +83,9 @@ case "$cmd" in
   test)
     install_deps
     # The Python peers the interop tests run (TensorBoard, safetensors, tokenizers, and torch
-    # + transformers + peft for the Hugging Face checks): one venv per machine, outside the clone,
-    # made while the build runs. Without the package registry their tests skip.
+    # + transformers + peft for the Hugging Face checks, bitsandbytes for QLoRA's NF4): one
+    # venv per machine, outside the clone, made while the build runs. Without the package
+    # registry their tests skip.
     PYPKGS=(tensorboard safetensors numpy tokenizers torch transformers peft)
     PYPKGS_IMPORT="import tensorboard, safetensors.numpy, numpy, tokenizers, torch, transformers, peft"
     venv_pid=""
@@ -94,8 +95,13 @@ case "$cmd" in
       if ! "$KILN_PYTHON" -c "$PYPKGS_IMPORT" 2>/dev/null; then
         echo "kiln: installing the Python peers into $PYVENV (once per machine), beside the build"
         mkdir -p "$(dirname "$PYVENV")"
-        ( { [ -x "$KILN_PYTHON" ] || python3 -m venv "$PYVENV"; } && "$PYVENV/bin/pip" install -q "${PYPKGS[@]}" ) \
+        ( { [ -x "$KILN_PYTHON" ] || python3 -m venv "$PYVENV"; } && "$PYVENV/bin/pip" install -q "${PYPKGS[@]}" &&
+          { "$PYVENV/bin/pip" install -q bitsandbytes || echo "kiln: bitsandbytes did not install here"; } ) \
           >"$(dirname "$PYVENV")/pyvenv-install.log" 2>&1 &
+        venv_pid=$!
+      elif ! "$KILN_PYTHON" -c "import bitsandbytes" 2>/dev/null; then
+        # bitsandbytes (the QLoRA NF4 check) where PyPI has a build of it for this machine.
+        "$PYVENV/bin/pip" install -q bitsandbytes >"$(dirname "$PYVENV")/pyvenv-bnb.log" 2>&1 &
         venv_pid=$!
       fi
     fi

@@ -9,6 +9,7 @@
 #include "dist_fixture.hpp"
 #include "kiln/callbacks/early_stopping.hpp"
 #include "kiln/callbacks/nan_detector.hpp"
+#include "kiln/nn/lora.hpp"
 
 using namespace kiln;
 using namespace kiln::test::dist;
@@ -554,4 +555,84 @@ TEST_CASE("zero checkpoints: each rank writes its own shard; a new save replaces
     what = e.what();
   }
   CHECK(what.find("is missing: a sharded checkpoint's files must stay together") != std::string::npos);
+}
+
+namespace {
+// The fixture's two layers frozen, each with a rank-4 LoRA adapter: only the adapters train.
+struct adapter_net {
+  nn::lora_linear<float> fc1{8, 32}, fc2{32, 3};
+  std::vector<double> losses;
+  adapter_net() {
+    nn::lora_config c;
+    c.r = 4;
+    c.alpha = 8;
+    c.target_modules = {"fc1", "fc2"};
+    nn::attach_lora(*this, c);
+    // B non-zero, so A moves from the first step too (seeded: the same on every rank).
+    for (auto* l : {&fc1, &fc2}) l->lora->B.value() = init::uniform<float>(l->lora->B.shape(), 0.1);
+  }
+  template <class F>
+  void for_each_child(F&& f) {
+    f("fc1", fc1);
+    f("fc2", fc2);
+  }
+  var<float> forward(const tensor<float>& x) { return fc2(ops::relu(fc1(var<float>(x)))); }
+  var<float> training_step(auto& ctx, const batch& b) {
+    auto loss = cross_entropy(forward(b.x), b.y);
+    losses.push_back(static_cast<double>(loss.value().flat(0)));
+    ctx.log("train/loss", loss, {.on_epoch = true, .sync_dist = true});
+    return loss;
+  }
+  void validation_step(auto& ctx, const batch& b) {
+    ctx.log("val/loss", cross_entropy(forward(b.x), b.y), {.sync_dist = true});
+  }
+  auto configure_optimizers() { return optim::adamw<float>(*this, {.lr = 2e-2}); }
+};
+}  // namespace
+
+TEST_CASE("LoRA adapters under ddp and zero<1|2|3>: single_device's trajectory, the frozen base untouched") {
+  using single = strategy::single_device<cpu>;
+  const auto ref = run<single, precision::fp32, float, adapter_net>(scratch("lora_ref"));
+  REQUIRE(ref.losses.size() == 40);
+  CHECK(ref.losses.back() < 0.9 * ref.losses.front());
+  manual_seed(7);
+  adapter_net initial;
+  const auto w0 = weights(initial);
+  const auto ddp = run<strategy::ddp<comm::mpi>, precision::fp32, float, adapter_net>(scratch("lora_ddp"));
+  const auto z1 = run<strategy::zero<1, comm::mpi>, precision::fp32, float, adapter_net>(scratch("lora_z1"));
+  const auto z2 = run<strategy::zero<2, comm::mpi>, precision::fp32, float, adapter_net>(scratch("lora_z2"));
+  const auto z3 = run<zero3, precision::fp32, float, adapter_net>(scratch("lora_z3"));
+  // Parameters in visit order: fc1.weight, fc1.bias, its A and B, then fc2's; the base
+  // weights and biases keep their initial bits under every strategy.
+  const std::size_t base1 = 8 * 32 + 32, a1 = 4 * 8 + 32 * 4, base2 = 32 * 3 + 3;
+  for (auto* o : {&ref, &ddp, &z1, &z2, &z3}) {
+    CHECK(o->fit.global_step == ref.fit.global_step);
+    CHECK(max_abs_diff(o->losses, ref.losses) < tolerance);
+    CHECK(max_abs_diff(o->weights, ref.weights) < tolerance);
+    REQUIRE(o->weights.size() == w0.size());
+    bool base_same = true, adapters_moved = false;
+    for (std::size_t i = 0; i < w0.size(); ++i) {
+      const bool base = i < base1 || (i >= base1 + a1 && i < base1 + a1 + base2);
+      if (base)
+        base_same = base_same && o->weights[i] == w0[i];
+      else
+        adapters_moved = adapters_moved || o->weights[i] != w0[i];
+    }
+    CHECK(base_same);
+    CHECK(adapters_moved);
+  }
+  // zero<1>: the optimizer state covers the adapters alone, 1/world of them on each rank.
+  using trainer_t = trainer<adapter_net, strategy::zero<1, comm::mpi>, precision::fp32>;
+  trainer_t t(options(scratch("lora_bytes"), 1));
+  manual_seed(7);
+  adapter_net m;
+  data_module dm(global_batch / world().world_size());
+  t.fit(m, dm);
+  std::int64_t elements = 0;
+  std::get<0>(t.optimizers()).optimizer.for_each_state_tensor([&](const auto& st) { elements += st.numel(); });
+  const std::int64_t n = 4 * 8 + 32 * 4 + 4 * 32 + 3 * 4;  // A and B of both layers
+  std::int64_t total = elements;
+  world().all_reduce(&total, 1, comm::op::sum);
+  CHECK(total == 2 * n);
+  CHECK(elements <= 2 * ((n + world().world_size() - 1) / world().world_size()));
 }

@@ -8,6 +8,11 @@
 //   peft_fixture read DIR: DIR/base plus the adapter PEFT trained and saved in
 //     DIR/peft_adapter, read with io::load_peft_adapter; writes kiln's logits for
 //     DIR/peft_logits.safetensors' input_ids to DIR/kiln_logits_of_peft.safetensors.
+//   peft_fixture nf4 IN OUT: for each tensor "<name>.w" in IN (written by
+//     tests/nn/bnb_check.py), quantises it with kiln's NF4 (ops/kernel/nf4.hpp) and writes
+//     what kiln stores to OUT: "<name>.codes", ".scale_codes", ".scale_absmax", ".offset",
+//     and kiln's dynamic map as "code8". The script compares them with bitsandbytes'.
+#include <algorithm>
 #include <iostream>
 #include <string>
 
@@ -65,10 +70,38 @@ void write_gpt2(const std::filesystem::path& dir, const tensor<i64>& ids) {
   write_logits(m, ids, dir / "gpt2_logits.safetensors");
 }
 
+// Quantises each "<name>.w" of `in` with kiln's NF4 and writes what it stored to `out`.
+void write_nf4(const std::filesystem::path& in, const std::filesystem::path& out) {
+  auto f = io::safetensors_file::open(in);
+  io::safetensors_writer w;
+  auto bytes = [](const auto& v) {
+    using V = typename std::remove_cvref_t<decltype(v)>::value_type;
+    tensor<V> t(shape{static_cast<std::int64_t>(v.size())});
+    std::copy(v.begin(), v.end(), t.data());
+    return t;
+  };
+  for (const auto& e : f.tensors()) {
+    if (!e.name.ends_with(".w")) continue;
+    const std::string n = e.name.substr(0, e.name.size() - 2);
+    const auto x = f.load<f32>(e.name);
+    const auto q = ops::nf4::quantize(x.data(), x.shape());
+    w.add(n + ".codes", bytes(q.codes));
+    w.add(n + ".scale_codes", bytes(q.scale_codes));
+    w.add(n + ".scale_absmax", bytes(q.scale_absmax));
+    w.add(n + ".offset", bytes(std::vector<float>{q.offset}));
+  }
+  w.add("code8", bytes(ops::nf4::code8()));
+  w.write(out);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
-  if (argc != 3) throw error("usage: peft_fixture write|read DIR");
+  if (argc == 4 && std::string(argv[1]) == "nf4") {
+    write_nf4(argv[2], argv[3]);
+    return 0;
+  }
+  if (argc != 3) throw error("usage: peft_fixture write|read DIR, or peft_fixture nf4 IN OUT");
   const std::string mode = argv[1];
   const std::filesystem::path dir = argv[2];
   if (mode == "write") {
@@ -102,7 +135,7 @@ int main(int argc, char** argv) try {
     auto f = io::safetensors_file::open(dir / "peft_logits.safetensors");
     write_logits(m, f.load<i64>("input_ids"), dir / "kiln_logits_of_peft.safetensors");
   } else {
-    throw error("peft_fixture: unknown mode '" + mode + "' (write or read)");
+    throw error("peft_fixture: unknown mode '" + mode + "' (write, read or nf4)");
   }
   return 0;
 } catch (const std::exception& e) {

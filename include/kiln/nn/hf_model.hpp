@@ -8,7 +8,8 @@
 //   - F32, F16, BF16 and F64 tensors are converted to the model's element type;
 //   - a missing parameter, a shape that differs, or a tensor the model does not know
 //     (unless Model::hf_ignored(name): buffers, a tied head) is an error naming the
-//     file, the tensor, and both shapes. Nothing is half-loaded: all checks run first.
+//     file, the tensor, and both shapes. Nothing is half-loaded: all checks run first;
+//   - a model with NF4-base layers (adapter::qlora) quantises them once loaded.
 // Spec (writing): save_hf(model, dir) writes config.json (model.hf_config()) and
 // model.safetensors in HF names and layouts (Conv1D weights transposed back, the tied
 // head omitted, "format": "pt" metadata), atomically, so transformers'
@@ -21,6 +22,7 @@
 
 #include <filesystem>
 #include <map>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -79,6 +81,7 @@ void load_hf_weights(M& model, const hf_directory& d) {
     if (t.transposed) v = v.transpose(0, 1).contiguous();
     copy_from_host(t.param->value(), v);
   }
+  nn::quantize_nf4(model);  // adapter::qlora: the block projections become NF4 here
 }
 
 // Builds a model from an HF folder: its config.json, then its weights.
@@ -94,13 +97,20 @@ M load_hf(const std::filesystem::path& dir) {
 template <class M>
 std::vector<std::filesystem::path> save_hf(M& model, const std::filesystem::path& dir) {
   const auto lora = nn::count_lora(model);
+  KILN_CHECK(lora.quantized == 0, "save_hf: ", lora.quantized,
+             " base weights are NF4 (adapter::qlora); an HF folder holds the original weights: save the adapter "
+             "(io::save_peft_adapter) and merge it into the 16-bit base loaded with adapter::lora");
   KILN_CHECK(lora.merged == lora.adapted, "save_hf: ", lora.adapted - lora.merged, " of ", lora.adapted,
              " LoRA adapters are not merged: merge them into the base weights first (nn::merge_lora), or save the "
              "adapter alone (io::save_peft_adapter)");
   std::filesystem::create_directories(dir);
+  std::set<std::string> folded;  // the adapters' own parameters, folded into the weights
+  nn::visit_lora_layers(model, [&](const std::string& name, auto& layer) {
+    if (layer.lora) folded.insert({name + ".lora_A.weight", name + ".lora_B.weight"});
+  });
   safetensors_writer w;
   nn::visit_parameters(model, [&](const std::string& name, auto& p) {
-    if (name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")) return;  // folded into the weights
+    if (folded.count(name)) return;
     const auto& v = p.value();
     if (M::hf_transposed(name))
       w.add(name, v.transpose(0, 1).contiguous());

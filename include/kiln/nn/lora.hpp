@@ -21,6 +21,15 @@
 // merge_lora folds s·B·A into W (in W's element type, the product accumulated in f64);
 // unmerge_lora subtracts it again. Merging twice, or unmerging what is not merged, is an
 // error, never a silent double count. While merged, the adapters are not applied.
+//
+// QLoRA: adapter::qlora makes the projections lora_linear<T, Dev, base_weight::nf4>, whose
+// base weight is quantised to NF4 with double-quantised scales (kiln/ops/kernel/nf4.hpp,
+// bitsandbytes' layout) by quantize_nf4(model) — io::load_hf calls it once the weights
+// are in, and attach_lora calls it for layers still dense. The dense weight is then
+// released: the layer holds 0.258 bytes per base element where bf16 holds 2. A quantised
+// base is frozen for good; its parameter name disappears from the walks (checkpoints,
+// save_hf), and merging is refused: merge from the original 16-bit weights instead (load
+// them with adapter::lora, load the adapter, merge_lora), never from the dequantised NF4.
 #pragma once
 
 #include <cmath>
@@ -30,22 +39,32 @@
 #include <type_traits>
 #include <vector>
 
+#include "kiln/core/cpu_runtime.hpp"
 #include "kiln/core/transfer.hpp"
 #include "kiln/nn/dropout.hpp"
 #include "kiln/nn/init.hpp"
 #include "kiln/nn/linear.hpp"
 #include "kiln/nn/module.hpp"
 #include "kiln/ops.hpp"
+#include "kiln/ops/kernel/nf4.hpp"
 
 namespace kiln::nn {
 
 namespace adapter {
-struct none {};  // plain linear layers
-struct lora {};  // low-rank adapters on the linear layers attach_lora targets
+struct none {};   // plain linear layers
+struct lora {};   // low-rank adapters on the linear layers attach_lora targets
+struct qlora {};  // the same over NF4-quantised base weights
 }  // namespace adapter
 
 template <class A>
-concept adapter_policy = std::same_as<A, adapter::none> || std::same_as<A, adapter::lora>;
+concept adapter_policy =
+    std::same_as<A, adapter::none> || std::same_as<A, adapter::lora> || std::same_as<A, adapter::qlora>;
+
+// How a lora_linear stores its frozen base weight.
+namespace base_weight {
+struct dense {};  // a var<T, Dev> (trainable until attach_lora freezes it)
+struct nf4 {};    // NF4 once quantize() has run (dense until then)
+}  // namespace base_weight
 
 // The run-time half of a LoRA adapter: what PEFT's LoraConfig holds.
 struct lora_config {
@@ -77,10 +96,12 @@ inline bool name_matches(std::string_view module_name, std::string_view target) 
                                    module_name[module_name.size() - target.size() - 1] == '.');
 }
 
-template <floating_element T, device Dev = cpu>
+template <floating_element T, device Dev = cpu, class Base = base_weight::dense>
 struct lora_linear {
   using device_type = Dev;
   using value_type = T;
+  static constexpr bool nf4_base = std::same_as<Base, base_weight::nf4>;
+  static_assert(!nf4_base || Dev::is_host, "lora_linear: NF4 base weights run on the CPU only in this release");
 
   struct low_rank {
     var<T, Dev> A;  // [r, in]
@@ -89,10 +110,11 @@ struct lora_linear {
     nn::dropout drop{0.0f};
   };
 
-  var<T, Dev> weight;               // [out_features, in_features], frozen once adapted
+  var<T, Dev> weight;               // [out_features, in_features], frozen once adapted; empty once quantised
   std::optional<var<T, Dev>> bias;  // [out_features]
   std::optional<low_rank> lora;
   bool merged = false;
+  std::shared_ptr<const ops::nf4::nf4_weight> qweight;  // the NF4 base (nf4_base, after quantize())
 
   lora_linear() = default;
   // The base layer as nn::linear initialises it.
@@ -101,9 +123,18 @@ struct lora_linear {
     weight = base.weight;
     bias = base.bias;
   }
-  std::int64_t in_features() const { return weight.size(1); }
-  std::int64_t out_features() const { return weight.size(0); }
+  std::int64_t in_features() const { return qweight ? qweight->dims[1] : weight.size(1); }
+  std::int64_t out_features() const { return qweight ? qweight->dims[0] : weight.size(0); }
   std::int64_t rank() const { return lora ? lora->A.size(0) : 0; }
+  bool quantized() const { return qweight != nullptr; }
+
+  // Replaces the dense base weight by its NF4 form and releases it (nf4_base only).
+  void quantize() requires nf4_base {
+    if (qweight) return;
+    const auto w = host_copy(weight.value());
+    qweight = std::make_shared<const ops::nf4::nf4_weight>(ops::nf4::quantize(w.data(), w.shape()));
+    weight = var<T, Dev>();
+  }
 
   // Adds a fresh adapter (A uniform, B zero): the layer's output is unchanged.
   void attach(std::int64_t r, double scaling, float dropout_p) {
@@ -121,34 +152,44 @@ struct lora_linear {
   // One node (ops::lora_linear): the base GEMM and the low-rank path, s·(x·Aᵀ) kept for
   // the backward, which never forms W's gradient while W is frozen.
   var<T, Dev> operator()(const var<T, Dev>& x) {
+    if constexpr (nf4_base) {
+      if (qweight) {
+        if (!lora) return ops::nf4_linear(x, qweight, bias);
+        return ops::qlora_linear(x, qweight, bias, lora->drop(x), lora->A, lora->B, lora->scaling);
+      }
+    }
     if (!lora || merged) return ops::linear(x, weight, bias);
     return ops::lora_linear(x, weight, bias, lora->drop(x), lora->A, lora->B, lora->scaling);
   }
 
-  // W += sign · s · B·A, accumulated in f64 on the host, rounded once to T.
+  // W += sign · s · B·A, accumulated in f64 on the host, rounded once to T; rows split
+  // across the CPU's threads.
   void fold(double sign) {
     const auto a = host_copy(lora->A.value()), b = host_copy(lora->B.value());
     auto w = host_copy(weight.value());
-    const std::int64_t out = out_features(), in = in_features(), r = rank();
+    const std::int64_t in = in_features(), r = rank();
     const double s = sign * lora->scaling;
-    std::vector<double> row(static_cast<std::size_t>(in));
-    for (std::int64_t o = 0; o < out; ++o) {
-      std::fill(row.begin(), row.end(), 0.0);
-      for (std::int64_t k = 0; k < r; ++k) {
-        const double bk = static_cast<double>(b.data()[o * r + k]);
-        if (bk == 0.0) continue;
-        const T* ak = a.data() + k * in;
-        for (std::int64_t i = 0; i < in; ++i) row[i] += bk * static_cast<double>(ak[i]);
+    cpu_runtime::parallel_for(out_features(), 16, [&](std::int64_t o0, std::int64_t o1) {
+      std::vector<double> row(static_cast<std::size_t>(in));
+      for (std::int64_t o = o0; o < o1; ++o) {
+        std::fill(row.begin(), row.end(), 0.0);
+        for (std::int64_t k = 0; k < r; ++k) {
+          const double bk = static_cast<double>(b.data()[o * r + k]);
+          if (bk == 0.0) continue;
+          const T* ak = a.data() + k * in;
+          for (std::int64_t i = 0; i < in; ++i) row[static_cast<std::size_t>(i)] += bk * static_cast<double>(ak[i]);
+        }
+        T* wo = w.data() + o * in;
+        for (std::int64_t i = 0; i < in; ++i)
+          wo[i] = static_cast<T>(static_cast<double>(wo[i]) + s * row[static_cast<std::size_t>(i)]);
       }
-      T* wo = w.data() + o * in;
-      for (std::int64_t i = 0; i < in; ++i) wo[i] = static_cast<T>(static_cast<double>(wo[i]) + s * row[i]);
-    }
+    });
     copy_from_host(weight.value(), w);
   }
 
   template <class F>
   void for_each_child(F&& f) {
-    f("weight", weight);
+    if (!qweight) f("weight", weight);
     if (bias) f("bias", *bias);
     if (lora) {
       f("lora_A.weight", lora->A);
@@ -160,12 +201,14 @@ struct lora_linear {
 
 template <class M>
 struct is_lora_linear : std::false_type {};
-template <class T, class Dev>
-struct is_lora_linear<lora_linear<T, Dev>> : std::true_type {};
+template <class T, class Dev, class Base>
+struct is_lora_linear<lora_linear<T, Dev, Base>> : std::true_type {};
 
 // The linear layer type a block uses under adapter policy A.
 template <adapter_policy A, floating_element T, device Dev>
-using adapted_linear = std::conditional_t<std::same_as<A, adapter::lora>, lora_linear<T, Dev>, linear<T, Dev>>;
+using adapted_linear = std::conditional_t<
+    std::same_as<A, adapter::lora>, lora_linear<T, Dev>,
+    std::conditional_t<std::same_as<A, adapter::qlora>, lora_linear<T, Dev, base_weight::nf4>, linear<T, Dev>>>;
 
 // Calls f(name, layer) for every lora_linear under m.
 template <class M, class F>
@@ -173,6 +216,21 @@ void visit_lora_layers(M& m, F&& f) {
   visit_modules(m, [&](const std::string& name, auto& sub) {
     if constexpr (is_lora_linear<std::remove_cvref_t<decltype(sub)>>::value) f(name, sub);
   });
+}
+
+// Quantises the base weight of every NF4-base layer under m that is still dense (a no-op
+// for models without adapter::qlora). Returns how many layers it quantised.
+template <class M>
+std::int64_t quantize_nf4(M& m) {
+  std::int64_t n = 0;
+  visit_lora_layers(m, [&](const std::string&, auto& layer) {
+    if constexpr (std::remove_cvref_t<decltype(layer)>::nf4_base)
+      if (!layer.quantized()) {
+        layer.quantize();
+        ++n;
+      }
+  });
+  return n;
 }
 
 // The names of the layers config targets; every target must name at least one layer.
@@ -223,6 +281,7 @@ std::vector<std::string> attach_lora(M& model, const lora_config& c) {
     KILN_CHECK(hit, "attach_lora: modules_to_save names \"", s, "\", which is no module of the model");
   }
   requires_grad(model, false);
+  quantize_nf4(model);
   visit_lora_layers(model, [&](const std::string& name, auto& layer) {
     for (const auto& n : chosen)
       if (n == name) layer.attach(c.r, c.scaling(), c.dropout);
@@ -236,11 +295,17 @@ std::vector<std::string> attach_lora(M& model, const lora_config& c) {
 
 struct lora_counts {
   std::int64_t adapted = 0, merged = 0, adapter_parameters = 0;
+  std::int64_t quantized = 0, quantized_elements = 0, quantized_bytes = 0;  // NF4 bases
 };
 template <class M>
 lora_counts count_lora(M& model) {
   lora_counts c;
   visit_lora_layers(model, [&](const std::string&, auto& layer) {
+    if (layer.qweight) {
+      ++c.quantized;
+      c.quantized_elements += layer.qweight->numel();
+      c.quantized_bytes += layer.qweight->bytes();
+    }
     if (!layer.lora) return;
     ++c.adapted;
     c.merged += layer.merged ? 1 : 0;
@@ -255,6 +320,9 @@ template <class M>
 void merge_lora(M& model) {
   const auto c = count_lora(model);
   KILN_CHECK(c.adapted > 0, "merge_lora: the model has no LoRA adapters to merge");
+  KILN_CHECK(c.quantized == 0, "merge_lora: ", c.quantized,
+             " base weights are NF4; merge from the original 16-bit weights (load them with nn::adapter::lora, load "
+             "this adapter with io::load_peft_adapter, then merge_lora), never from the dequantised NF4");
   KILN_CHECK(c.merged == 0, "merge_lora: ", c.merged, " of ", c.adapted,
              " adapted layers are merged already; merging again would add the adapters twice (unmerge_lora first)");
   visit_lora_layers(model, [](const std::string&, auto& layer) {

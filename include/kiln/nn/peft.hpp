@@ -35,6 +35,12 @@
 namespace kiln::io {
 
 inline constexpr std::string_view peft_prefix = "base_model.model.";
+// PEFT's name of a kiln parameter ("model.norm.weight"), and of a layer's adapter matrix
+// (layer "model.layers.0.self_attn.q_proj", part "lora_A").
+inline std::string peft_name(std::string_view kiln_name) { return std::string(peft_prefix) + std::string(kiln_name); }
+inline std::string peft_name(std::string_view layer, std::string_view part) {
+  return peft_name(std::string(layer) + "." + std::string(part) + ".weight");
+}
 
 // fan_in_fan_out: whether the adapted layers are stored [in, out] in the model's HF files
 // (GPT-2's Conv1D); PEFT uses it when it merges. The adapters' own shapes do not change.
@@ -123,15 +129,14 @@ std::vector<std::filesystem::path> save_peft_adapter(M& model, const nn::lora_co
   safetensors_writer w;
   nn::visit_lora_layers(model, [&](const std::string& name, auto& layer) {
     if (!layer.lora) return;
-    w.add(std::string(peft_prefix) + name + ".lora_A.weight", layer.lora->A.value());
-    w.add(std::string(peft_prefix) + name + ".lora_B.weight", layer.lora->B.value());
+    w.add(peft_name(name, "lora_A"), layer.lora->A.value());
+    w.add(peft_name(name, "lora_B"), layer.lora->B.value());
   });
   nn::visit_modules(model, [&](const std::string& name, auto& sub) {
     for (const auto& s : c.modules_to_save)
       if (nn::name_matches(name, s))
-        nn::visit_parameters(sub, [&](const std::string& p, auto& v) {
-          w.add(std::string(peft_prefix) + nn::detail::join(name, p), v.value());
-        });
+        nn::visit_parameters(
+            sub, [&](const std::string& p, auto& v) { w.add(peft_name(nn::detail::join(name, p)), v.value()); });
   });
   bool fan_in_fan_out = false;
   if constexpr (requires { M::hf_transposed(std::string_view{}); })
@@ -165,8 +170,8 @@ nn::lora_config load_peft_adapter(M& model, const std::filesystem::path& dir) {
     KILN_CHECK(!layer.lora, "load_peft_adapter: layer '", name, "' already has an adapter");
     for (const auto& t : targets)
       if (t == name) {
-        want[std::string(peft_prefix) + name + ".lora_A.weight"] = shape{c.r, layer.in_features()};
-        want[std::string(peft_prefix) + name + ".lora_B.weight"] = shape{layer.out_features(), c.r};
+        want[peft_name(name, "lora_A")] = shape{c.r, layer.in_features()};
+        want[peft_name(name, "lora_B")] = shape{layer.out_features(), c.r};
       }
   });
   nn::visit_modules(model, [&](const std::string& name, auto& sub) {
@@ -174,8 +179,8 @@ nn::lora_config load_peft_adapter(M& model, const std::filesystem::path& dir) {
       if (nn::name_matches(name, s))
         nn::visit_parameters(sub, [&](const std::string& p, auto& v) {
           const std::string full = nn::detail::join(name, p);
-          want[std::string(peft_prefix) + full] = v.shape();
-          kiln_name[std::string(peft_prefix) + full] = full;
+          want[peft_name(full)] = v.shape();
+          kiln_name[peft_name(full)] = full;
         });
   });
   std::vector<std::string> problems;
@@ -202,11 +207,11 @@ nn::lora_config load_peft_adapter(M& model, const std::filesystem::path& dir) {
   nn::attach_lora(model, c);
   nn::visit_lora_layers(model, [&](const std::string& name, auto& layer) {
     if (!layer.lora) return;
-    copy_from_host(layer.lora->A.value(), values.at(std::string(peft_prefix) + name + ".lora_A.weight"));
-    copy_from_host(layer.lora->B.value(), values.at(std::string(peft_prefix) + name + ".lora_B.weight"));
+    copy_from_host(layer.lora->A.value(), values.at(peft_name(name, "lora_A")));
+    copy_from_host(layer.lora->B.value(), values.at(peft_name(name, "lora_B")));
   });
   nn::visit_parameters(model, [&](const std::string& name, auto& p) {
-    auto it = values.find(std::string(peft_prefix) + name);
+    auto it = values.find(peft_name(name));
     if (it != values.end() && kiln_name.count(it->first)) copy_from_host(p.value(), it->second);
   });
   return c;

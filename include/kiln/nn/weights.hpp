@@ -31,9 +31,15 @@
 
 namespace kiln::io {
 
+// Which parameters a walk takes: all, or the trainable ones only (an adapter run's
+// checkpoints: the frozen base is not written, kiln/train/checkpointing.hpp).
+enum class parameters { all, trainable };
+
 template <class M>
-void add_module(checkpoint_writer& w, const std::string& prefix, M& module) {
-  nn::visit_parameters(module, [&](const std::string& name, auto& p) { w.add(prefix + name, p.value()); });
+void add_module(checkpoint_writer& w, const std::string& prefix, M& module, parameters which = parameters::all) {
+  nn::visit_parameters(module, [&](const std::string& name, auto& p) {
+    if (which == parameters::all || p.requires_grad()) w.add(prefix + name, p.value());
+  });
 }
 template <class M>
 void add_module(safetensors_writer& w, const std::string& prefix, M& module) {
@@ -62,11 +68,13 @@ struct load_report {
 // Compares `file` (tensors under `prefix`) with the module's parameters; throws on a
 // shape or dtype mismatch, and on missing/unexpected keys when strict. Changes nothing.
 template <class M>
-load_report check_module(const safetensors_view& file, const std::string& prefix, M& module, bool strict) {
+load_report check_module(const safetensors_view& file, const std::string& prefix, M& module, bool strict,
+                         parameters which = parameters::all) {
   load_report r;
   std::vector<std::string> names;
   nn::visit_parameters(module, [&](const std::string& name, auto& p) {
     using T = typename std::remove_cvref_t<decltype(p)>::value_type;
+    if (which == parameters::trainable && !p.requires_grad()) return;
     names.push_back(prefix + name);
     const tensor_entry* e = file.find(prefix + name);
     if (!e) {

@@ -17,6 +17,13 @@
 // fails, the model's weights, the callbacks' states and the RNG are rolled back, so a
 // failed resume leaves memory as it was before fit() was called.
 // find_checkpoint() resolves fit(..., "last" | "best" | path).
+//
+// Frozen parameters (an adapter run: attach_lora froze the base, kiln/nn/lora.hpp) are
+// not written: the checkpoint holds the trainable parameters and, for the frozen ones
+// and NF4 bases, a fingerprint (kiln.state.model.frozen: count, elements, and a CRC-32C
+// over names, shapes and bytes). Resuming needs the same base in the model (load it as
+// the run did: io::load_hf, then attach_lora or load_peft_adapter); a different one is
+// refused, naming both fingerprints, before anything changes.
 #pragma once
 
 #include <charconv>
@@ -32,9 +39,11 @@
 #include <utility>
 #include <vector>
 
+#include "kiln/core/crc32c.hpp"
 #include "kiln/core/philox.hpp"
 #include "kiln/core/type_name.hpp"
 #include "kiln/io/checkpoint.hpp"
+#include "kiln/nn/lora.hpp"
 #include "kiln/nn/weights.hpp"
 #include "kiln/optim/optimizer.hpp"
 #include "kiln/optim/schedule.hpp"
@@ -49,6 +58,43 @@ namespace kiln::train {
 
 // The schedule slot of an optimizer that configure_optimizers() returned without one.
 struct no_schedule {};
+
+// The frozen parameters' and NF4 bases' fingerprint (see the spec); count 0 when none.
+struct frozen_fingerprint {
+  std::int64_t count = 0, elements = 0;
+  std::uint32_t crc = 0;
+  std::string str() const {
+    char b[96];
+    std::snprintf(b, sizeof b, "%lld tensors, %lld elements, CRC-32C %08x", static_cast<long long>(count),
+                  static_cast<long long>(elements), crc);
+    return b;
+  }
+};
+template <class M>
+frozen_fingerprint fingerprint_frozen(M& model) {
+  frozen_fingerprint f;
+  auto add = [&](const std::string& name, const kiln::shape& s, const void* bytes, std::size_t n) {
+    ++f.count;
+    f.elements += s.numel();
+    f.crc = crc32c(name.data(), name.size(), f.crc);
+    const std::string dims = s.str();
+    f.crc = crc32c(dims.data(), dims.size(), f.crc);
+    f.crc = crc32c(bytes, n, f.crc);
+  };
+  nn::visit_parameters(model, [&](const std::string& name, auto& p) {
+    if (p.requires_grad()) return;
+    const auto h = host_copy(p.value()).contiguous();
+    add(name, h.shape(), h.data(), static_cast<std::size_t>(h.numel()) * sizeof(*h.data()));
+  });
+  nn::visit_lora_layers(model, [&](const std::string& name, auto& layer) {
+    if (!layer.qweight) return;
+    const auto& q = *layer.qweight;
+    add(name + ".weight (NF4)", q.dims, q.codes.data(), q.codes.size());
+    f.crc = crc32c(q.scale_codes.data(), q.scale_codes.size(), f.crc);
+    f.crc = crc32c(q.scale_absmax.data(), q.scale_absmax.size() * sizeof(float), f.crc);
+  });
+  return f;
+}
 
 // The most recent "last.ckpt" (else any *.ckpt) in `dir`, by modification time.
 inline std::optional<std::filesystem::path> newest_checkpoint(const std::filesystem::path& dir, bool last_only) {
@@ -171,11 +217,19 @@ struct checkpointing {
     io::json m = io::json::object();
     m.set("type", type_name<module_type>());
     m.set("parameters", nn::count_parameters(model).total);
+    const frozen_fingerprint frozen = fingerprint_frozen(model);
+    if (frozen.count > 0) {
+      io::json fz = io::json::object();
+      fz.set("count", frozen.count);
+      fz.set("elements", frozen.elements);
+      fz.set("crc32c", static_cast<std::int64_t>(frozen.crc));
+      m.set("frozen", std::move(fz));
+    }
     doc.set("model", std::move(m));
     io::json hp = io::json::object();
     for (auto& [k, v] : t.collect_hparams().values) hp.set(k, v);
     doc.set("hparams", std::move(hp));
-    io::add_module(w, "model/", model);
+    io::add_module(w, "model/", model, frozen.count > 0 ? io::parameters::trainable : io::parameters::all);
     if (weights_only) return;
 
     // Gradients of an open accumulation window.
@@ -293,11 +347,27 @@ struct checkpointing {
     KILN_CHECK(kind == "full", r.name(),
                " is a weights-only checkpoint; resuming needs a full one (start a new run "
                "from these weights with kiln::io::load_weights)");
-    io::check_module(r.file(), "model/", model, true);
+    // An adapter run's checkpoint: the trainable parameters, and the frozen base's fingerprint.
+    const io::json* fz = doc.at("model").find("frozen");
+    const frozen_fingerprint here = fingerprint_frozen(model);
+    if (fz || here.count > 0) {
+      frozen_fingerprint there;
+      if (fz) {
+        there.count = fz->at("count").as_int(r.name() + ": model.frozen.count");
+        there.elements = fz->at("elements").as_int(r.name() + ": model.frozen.elements");
+        there.crc = static_cast<std::uint32_t>(fz->at("crc32c").as_int(r.name() + ": model.frozen.crc32c"));
+      }
+      KILN_CHECK(there.count == here.count && there.elements == here.elements && there.crc == here.crc, r.name(),
+                 ": the model's frozen weights are not the run's (checkpoint: ", there.str(), "; model: ", here.str(),
+                 "). Resume with the base the run started from, frozen as it was (e.g. io::load_hf, then attach_lora "
+                 "or io::load_peft_adapter with the run's adapter config)");
+    }
+    io::check_module(r.file(), "model/", model, true, fz ? io::parameters::trainable : io::parameters::all);
     // Snapshot what may change (in host memory, whatever the parameters' device).
     nn::visit_parameters(model, [&](const std::string& name, auto& p) {
       using T = typename std::remove_cvref_t<decltype(p)>::value_type;
-      rb.params.emplace_back(name, std::make_shared<tensor<T>>(host_copy(p.value())));
+      if (r.file().contains("model/" + name))
+        rb.params.emplace_back(name, std::make_shared<tensor<T>>(host_copy(p.value())));
     });
     {
       io::checkpoint_writer w;  // callback states, tensors included (early_stopping's best weights)
@@ -322,9 +392,10 @@ struct checkpointing {
     if (!rb.armed) return;
     module_type& model = *t.model_;
     std::size_t i = 0;
-    nn::visit_parameters(model, [&](const std::string&, auto& p) {
+    nn::visit_parameters(model, [&](const std::string& name, auto& p) {
       using T = typename std::remove_cvref_t<decltype(p)>::value_type;
-      copy_from_host(p.value(), *static_cast<tensor<T>*>(rb.params[i++].second.get()));
+      if (i < rb.params.size() && rb.params[i].first == name)
+        copy_from_host(p.value(), *static_cast<tensor<T>*>(rb.params[i++].second.get()));
     });
     // Callback states: reload the snapshot through the same hook.
     const auto snapshot = io::safetensors_view::parse(rb.callback_tensors, "callback snapshot");

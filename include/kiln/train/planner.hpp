@@ -14,6 +14,7 @@
 #include "kiln/core/philox.hpp"
 #include "kiln/core/type_name.hpp"
 #include "kiln/data/dataset.hpp"
+#include "kiln/nn/lora.hpp"
 #include "kiln/nn/module.hpp"
 #include "kiln/nn/unit.hpp"
 #include "kiln/precision/policy.hpp"
@@ -63,6 +64,10 @@ struct planner {
       const std::int64_t b = detail::block_bytes(p.numel() * static_cast<std::int64_t>(sizeof(T)));
       d.parameters += b;
       if (p.requires_grad()) d.gradients += b;
+    });
+    // NF4 base weights (adapter::qlora) are no parameters, but are held all the same.
+    nn::visit_lora_layers(model, [&](const std::string&, auto& layer) {
+      if (layer.qweight) d.parameters += detail::block_bytes(layer.qweight->bytes());
     });
     if constexpr (masters) {
       nn::visit_parameters(prec.master_parameters(model), [&](const std::string&, auto& m) {
