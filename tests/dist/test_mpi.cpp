@@ -569,7 +569,7 @@ struct adapter_net {
     c.target_modules = {"fc1", "fc2"};
     nn::attach_lora(*this, c);
     // B non-zero, so A moves from the first step too (seeded: the same on every rank).
-    for (auto* l : {&fc1, &fc2}) l->lora->B.value() = init::uniform<float>(l->lora->B.shape(), 0.1);
+    for (auto* l : {&fc1, &fc2}) l->lora->B.value() = nn::init::uniform<float>(l->lora->B.shape(), 0.1);
   }
   template <class F>
   void for_each_child(F&& f) {
