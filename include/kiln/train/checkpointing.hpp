@@ -83,8 +83,12 @@ frozen_fingerprint fingerprint_frozen(M& model) {
   };
   nn::visit_parameters(model, [&](const std::string& name, auto& p) {
     if (p.requires_grad()) return;
-    const auto h = host_copy(p.value()).contiguous();
-    add(name, h.shape(), h.data(), static_cast<std::size_t>(h.numel()) * sizeof(*h.data()));
+    const auto& v = p.value();
+    const auto bytes = static_cast<std::size_t>(v.numel()) * sizeof(*v.data());
+    if constexpr (std::remove_cvref_t<decltype(v)>::device_type::is_host)
+      if (v.is_contiguous()) return add(name, v.shape(), v.data(), bytes);  // read in place: no copy of the base
+    const auto h = host_copy(v).contiguous();
+    add(name, h.shape(), h.data(), bytes);
   });
   nn::visit_lora_layers(model, [&](const std::string& name, auto& layer) {
     if (!layer.qweight) return;
