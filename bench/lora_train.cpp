@@ -8,6 +8,8 @@
 // adapters; random token batches, 4 × 256. Napkin math per step (1024 tokens): the frozen
 // base costs 4 · 1024 · 34 M ≈ 0.14 TFLOP (forward, and the backward's dx only — no dW),
 // the 32000-wide head ≈ 0.1 TFLOP of that; at ~200 GFLOP/s on 2 cores ~0.7 s a step.
+// --dtype bf16 runs the model (base and adapters) in bf16; --adapter qlora stores the
+// base projections as NF4 (kiln/ops/kernel/nf4.hpp) and reports their bytes against bf16's.
 // Output: one JSON line with the same fields as the peer.
 #include <sys/resource.h>
 
@@ -30,6 +32,7 @@ struct args {
   std::int64_t layers = 6, hidden = 512, heads = 8, kv_heads = 2, intermediate = 1536, vocab = 32000;
   std::int64_t batch = 4, seq = 256, rank = 16, steps = 5, warmup = 2;
   int threads = 2;
+  std::string dtype = "f32", adapter = "lora";
 };
 
 args parse(int argc, char** argv) {
@@ -62,12 +65,17 @@ args parse(int argc, char** argv) {
       a.warmup = std::stoll(v);
     else if (k == "--threads")
       a.threads = std::stoi(v);
+    else if (k == "--dtype")
+      a.dtype = v;
+    else if (k == "--adapter")
+      a.adapter = v;
     else
       throw error("bench_lora_train: unknown flag " + k);
   }
   return a;
 }
 
+template <class T, class Adapter>
 int run(const args& a) {
   manual_seed(0);
   nn::llama_config c;
@@ -79,14 +87,15 @@ int run(const args& a) {
   c.num_key_value_heads = a.kv_heads;
   c.max_position_embeddings = a.seq;
   c.tie_word_embeddings = true;
-  nn::llama<ops::mask::causal, nn::recompute::none, f32, cpu, nn::adapter::lora> model(c);
+  nn::llama<ops::mask::causal, nn::recompute::none, T, cpu, Adapter> model(c);
   nn::lora_config lc;
   lc.r = a.rank;
   lc.alpha = 2.0 * static_cast<double>(a.rank);
   lc.target_modules = {"all-linear"};
   nn::attach_lora(model, lc);
   const auto counts = nn::count_parameters(model);
-  optim::adamw<f32> opt(model, {.lr = 1e-4});
+  optim::adamw<T> opt(model, {.lr = 1e-4});
+  const auto lora = nn::count_lora(model);
 
   std::vector<double> step_ms;
   double first_loss = 0, last_loss = 0;
@@ -102,7 +111,7 @@ int run(const args& a) {
     opt.step();
     opt.zero_grad();
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    const double l = loss.value().flat(0);
+    const double l = static_cast<double>(loss.value().flat(0));
     if (s == 0) first_loss = l;
     last_loss = l;
     std::fprintf(stderr, "step %lld loss %.4f %.1f ms\n", static_cast<long long>(s), l, ms);
@@ -112,11 +121,16 @@ int run(const args& a) {
   const double median_ms = step_ms[step_ms.size() / 2];
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
+  // The NF4 bases are no parameters: count them in, and their bytes against bf16's.
+  const std::int64_t params = counts.total + lora.quantized_elements;
   std::printf(
-      "{\"impl\":\"kiln\",\"dtype\":\"f32\",\"threads\":%d,\"params\":%lld,\"trainable\":%lld,\"step_ms\":%.1f,"
-      "\"tokens_per_s\":%.1f,\"first_loss\":%.4f,\"last_loss\":%.4f,\"peak_rss_mb\":%.1f}\n",
-      a.threads, static_cast<long long>(counts.total), static_cast<long long>(counts.trainable), median_ms,
-      double(a.batch * a.seq) / (median_ms / 1000.0), first_loss, last_loss, double(ru.ru_maxrss) / 1024.0);
+      "{\"impl\":\"kiln\",\"dtype\":\"%s\",\"adapter\":\"%s\",\"threads\":%d,\"params\":%lld,\"trainable\":%lld,"
+      "\"step_ms\":%.1f,\"tokens_per_s\":%.1f,\"first_loss\":%.4f,\"last_loss\":%.4f,\"peak_rss_mb\":%.1f,"
+      "\"nf4_base_bytes\":%lld,\"nf4_base_bf16_bytes\":%lld}\n",
+      a.dtype.c_str(), a.adapter.c_str(), a.threads, static_cast<long long>(params),
+      static_cast<long long>(counts.trainable), median_ms, double(a.batch * a.seq) / (median_ms / 1000.0), first_loss,
+      last_loss, double(ru.ru_maxrss) / 1024.0, static_cast<long long>(lora.quantized_bytes),
+      static_cast<long long>(2 * lora.quantized_elements));
   return 0;
 }
 }  // namespace
@@ -124,7 +138,12 @@ int run(const args& a) {
 int main(int argc, char** argv) try {
   const args a = parse(argc, argv);
   cpu_runtime::set_num_threads(a.threads);
-  return run(a);
+  KILN_CHECK(a.dtype == "f32" || a.dtype == "bf16", "bench_lora_train: --dtype is f32 or bf16, got ", a.dtype);
+  KILN_CHECK(a.adapter == "lora" || a.adapter == "qlora", "bench_lora_train: --adapter is lora or qlora, got ",
+             a.adapter);
+  if (a.adapter == "qlora")
+    return a.dtype == "f32" ? run<f32, nn::adapter::qlora>(a) : run<bf16, nn::adapter::qlora>(a);
+  return a.dtype == "f32" ? run<f32, nn::adapter::lora>(a) : run<bf16, nn::adapter::lora>(a);
 } catch (const std::exception& e) {
   std::fprintf(stderr, "%s\n", e.what());
   return 1;

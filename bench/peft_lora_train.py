@@ -20,6 +20,8 @@ def main():
     for k, v in dict(layers=6, hidden=512, heads=8, kv_heads=2, intermediate=1536, vocab=32000, batch=4, seq=256,
                      rank=16, steps=5, warmup=2, threads=2).items():
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=v)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--adapter", choices=["lora", "qlora"], default="lora")  # qlora: kiln's side only
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -27,6 +29,8 @@ def main():
                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
                       max_position_embeddings=a.seq, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
+    if a.dtype == "bf16":
+        model = model.to(torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
@@ -51,7 +55,7 @@ def main():
             step_ms.append(ms)
     step_ms.sort()
     med = step_ms[len(step_ms) // 2]
-    print(json.dumps({"impl": "peft", "dtype": "f32", "threads": a.threads, "params": params, "trainable": trainable,
+    print(json.dumps({"impl": "peft", "dtype": a.dtype, "threads": a.threads, "params": params, "trainable": trainable,
                       "step_ms": round(med, 1), "tokens_per_s": round(a.batch * a.seq / (med / 1000), 1),
                       "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
